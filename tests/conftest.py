@@ -1,0 +1,127 @@
+"""Tiny models of five families, built offline from configs, with tokenizers trained here by `tokenizers`.
+
+Each family's tokenizer is set up the awkward way its real one is: GPT-2 and GPT-NeoX have no pad token, Llama adds
+a BOS, OPT's BOS *is* its EOS (`</s>`), Qwen2 has a ChatML chat template whose EOS is `<|im_end|>`."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FAMILIES = ["gpt2", "llama", "opt", "qwen2", "neox"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _corpus():
+    import common
+
+    prompts = sum((common.toy_prompts(s) for s in common.SPLITS), [])
+    import random
+
+    rng = random.Random(0)
+    return prompts + [common.toy_response(p, rng) for p in prompts] + ["Human: Assistant: hello world"] * 5
+
+
+def make_tokenizer(family: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {
+        "gpt2": dict(eos_token="<|endoftext|>"),
+        "neox": dict(eos_token="<|endoftext|>", bos_token="<|endoftext|>"),
+        "llama": dict(eos_token="</s>", bos_token="<s>"),
+        "opt": dict(eos_token="</s>", bos_token="</s>", pad_token="<pad>"),
+        "qwen2": dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+    }[family]
+    extra = ["<|im_start|>"] if family == "qwen2" else []
+    names = list(dict.fromkeys(list(specials.values()) + extra))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=600, special_tokens=names,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if family in ("llama", "opt"):
+        bos = specials["bos_token"]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **specials, additional_special_tokens=extra or None)
+    if family == "qwen2":
+        fast.chat_template = CHATML
+    return fast
+
+
+def make_model(family: str, tokenizer):
+    from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig,
+                              Qwen2Config)
+
+    v = len(tokenizer)
+    ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    cfg = {
+        "gpt2": lambda: GPT2Config(vocab_size=v, n_positions=256, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                   embd_pdrop=0.0, attn_pdrop=0.0, **ids),
+        "llama": lambda: LlamaConfig(vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                     **ids),
+        "opt": lambda: OPTConfig(vocab_size=v, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                 num_attention_heads=2, max_position_embeddings=256, word_embed_proj_dim=64,
+                                 dropout=0.0, attention_dropout=0.0, **ids),
+        "qwen2": lambda: Qwen2Config(vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                     **ids),
+        "neox": lambda: GPTNeoXConfig(vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=256, hidden_dropout=0.0,
+                                      attention_dropout=0.0, **ids),
+    }[family]()
+    import torch
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict:
+    """{family: folder} of saved tiny causal LMs with their tokenizers."""
+    out = {}
+    for family in FAMILIES:
+        d = tmp_path_factory.mktemp(f"tiny-{family}")
+        tok = make_tokenizer(family)
+        make_model(family, tok).save_pretrained(d)
+        tok.save_pretrained(d)
+        out[family] = str(d)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(script: str, *args, ranks: int = 1, timeout: int = 600, check: bool = True, env_extra=None):
+    """Run a stage script as a subprocess (1 rank: plain python; N ranks: the deepspeed launcher on CPU/gloo)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(TQDM_DISABLE="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"
+               if ranks > 1 else env.get("OMP_NUM_THREADS", "2"), **(env_extra or {}))
+    if ranks == 1:
+        cmd = [sys.executable, str(ROOT / script), *map(str, args)]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+               str(free_port()), str(ROOT / script), *map(str, args)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def read_metrics(folder) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines() if line]
