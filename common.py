@@ -628,10 +628,11 @@ def toy_data(kind: str, split: str) -> list[dict]:
     part = {"sft": "sft", "pairs": "reward", "prompts": "ppo"}[kind] if split == "train" else "eval"
     prompts = toy_prompts(part)
     rng = random.Random(f"{kind}-{split}")
-    n = {"sft": 6000, "pairs": 4000, "prompts": len(prompts)}[kind] if split == "train" else 256
+    if kind == "prompts":  # PPO: 4096 draws from the PPO prompts; eval: each eval prompt once
+        draws = [rng.choice(prompts) for _ in range(4096)] if split == "train" else prompts
+        return [{"prompt": to_messages(p)} for p in draws]
+    n = {"sft": 6000, "pairs": 4000}[kind] if split == "train" else 256
     records = []
-    if kind == "prompts":
-        return [{"prompt": to_messages(p)} for p in (prompts if split == "train" else prompts)]
     while len(records) < n:
         p = rng.choice(prompts)
         if kind == "sft":

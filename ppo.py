@@ -1,0 +1,761 @@
+"""Step 3 of RLHF: PPO on a language model against a learned reward model.
+
+Four models: the actor (trained), the critic (trained; initialised from the reward model), the reference (a frozen
+copy of the initial actor) and the reward model (frozen). Every iteration samples responses to a batch of prompts,
+scores them, turns scores and the KL to the reference into per-token rewards, estimates advantages with GAE, then
+runs a few epochs of clipped PPO updates on actor and critic.
+
+References: Ziegler et al. 2019 and OpenAI's lm-human-preferences (KL-penalised reward, adaptive KL); Stiennon et al.
+2020; InstructGPT (Ouyang et al. 2022; PPO-ptx); Huang et al., "The N+ Implementation Details of RLHF with PPO" (2024,
+"N+" below); DeepSpeed-Chat step 3 ("DSC"). README.md cites the source of every detail.
+
+    python ppo.py                                           # the demo: ./sft_ckpt + ./reward_ckpt, on a CPU
+    deepspeed ppo.py --actor ./sft_ckpt --reward ./reward_ckpt --data prompts.jsonl
+    deepspeed --num_gpus 8 ppo.py --actor ./sft_ckpt --reward ./reward_ckpt --zero_stage 3 --data prompts.jsonl
+    deepspeed --hostfile hosts.txt ppo.py ...                # several nodes
+    torchrun --nproc_per_node 2 ppo.py ...
+"""
+
+import copy
+import math
+import os
+import random
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+import tyro
+
+import common
+
+
+@dataclass
+class Args:
+    # models & data
+    actor: str = "./sft_ckpt"
+    """the policy to train: an HF causal LM folder or hub name (usually sft.py's output)"""
+    reward: str = "./reward_ckpt"
+    """the reward model: an AutoModelForSequenceClassification folder (reward.py's output)"""
+    critic: str | None = None
+    """the critic's initial weights (a reward model or causal LM; a new value head is made if needed); default:
+    --reward, as DSC and N+ do"""
+    ref: str | None = None
+    """the reference policy of the KL penalty; default: --actor"""
+    reward_tokenizer: bool = False
+    """allow a reward model whose tokenizer differs from the actor's: responses are decoded and re-tokenised for
+    it (the critic then starts from the actor with a new value head)"""
+    data: str = "toy"
+    """prompts: JSONL file(s) ({"prompt"} or {"messages"} ending with a user turn), an HF dataset, or `toy`"""
+    eval_data: str | None = None
+    """held-out prompts; default: --eval_fraction of --data (`toy`: the demo's eval prompts)"""
+    eval_fraction: float = 0.02
+    """share of --data held out for evaluation when --eval_data is not given"""
+    max_seq_len: int = 512
+    """prompt + response length in tokens; prompts keep their last max_seq_len - max_new_tokens tokens"""
+    truncation: Literal["left", "error"] = "left"
+    """a prompt that is too long is cut from the left (and counted), or stops the run"""
+    trust_remote_code: bool = False
+    """allow custom model code from the hub"""
+    output_dir: str = "./ppo_ckpt"
+    """where the actor (HF format), args.json, metrics.jsonl and checkpoints/ go"""
+    # rollout
+    total_episodes: int | None = None
+    """prompts to roll out in all, over all ranks (the run's length); default: --num_epochs passes over --data"""
+    num_epochs: int = 1
+    """passes over the prompts when --total_episodes is not given"""
+    rollout_batch_size: int = 64
+    """prompts per rank per iteration"""
+    max_new_tokens: int = 24
+    """longest response; a response that reaches it without EOS is truncated (see --missing_eos_penalty)"""
+    temperature: float = 1.0
+    """sampling temperature; logits are divided by it in every log-prob too (N+), top_k=0 and top_p=1 always"""
+    # ppo
+    ppo_epochs: int = 4
+    """passes over each rollout batch"""
+    mini_batch_size: int = 0
+    """samples per rank per optimizer step; 0: per_device_batch_size x gradient_accumulation_steps"""
+    per_device_batch_size: int = 16
+    """samples per rank per forward (micro-batch) in the update and in scoring"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step (ignored when --mini_batch_size is set)"""
+    learning_rate: float | None = None
+    """actor learning rate; default 2e-4 for the demo's tiny models, 1e-6 otherwise"""
+    critic_learning_rate: float | None = None
+    """critic learning rate; default 5e-4 for the demo, 5e-6 otherwise"""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "constant"
+    """decay of both learning rates after warmup"""
+    warmup_ratio: float = 0.0
+    """share of the optimizer steps spent warming up"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    grad_clip: float = 1.0
+    """clip each model's global gradient norm to this"""
+    kl_coef: float = 0.05
+    """beta of the per-token KL penalty -beta * (logp_actor - logp_ref) (N+ 0.05, DSC 0.1)"""
+    adaptive_kl: bool = False
+    """adapt kl_coef towards --target_kl (Ziegler et al. 2019)"""
+    target_kl: float = 6.0
+    """target KL per response in nats for --adaptive_kl"""
+    kl_horizon: int = 10000
+    """horizon in episodes of the adaptive KL controller"""
+    cliprange: float = 0.2
+    """PPO's policy ratio clip"""
+    cliprange_value: float = 0.2
+    """clip of the value update around the rollout's values"""
+    gamma: float = 1.0
+    """discount"""
+    lam: float = 0.95
+    """GAE lambda"""
+    whiten_advantages: bool = True
+    """normalise advantages to mean 0, std 1 over the batch's real tokens (N+, TRL; DSC does not)"""
+    whiten_rewards: bool = False
+    """whiten per-token rewards before GAE (an N+ option)"""
+    normalize_reward: bool = True
+    """subtract the reward model's reward_mean and divide by reward_std (stored by reward.py) before use"""
+    clip_reward_value: float = 5.0
+    """clip the (normalised) score to +- this (DSC)"""
+    missing_eos_penalty: float = 1.0
+    """subtracted from the score of a response that never emitted EOS (TRL); 0: off"""
+    # DeepSpeed-Chat options
+    ema: bool = False
+    """keep an exponential moving average of the actor's weights, saved in output_dir/ema (DSC)"""
+    ema_decay: float = 0.992
+    """EMA decay per optimizer step"""
+    ptx_data: str | None = None
+    """PPO-ptx (InstructGPT): SFT-format data whose language-modelling loss is added to the actor's loss"""
+    ptx_coef: float = 0.05
+    """weight of the ptx loss"""
+    # systems
+    zero_stage: int = 0
+    """ZeRO stage for every model unless the two flags below say otherwise"""
+    actor_zero_stage: int | None = None
+    """ZeRO stage of the actor (and the reference)"""
+    critic_zero_stage: int | None = None
+    """ZeRO stage of the critic (and the reward model)"""
+    offload: bool = False
+    """ZeRO-Offload optimizer states of actor and critic to CPU"""
+    offload_reference: bool = False
+    """keep the reference and reward models' parameters in CPU memory (ZeRO-3 param offload)"""
+    generate_sharded: bool = False
+    """ZeRO-3 only: generate through the partition hooks instead of gathering the actor once per generate call
+    (slow: every layer is gathered for every token; for models that do not fit gathered)"""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on a GPU that has it, else fp32"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass of actor and critic"""
+    lora_rank: int = 0
+    """LoRA rank for the actor (0 = off); the reference then is the actor with the adapter switched off"""
+    critic_lora_rank: int = 0
+    """LoRA rank for the critic's body (0 = off); the value head stays fully trained"""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator"""
+    seed: int = 42
+    """weights and data order use it on every rank; sampling uses (seed, rank, iteration)"""
+    # logging & checkpoints
+    eval_every: int = 10
+    """evaluate on held-out prompts every this many iterations (and at 0 and the end); 0: only at 0 and the end"""
+    eval_greedy: bool = False
+    """evaluate greedy responses instead of samples at --temperature"""
+    num_eval_prompts: int = 128
+    """held-out prompts used per evaluation (over all ranks)"""
+    print_samples: int = 3
+    """prompt/response pairs printed at every evaluation"""
+    save_every: int = 0
+    """write resumable DeepSpeed checkpoints of actor and critic every this many iterations; 0: never"""
+    save_critic: bool = False
+    """also save the critic (HF sequence classifier) in output_dir/critic"""
+    resume: bool = False
+    """continue from the newest checkpoint in output_dir/checkpoints"""
+    overwrite: bool = False
+    """replace an --output_dir that holds another run"""
+    # launcher
+    local_rank: int = -1
+    """set by the deepspeed launcher; do not pass by hand"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models
+
+
+class ValueModel(torch.nn.Module):
+    """The scalar head of a sequence classifier applied at every position. For the critic these are the values
+    V(s_t); for the reward model, the entry at the last real token is its score (the number
+    AutoModelForSequenceClassification returns for that sequence)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model  # kept whole (peft wrapper included) so that it saves as it loaded
+
+    def forward(self, input_ids, attention_mask):
+        inner = self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
+        hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=common.position_ids(attention_mask), use_cache=False)
+        return inner.score(hidden.last_hidden_state).squeeze(-1).float()
+
+
+def load_value_model(name: str, dtype, tokenizer, trust_remote_code: bool, flag: str):
+    from transformers import AutoModelForSequenceClassification
+
+    common.check_model_path(name, flag)
+    model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, dtype=dtype,
+                                                               trust_remote_code=trust_remote_code)
+    common.resize_for_tokenizer(model, tokenizer)
+    common.disable_dropout(model)
+    return model.to(dtype)
+
+
+def frozen_engine(model, zero_stage: int, offload: bool, dtype):
+    """A forward-only DeepSpeed engine (sharded under ZeRO-3, as DSC's reference and reward models are)."""
+    model.eval().requires_grad_(False)
+    stage = 3 if zero_stage == 3 else 0
+    config = common.ds_config(stage, 1, 1, dtype, offload_params=offload)
+    return deepspeed.initialize(model=model, config=config)[0]
+
+
+def trained_engine(model, lr: float, args: Args, zero_stage: int, gas: int, total_steps: int, dtype):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=args.weight_decay)
+    schedule = common.lr_lambda(args.lr_scheduler, int(args.warmup_ratio * total_steps), total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    config = common.ds_config(zero_stage, args.per_device_batch_size, gas, dtype, args.offload, args.grad_clip)
+    return deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)[0]
+
+
+@contextmanager
+def gathered_for_generation(engine, zero_stage: int, sharded: bool):
+    """Under ZeRO-3, gather the actor's parameters once for the whole generate call and switch the partition hooks
+    off meanwhile (TRL's unwrap-for-generation): otherwise every layer is gathered again for every new token."""
+    if zero_stage == 3 and not sharded:
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(engine):
+            yield
+    else:
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rollout math (each function is tested against a slow reference in tests/test_ppo.py)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(token) under the tempered distribution softmax(logits / T) (N+ detail: T in every log-prob)."""
+    logits = logits.float() / temperature
+    return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
+    """Keep each response up to and including its first EOS; pad the rest. Returns the cleaned responses, the mask
+    of real tokens, the lengths and whether each row emitted EOS (looked for in the response only)."""
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(1)
+    first = torch.where(has_eos, is_eos.int().argmax(1), torch.full_like(has_eos, responses.shape[1], dtype=torch.long))
+    lengths = torch.where(has_eos, first + 1, first)
+    mask = torch.arange(responses.shape[1], device=responses.device)[None] < lengths[:, None]
+    return responses.masked_fill(~mask, pad_id), mask, lengths, has_eos
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the real tokens of the whole batch, on all ranks together (unbiased variance)."""
+    s, ss, n = common.all_reduce_sum([(x * mask).sum().item(), (x * x * mask).sum().item(), mask.sum().item()],
+                                     x.device)
+    mean = s / n
+    var = (ss - n * mean * mean) / max(n - 1, 1)
+    out = (x - mean) * torch.rsqrt(torch.tensor(var + 1e-8, device=x.device))
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def compute_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                    lengths: torch.Tensor, kl_coef: float):
+    """Per-token reward: -kl_coef * (logp - ref_logp) on every response token (the k1 estimator), plus the
+    sequence's score on its last real token, the EOS when there is one (index length - 1; N+ and TRL put it one
+    slot after EOS, DSC PR 672 and TRL issue 3750 were off-by-one bugs here)."""
+    kl = (logp - ref_logp) * mask
+    rewards = -kl_coef * kl
+    rows = torch.arange(score.shape[0], device=score.device)
+    rewards[rows, lengths - 1] += score
+    return rewards, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over the response tokens; values and rewards after the end count as 0.
+    A_t = sum_k (gamma lam)^k delta_{t+k} is computed as one matrix product instead of a loop over tokens."""
+    values = values * mask
+    rewards = rewards * mask
+    next_values = F.pad(values[:, 1:], (0, 1))
+    deltas = rewards + gamma * next_values - values
+    T = rewards.shape[1]
+    t = torch.arange(T, device=rewards.device)
+    power = (t[:, None] - t[None, :]).clamp(min=0).to(deltas.dtype)  # [k, t] = k - t
+    discount = torch.where(t[:, None] >= t[None, :], (gamma * lam) ** power, torch.zeros_like(power))
+    advantages = (deltas.double() @ discount.double()).to(deltas.dtype) * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, cliprange: float):
+    """Per-token clipped surrogate (Schulman et al. 2017) and whether the clip was active."""
+    ratio = torch.exp(logp - old_logp)
+    loss1 = -advantages * ratio
+    loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    return torch.max(loss1, loss2), (loss2 > loss1).float(), ratio
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cliprange_value: float):
+    """Per-token clipped value loss 0.5 * max((v - R)^2, (clip(v) - R)^2) (N+, DSC)."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    loss = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    return loss, ((clipped - returns) ** 2 > (values - returns) ** 2).float()
+
+
+def adaptive_kl_coef(kl_coef: float, current_kl: float, target: float, horizon: int, n_episodes: int) -> float:
+    """Ziegler et al. 2019 / lm-human-preferences: a proportional controller on the log-space KL coefficient."""
+    error = max(-0.2, min(0.2, current_kl / target - 1.0))
+    return kl_coef * (1.0 + error * n_episodes / horizon)
+
+
+def seq_logprobs(model, seq: torch.Tensor, attn: torch.Tensor, n_prompt: int, temperature: float,
+                 with_entropy: bool = False):
+    """Log-probs of the response tokens seq[:, n_prompt:] from one forward over prompt + response."""
+    logits = model(input_ids=seq, attention_mask=attn, position_ids=common.position_ids(attn), use_cache=False).logits
+    logits = logits[:, n_prompt - 1: -1]
+    logp = logprobs_from_logits(logits, seq[:, n_prompt:], temperature)
+    return (logp, entropy_from_logits(logits, temperature)) if with_entropy else logp
+
+
+def micro_slices(n: int, size: int):
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def trim(batch: dict, n_prompt: int):
+    """Cut the columns that are padding in every row of a micro-batch (left of the prompts, right of the
+    responses). Returns the trimmed full sequences, their mask, the new prompt width and the response width."""
+    attn = batch["attn"]
+    left = int((attn[:, :n_prompt].cumsum(1) == 0).sum(1).min())
+    right = int(batch["mask"].sum(1).max())
+    return batch["seq"][:, left: n_prompt + right], attn[:, left: n_prompt + right], n_prompt - left, right
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rollout
+
+
+def encode_prompts(records: list[dict], tokenizer, max_len: int, truncation: str, source: str):
+    out, n_cut = [], 0
+    for i, r in enumerate(records):
+        ids = common.encode_prompt(tokenizer, r["prompt"])
+        if len(ids) > max_len and truncation == "error":
+            raise common.UserError(f"{source} prompt {i + 1}: {len(ids)} tokens > --max_seq_len - --max_new_tokens "
+                                   f"= {max_len} (pass --truncation left to cut it)")
+        ids, cut = common.truncate_left(ids, max_len)
+        n_cut += cut
+        out.append(ids)
+    return out, n_cut
+
+
+def generation_config(args: Args, tokenizer, greedy: bool = False):
+    """Every field that changes sampling is set here, so nothing from the model's own generation_config (a
+    repetition penalty, a top_p) slips in: samples must come from the policy whose ratio PPO computes."""
+    from transformers import GenerationConfig
+
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=args.temperature)
+    return GenerationConfig(**sampling, top_k=0, top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0,
+                            no_repeat_ngram_size=0, num_beams=1, min_new_tokens=0,
+                            max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, use_cache=True)
+
+
+@torch.no_grad()
+def generate(actor, prompt_ids: list[list[int]], tokenizer, gen_config, zero_stage: int, sharded: bool, device):
+    """Sample responses for left-padded prompts with the KV cache; generation stops when every row has ended."""
+    prompts = common.pad(prompt_ids, tokenizer.pad_token_id, side="left").to(device)
+    prompt_attn = common.pad([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
+    module = actor.module
+    module.eval()
+    with gathered_for_generation(actor, zero_stage, sharded):
+        seq = module.generate(input_ids=prompts, attention_mask=prompt_attn, generation_config=gen_config,
+                              synced_gpus=zero_stage == 3 and sharded and common.world_size() > 1)
+    module.train()
+    n_prompt = prompts.shape[1]
+    responses, mask, lengths, has_eos = truncate_after_eos(seq[:, n_prompt:], tokenizer.eos_token_id,
+                                                           tokenizer.pad_token_id)
+    width = int(lengths.max())
+    responses, mask = responses[:, :width], mask[:, :width]
+    return {"seq": torch.cat([prompts, responses], 1), "attn": torch.cat([prompt_attn, mask.long()], 1),
+            "mask": mask, "lengths": lengths, "has_eos": has_eos}, n_prompt
+
+
+@torch.no_grad()
+def reward_scores(reward, rollout: dict, n_prompt: int, micro: int, retok=None):
+    """The reward model's score of each prompt + response, read at the last real token. With `retok`, the texts
+    are re-tokenised for a reward model whose tokenizer differs from the actor's."""
+    if retok is not None:
+        seq, attn = retok(rollout)
+        last = attn.sum(1) - 1
+    else:
+        seq, attn = rollout["seq"], rollout["attn"]
+        last = n_prompt + rollout["lengths"] - 1
+    out = []
+    for s in micro_slices(seq.shape[0], micro):
+        values = reward(seq[s], attn[s])
+        out.append(values[torch.arange(values.shape[0], device=values.device), last[s]])
+    return torch.cat(out)
+
+
+def make_retokenizer(actor_tok, reward_tok, prompts: list, device):
+    """Rebuild prompt + response in the reward model's tokenizer (prompt formatting with its own template)."""
+
+    def retok(rollout: dict):
+        rows = []
+        for i, msgs in enumerate(prompts):
+            n = int(rollout["lengths"][i]) - int(rollout["has_eos"][i])
+            text = actor_tok.decode(rollout["seq"][i, -rollout["mask"].shape[1]:][:n], skip_special_tokens=True)
+            ids = common.encode_prompt(reward_tok, msgs) + reward_tok(text, add_special_tokens=False)["input_ids"]
+            rows.append(ids + [reward_tok.eos_token_id] * int(rollout["has_eos"][i]))
+        seq = common.pad(rows, reward_tok.pad_token_id).to(device)
+        return seq, common.pad([[1] * len(r) for r in rows], 0).to(device)
+
+    return retok
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+
+
+def main(args: Args):
+    # --- setup ---
+    actor_stage = args.zero_stage if args.actor_zero_stage is None else args.actor_zero_stage
+    critic_stage = args.zero_stage if args.critic_zero_stage is None else args.critic_zero_stage
+    for stage, flag in ((args.zero_stage, "--zero_stage"), (actor_stage, "--actor_zero_stage"),
+                        (critic_stage, "--critic_zero_stage")):
+        common.check_zero_stage(stage, flag)
+    common.prepare_output_dir(args.output_dir, args.overwrite, args.resume)
+    for path, flag in ((args.actor, "--actor"), (args.reward, "--reward"), (args.critic, "--critic"),
+                       (args.ref, "--ref")):
+        if path is not None:
+            common.check_model_path(path, flag)
+    device = common.init_distributed()
+    world, rank = common.world_size(), common.rank()
+    dtype = common.resolve_dtype(args.dtype)
+    common.seed_everything(args.seed)
+    toy = args.data == "toy"
+    actor_lr = args.learning_rate if args.learning_rate is not None else (2e-4 if toy else 1e-6)
+    critic_lr = args.critic_learning_rate if args.critic_learning_rate is not None else (5e-4 if toy else 5e-6)
+    if args.max_new_tokens >= args.max_seq_len:
+        raise common.UserError(f"--max_new_tokens {args.max_new_tokens} must be below --max_seq_len {args.max_seq_len}")
+    micro = args.per_device_batch_size
+    mini = args.mini_batch_size or micro * args.gradient_accumulation_steps
+    if mini % micro or args.rollout_batch_size % mini:
+        raise common.UserError(f"--rollout_batch_size {args.rollout_batch_size} must be a multiple of the mini-batch "
+                               f"({mini}), itself a multiple of --per_device_batch_size {micro}")
+    gas = mini // micro
+
+    # --- data ---
+    tokenizer = common.load_tokenizer(args.actor, args.trust_remote_code)
+    reward_tok = common.load_tokenizer(args.reward, args.trust_remote_code)
+    same_tok = reward_tok.get_vocab() == tokenizer.get_vocab()
+    if not same_tok and not args.reward_tokenizer:
+        raise common.UserError(f"--reward {args.reward}: its tokenizer differs from the actor's ({args.actor}); pass "
+                               "--reward_tokenizer to re-tokenise responses for it")
+    records = common.load_data(args.data, "prompts")
+    if args.eval_data or toy:
+        eval_records = common.load_data(args.eval_data or "toy", "prompts", split="eval")
+    else:
+        records, eval_records = common.split_eval(records, args.eval_fraction, args.seed)
+    eval_records = eval_records[: args.num_eval_prompts]
+    max_prompt = args.max_seq_len - args.max_new_tokens
+    prompts, n_cut = encode_prompts(records, tokenizer, max_prompt, args.truncation, args.data)
+    eval_prompts, _ = encode_prompts(eval_records, tokenizer, max_prompt, args.truncation, "eval data")
+    ptx = None
+    if args.ptx_data:
+        ptx = [common.encode_conversation(tokenizer, r["messages"]) for r in common.load_data(args.ptx_data, "sft")]
+        ptx = [(common.truncate_left(i, args.max_seq_len)[0], common.truncate_left(m, args.max_seq_len)[0])
+               for i, m in ptx]
+    per_iter = args.rollout_batch_size * world
+    total_episodes = args.total_episodes or args.num_epochs * len(prompts)
+    n_iters = total_episodes // per_iter
+    if n_iters == 0:
+        raise common.UserError(f"--total_episodes {total_episodes} is less than one iteration "
+                               f"({per_iter} = rollout_batch_size x ranks)")
+    steps_per_iter = args.ppo_epochs * (args.rollout_batch_size // mini)
+    common.print0(f"{len(prompts)} prompts ({n_cut} cut from the left), {n_iters} iterations of {per_iter} episodes, "
+                  f"{steps_per_iter} optimizer steps each")
+
+    # --- models ---
+    actor = common.load_causal_lm(args.actor, dtype, tokenizer, args.trust_remote_code, "--actor")
+    common.disable_dropout(actor)
+    ref = None
+    if args.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        actor = get_peft_model(actor, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    if args.lora_rank == 0 or args.ref not in (None, args.actor):
+        ref = common.load_causal_lm(args.ref or args.actor, dtype, tokenizer, args.trust_remote_code, "--ref")
+        common.disable_dropout(ref)
+    reward_model = load_value_model(args.reward, dtype, reward_tok, args.trust_remote_code, "--reward")
+    reward_mean = getattr(reward_model.config, "reward_mean", 0.0) if args.normalize_reward else 0.0
+    reward_std = getattr(reward_model.config, "reward_std", 1.0) if args.normalize_reward else 1.0
+    critic_path = args.critic or (args.reward if same_tok else args.actor)
+    critic = load_value_model(critic_path, dtype, tokenizer, args.trust_remote_code, "--critic")
+    if args.critic_lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        critic = get_peft_model(critic, LoraConfig(r=args.critic_lora_rank, lora_alpha=args.lora_alpha,
+                                                   lora_dropout=0.0, target_modules="all-linear", task_type="SEQ_CLS"))
+    if args.gradient_checkpointing:
+        for m in (actor, critic):
+            m.gradient_checkpointing_enable()
+            if hasattr(m, "enable_input_require_grads"):
+                m.enable_input_require_grads()
+    ema = copy.deepcopy(common.merged_state_dict(actor)) if args.ema and common.is_rank0() else None
+    total_steps = n_iters * steps_per_iter
+    actor = trained_engine(actor, actor_lr, args, actor_stage, gas, total_steps, dtype)
+    critic = trained_engine(ValueModel(critic), critic_lr, args, critic_stage, gas, total_steps, dtype)
+    ref = frozen_engine(ref, actor_stage, args.offload_reference, dtype) if ref is not None else None
+    reward = frozen_engine(ValueModel(reward_model), critic_stage, args.offload_reference, dtype)
+    retok = None
+    gen_config = generation_config(args, tokenizer)
+    eval_config = generation_config(args, tokenizer, greedy=args.eval_greedy)
+
+    def ref_logprobs(seq, attn, n_prompt):
+        if ref is not None:
+            return seq_logprobs(ref, seq, attn, n_prompt, args.temperature)
+        with actor.module.disable_adapter():  # LoRA: the reference is the base model under the adapter
+            return seq_logprobs(actor, seq, attn, n_prompt, args.temperature)
+
+    # --- resume ---
+    common.start_output_dir(args.output_dir, args, args.overwrite, args.resume)
+    ckpt = Path(args.output_dir) / "checkpoints"
+    start_iter, kl_coef = 0, args.kl_coef
+    tag = (ckpt / "actor" / "latest").read_text().strip() if args.resume and (ckpt / "actor" / "latest").exists() \
+        else None
+    if tag:
+        critic.load_checkpoint(str(ckpt / "critic"), tag)
+        _, state = actor.load_checkpoint(str(ckpt / "actor"), tag)
+        start_iter, kl_coef = state["iteration"], state["kl_coef"]
+        if args.ema:
+            ema = state.get("ema") if common.is_rank0() else None
+        common.truncate_log(args.output_dir, start_iter)
+        common.print0(f"resumed from {ckpt}/*/{tag} at iteration {start_iter}")
+
+    # --- evaluation on held-out prompts (at iteration 0, every --eval_every, and at the end) ---
+    def evaluate(iteration: int) -> dict:
+        per_rank = math.ceil(len(eval_prompts) / world)
+        idx = [i for i in range(rank * per_rank, (rank + 1) * per_rank)]
+        weight = torch.tensor([float(i < len(eval_prompts)) for i in idx], device=device)
+        mine = [eval_prompts[i % len(eval_prompts)] for i in idx]
+        torch.manual_seed(args.seed + 7919 * rank + 1)
+        sums = [0.0, 0.0, 0.0]
+        for s in micro_slices(len(mine), args.rollout_batch_size):
+            rollout, n_prompt = generate(actor, mine[s], tokenizer, eval_config, actor_stage, args.generate_sharded,
+                                         device)
+            if not same_tok:
+                recs = [eval_records[i % len(eval_records)]["prompt"] for i in idx[s]]
+                local_retok = make_retokenizer(tokenizer, reward_tok, recs, device)
+            else:
+                local_retok = None
+            with torch.no_grad():
+                score = reward_scores(reward, rollout, n_prompt, micro, local_retok)
+                logp = torch.cat([seq_logprobs(actor, rollout["seq"][m], rollout["attn"][m], n_prompt,
+                                               args.temperature) for m in micro_slices(len(mine[s]), micro)])
+                ref_lp = torch.cat([ref_logprobs(rollout["seq"][m], rollout["attn"][m], n_prompt)
+                                    for m in micro_slices(len(mine[s]), micro)])
+            kl = ((logp - ref_lp) * rollout["mask"]).sum(1)
+            w = weight[s]
+            texts = tokenizer.batch_decode(rollout["seq"][:, n_prompt:], skip_special_tokens=True)
+            gold = 0.0
+            if toy:
+                gold = sum(common.gold_score(eval_records[idx[s][j] % len(eval_records)]["prompt"][-1]["content"], t)
+                           * float(w[j]) for j, t in enumerate(texts))
+            sums = [sums[0] + float((score * w).sum()), sums[1] + float((kl * w).sum()), sums[2] + gold]
+            if iteration >= 0 and s.start == 0 and common.is_rank0():
+                for j in range(min(args.print_samples, len(texts))):
+                    p = eval_records[idx[j]]["prompt"][-1]["content"]
+                    common.print0(f"  [{iteration}] {p!r} -> {texts[j]!r} (score {float(score[j]):.2f})")
+        n = len(eval_prompts)
+        total = common.all_reduce_sum(sums, device)
+        out = {"eval/reward": total[0] / n, "eval/kl": total[1] / n}
+        if toy:
+            out["eval/gold"] = total[2] / n
+        return out
+
+    # --- loop ---
+    logger = common.Logger(args.output_dir, n_iters, "ppo", initial=start_iter)
+    if start_iter == 0:
+        logger.log(0, evaluate(0))
+    for iteration in range(start_iter, n_iters):
+        t_start = time.time()
+        epoch, k = divmod(iteration, max(1, len(prompts) // per_iter))
+        order = list(range(len(prompts)))
+        random.Random(args.seed + epoch).shuffle(order)
+        chunk = [order[(k * per_iter + j) % len(order)] for j in range(rank * args.rollout_batch_size,
+                                                                       (rank + 1) * args.rollout_batch_size)]
+        # sampling seed from (seed, rank, iteration): ranks draw different samples, a resumed run the same ones
+        torch.manual_seed(args.seed + 7919 * rank + 104729 * (iteration + 1))
+
+        # 1. generate
+        rollout, n_prompt = generate(actor, [prompts[i] for i in chunk], tokenizer, gen_config, actor_stage,
+                                     args.generate_sharded, device)
+        t_gen = time.time()
+        if not same_tok:
+            retok = make_retokenizer(tokenizer, reward_tok, [records[i]["prompt"] for i in chunk], device)
+
+        # 2. score: old log-probs and entropy (actor), reference log-probs, values (critic), reward (RM), batched
+        #    in micro-batches and without autograd
+        mask, lengths, B = rollout["mask"], rollout["lengths"], rollout["mask"].shape[0]
+        seq, attn = rollout["seq"], rollout["attn"]
+        with torch.no_grad():
+            actor.module.eval()
+            critic.module.eval()
+            parts = [seq_logprobs(actor, seq[s], attn[s], n_prompt, args.temperature, with_entropy=True)
+                     for s in micro_slices(B, micro)]
+            old_logp = torch.cat([p[0] for p in parts])
+            entropy = torch.cat([p[1] for p in parts])
+            ref_logp = torch.cat([ref_logprobs(seq[s], attn[s], n_prompt) for s in micro_slices(B, micro)])
+            old_values = torch.cat([critic(seq[s], attn[s])[:, n_prompt - 1: -1] for s in micro_slices(B, micro)])
+            raw_score = reward_scores(reward, rollout, n_prompt, micro, retok)
+            actor.module.train()
+            critic.module.train()
+        t_score = time.time()
+
+        # 3. rewards: normalised, penalised when EOS is missing, clipped; KL penalty on every token
+        score = (raw_score - reward_mean) / reward_std
+        score = score - args.missing_eos_penalty * (~rollout["has_eos"]).float()
+        score = score.clamp(-args.clip_reward_value, args.clip_reward_value)
+        old_values = old_values * mask
+        rewards, kl = compute_rewards(score, old_logp, ref_logp, mask, lengths, kl_coef)
+        if args.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+
+        # 4. advantages and returns (GAE), advantages whitened over the global batch
+        advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
+        if args.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        t_rollout = time.time()
+
+        # 5. PPO epochs over shuffled mini-batches; each loss is a token-mean over the global mini-batch
+        data = {"seq": seq, "attn": attn, "mask": mask, "old_logp": old_logp, "old_values": old_values,
+                "advantages": advantages, "returns": returns}
+        stats = torch.zeros(7, device=device)  # pg loss, v loss, clipfrac, vf clipfrac, approx kl, ratio, tokens
+        gen = torch.Generator().manual_seed(args.seed + 31 * iteration + rank)
+        for _ in range(args.ppo_epochs):
+            perm = torch.randperm(B, generator=gen).to(device)
+            for m0 in range(0, B, mini):
+                rows = perm[m0: m0 + mini]
+                (n_tokens,) = common.all_reduce_sum([mask[rows].sum().item()], device)
+                scale = world * gas / n_tokens  # undo DeepSpeed's 1/gas and rank averaging: a global token-mean
+                for s in micro_slices(len(rows), micro):
+                    mb = {key: v[rows[s]] for key, v in data.items()}
+                    mseq, mattn, np_, width = trim(mb, n_prompt)
+                    mmask = mb["mask"][:, :width].float()
+                    logp = seq_logprobs(actor, mseq, mattn, np_, args.temperature)
+                    pg, clipped, ratio = policy_loss(logp, mb["old_logp"][:, :width], mb["advantages"][:, :width],
+                                                     args.cliprange)
+                    actor_loss = (pg * mmask).sum() * scale
+                    if ptx is not None:
+                        batch = random.Random(iteration * 7 + m0 + s.start).sample(ptx, min(micro, len(ptx)))
+                        ids = common.pad([b[0] for b in batch], tokenizer.pad_token_id).to(device)
+                        lm_mask = common.pad([[int(x) for x in b[1]] for b in batch], 0).to(device)[:, 1:]
+                        pattn = common.pad([[1] * len(b[0]) for b in batch], 0).to(device)
+                        logits = actor(input_ids=ids, attention_mask=pattn, position_ids=common.position_ids(pattn),
+                                       use_cache=False).logits[:, :-1]
+                        nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+                        # a token-mean per micro-batch: DeepSpeed then averages over micro-batches and ranks
+                        actor_loss = actor_loss + args.ptx_coef * (nll * lm_mask).sum() / lm_mask.sum().clamp(min=1)
+                    actor.backward(actor_loss)
+                    actor.step()
+                    values = critic(mseq, mattn)[:, np_ - 1: -1]
+                    vl, vclipped = value_loss(values, mb["old_values"][:, :width], mb["returns"][:, :width],
+                                              args.cliprange_value)
+                    critic.backward((vl * mmask).sum() * scale)
+                    critic.step()
+                    with torch.no_grad():
+                        log_ratio = logp - mb["old_logp"][:, :width]
+                        approx_kl = 0.5 * log_ratio**2  # http://joschu.net/blog/kl-approx.html (k2)
+                        stats += torch.stack([(x * mmask).sum() for x in (pg, vl, clipped, vclipped, approx_kl,
+                                                                          ratio, torch.ones_like(pg))])
+                if ema is not None or (args.ema and actor_stage == 3):
+                    update_ema(ema, actor.module, args.ema_decay, actor_stage)
+        t_train = time.time()
+
+        # 6. log (metrics averaged over ranks), adapt the KL coefficient, checkpoint
+        mean_kl_seq = kl.sum(1)
+        explained_var_parts = [((returns - old_values) ** 2 * mask).sum(), (returns * mask).sum(),
+                               (returns**2 * mask).sum(), mask.sum()]
+        local = [float(x) for x in stats.tolist()] + [float(raw_score.sum()), float(mean_kl_seq.sum()),
+                                                       float((entropy * mask).sum()), float(lengths.sum()),
+                                                       float(rollout["has_eos"].float().sum()), float(B),
+                                                       float(score.sum())] + [float(x) for x in explained_var_parts]
+        g = common.all_reduce_sum(local, device)
+        (pg_s, vl_s, cf_s, vcf_s, akl_s, ratio_s, tok_s, rm_s, kl_s, ent_s, len_s, eos_s, n_s, sc_s, res_s, r_s,
+         r2_s, m_s) = g
+        var_returns = r2_s / m_s - (r_s / m_s) ** 2
+        n_gen = len_s
+        elapsed = t_train - t_start
+        metrics = {
+            "train/reward": rm_s / n_s, "train/score": sc_s / n_s, "train/kl": kl_s / n_s,
+            "train/entropy": ent_s / m_s, "train/policy_loss": pg_s / tok_s,
+            "train/value_loss": vl_s / tok_s, "train/clipfrac": cf_s / tok_s, "train/value_clipfrac": vcf_s / tok_s,
+            "train/approx_kl": akl_s / tok_s, "train/ratio": ratio_s / tok_s,
+            "train/explained_variance": 1.0 - (res_s / m_s) / max(var_returns, 1e-8),
+            "train/response_len": len_s / n_s, "train/eos_frac": eos_s / n_s, "train/kl_coef": kl_coef,
+            "time/generate_s": t_gen - t_start, "time/score_s": t_score - t_gen, "time/rollout_s": t_rollout - t_start,
+            "time/train_s": t_train - t_rollout, "throughput/episodes_per_s": n_s / elapsed,
+            "throughput/tokens_per_s": n_gen / elapsed,
+        }
+        if torch.cuda.is_available():
+            metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        common.check_finite(metrics, iteration + 1)
+        if args.adaptive_kl:
+            kl_coef = adaptive_kl_coef(kl_coef, kl_s / n_s, args.target_kl, args.kl_horizon, int(n_s))
+        if (args.eval_every and (iteration + 1) % args.eval_every == 0) or iteration + 1 == n_iters:
+            metrics |= evaluate(iteration + 1)
+        logger.log(iteration + 1, metrics, advance=1)
+        if args.save_every and (iteration + 1) % args.save_every == 0 and iteration + 1 < n_iters:
+            tag = f"iter{iteration + 1}"
+            critic.save_checkpoint(str(ckpt / "critic"), tag=tag)  # the actor's `latest` is written last
+            actor.save_checkpoint(str(ckpt / "actor"), tag=tag, client_state={
+                "iteration": iteration + 1, "kl_coef": kl_coef, "ema": ema})
+
+    # --- save ---
+    logger.close()
+    common.save_hf(actor.module, tokenizer, args.output_dir, actor_stage)
+    if args.save_critic:
+        os.makedirs(os.path.join(args.output_dir, "critic"), exist_ok=True)
+        common.save_hf(critic.module.model, tokenizer, os.path.join(args.output_dir, "critic"), critic_stage)
+    if args.ema and common.is_rank0():
+        ema_dir = Path(args.output_dir) / "ema"
+        base = actor.module.get_base_model() if hasattr(actor.module, "peft_config") else actor.module
+        base.save_pretrained(ema_dir, state_dict=ema, safe_serialization=True)
+        tokenizer.save_pretrained(ema_dir)
+    common.print0(f"saved {args.output_dir}")
+
+
+@torch.no_grad()
+def update_ema(ema: dict | None, model, decay: float, zero_stage: int):
+    """ema <- decay * ema + (1 - decay) * weights, on rank 0's CPU copy (gathered under ZeRO-3) (DSC's --enable_ema)."""
+    ctx = deepspeed.zero.GatheredParameters(list(model.parameters())) if zero_stage == 3 else nullcontext()
+    with ctx:
+        if ema is not None:
+            for k, v in common.merged_state_dict(model).items():
+                ema[k].mul_(decay).add_(v.to(ema[k].dtype), alpha=1.0 - decay)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, console_outputs=common.is_rank0()))

@@ -1,0 +1,227 @@
+"""ppo.py: every piece of math against a slow, obvious reference; sampling equals the policy; end-to-end runs."""
+
+import math
+import random
+
+import pytest
+import torch
+from conftest import make_model, make_tokenizer, read_metrics, run_script
+
+import common
+import ppo
+
+
+def rand_mask(B, T, seed=0):
+    g = random.Random(seed)
+    lengths = [g.randint(1, T) for _ in range(B)]
+    return torch.tensor([[t < n for t in range(T)] for n in lengths]), torch.tensor(lengths)
+
+
+def test_logprobs_with_temperature_against_loop():
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(3, 5, 11), torch.randint(0, 11, (3, 5))
+    for T in (1.0, 0.7, 2.0):
+        got = ppo.logprobs_from_logits(logits, tokens, T)
+        for b in range(3):
+            for t in range(5):
+                p = torch.exp(logits[b, t] / T) / torch.exp(logits[b, t] / T).sum()
+                assert got[b, t].item() == pytest.approx(math.log(p[tokens[b, t]].item()), abs=1e-5)
+        ent = ppo.entropy_from_logits(logits, T)
+        p = torch.softmax(logits[1, 2] / T, -1)
+        assert ent[1, 2].item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-5)
+
+
+def test_truncate_after_eos_against_loop():
+    eos, pad = 2, 0
+    resp = torch.tensor([[5, 6, 2, 7, 2], [2, 5, 5, 5, 5], [5, 6, 7, 8, 9], [5, 6, 7, 8, 2]])
+    cleaned, mask, lengths, has_eos = ppo.truncate_after_eos(resp, eos, pad)
+    for b, row in enumerate(resp.tolist()):
+        n = row.index(eos) + 1 if eos in row else len(row)
+        assert lengths[b] == n and bool(has_eos[b]) == (eos in row)
+        assert mask[b].tolist() == [t < n for t in range(5)]
+        assert cleaned[b].tolist() == row[:n] + [pad] * (5 - n)
+
+
+def test_masked_mean_and_whiten_against_reference():
+    torch.manual_seed(1)
+    x = torch.randn(4, 6) * 3 + 2
+    mask, _ = rand_mask(4, 6)
+    vals = [x[b, t].item() for b in range(4) for t in range(6) if mask[b, t]]
+    mean = sum(vals) / len(vals)
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+    assert ppo.masked_mean(x, mask).item() == pytest.approx(mean, rel=1e-5)
+    w = ppo.masked_whiten(x, mask)
+    for b in range(4):
+        for t in range(6):
+            expect = (x[b, t].item() - mean) / math.sqrt(var + 1e-8) if mask[b, t] else 0.0
+            assert w[b, t].item() == pytest.approx(expect, abs=1e-4)
+    w2 = ppo.masked_whiten(x, mask, shift_mean=False)
+    assert w2[mask].mean().item() == pytest.approx(mean, abs=1e-4)
+
+
+def test_rewards_put_kl_on_every_token_and_score_on_the_eos():
+    torch.manual_seed(2)
+    B, T = 4, 7
+    mask, lengths = rand_mask(B, T, seed=3)
+    logp, ref_logp, score = torch.randn(B, T), torch.randn(B, T), torch.randn(B)
+    rewards, kl = ppo.compute_rewards(score, logp, ref_logp, mask, lengths, kl_coef=0.1)
+    for b in range(B):
+        for t in range(T):
+            expect = 0.0
+            if t < lengths[b]:
+                expect = -0.1 * (logp[b, t] - ref_logp[b, t]).item()
+            if t == lengths[b] - 1:  # the last real token: the EOS when the response has one
+                expect += score[b].item()
+            assert rewards[b, t].item() == pytest.approx(expect, abs=1e-6)
+            assert kl[b, t].item() == pytest.approx((logp[b, t] - ref_logp[b, t]).item() * (t < lengths[b]), abs=1e-6)
+
+
+def gae_reference(rewards, values, lengths, gamma, lam):
+    B, T = rewards.shape
+    adv = torch.zeros(B, T)
+    for b in range(B):
+        last = 0.0
+        for t in reversed(range(int(lengths[b]))):
+            next_v = values[b, t + 1].item() if t + 1 < lengths[b] else 0.0
+            delta = rewards[b, t].item() + gamma * next_v - values[b, t].item()
+            last = delta + gamma * lam * last
+            adv[b, t] = last
+    return adv
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)])
+def test_gae_against_python_loop(gamma, lam):
+    torch.manual_seed(4)
+    B, T = 5, 9
+    mask, lengths = rand_mask(B, T, seed=5)
+    rewards, values = torch.randn(B, T), torch.randn(B, T)  # garbage after the end must be ignored
+    adv, ret = ppo.gae(rewards, values, mask, gamma, lam)
+    ref = gae_reference(rewards, values, lengths, gamma, lam)
+    assert torch.allclose(adv, ref, atol=1e-5)
+    assert torch.allclose(ret, (ref + values) * mask, atol=1e-5)
+
+
+def test_clipped_losses_against_reference():
+    torch.manual_seed(5)
+    logp, old, adv = torch.randn(50), torch.randn(50), torch.randn(50)
+    loss, clipped, ratio = ppo.policy_loss(logp, old, adv, 0.2)
+    for i in range(50):
+        r = math.exp(logp[i].item() - old[i].item())
+        a = adv[i].item()
+        expect = max(-a * r, -a * min(max(r, 0.8), 1.2))
+        assert loss[i].item() == pytest.approx(expect, rel=1e-5, abs=1e-6)
+        assert ratio[i].item() == pytest.approx(r, rel=1e-5)
+    v, old_v, ret = torch.randn(50), torch.randn(50), torch.randn(50)
+    vl, _ = ppo.value_loss(v, old_v, ret, 0.2)
+    for i in range(50):
+        vc = old_v[i].item() + min(max(v[i].item() - old_v[i].item(), -0.2), 0.2)
+        expect = 0.5 * max((v[i].item() - ret[i].item()) ** 2, (vc - ret[i].item()) ** 2)
+        assert vl[i].item() == pytest.approx(expect, rel=1e-5, abs=1e-6)
+
+
+def test_adaptive_kl_controller():
+    # Ziegler et al.: proportional error clipped to +-0.2, scaled by n_steps / horizon
+    assert ppo.adaptive_kl_coef(0.1, 12.0, 6.0, 10000, 512) == pytest.approx(0.1 * (1 + 0.2 * 512 / 10000))
+    assert ppo.adaptive_kl_coef(0.1, 3.0, 6.0, 10000, 512) == pytest.approx(0.1 * (1 - 0.2 * 512 / 10000))
+    assert ppo.adaptive_kl_coef(0.1, 6.6, 6.0, 1000, 100) == pytest.approx(0.1 * (1 + 0.1 * 100 / 1000))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_sampling_distribution_is_the_policy_and_padding_does_not_change_logprobs(family):
+    """Generation's processed scores equal our tempered forward log-probs (so PPO's ratio is about the policy that
+    sampled), and a row's log-probs are the same alone and inside a left-padded batch (absolute positions)."""
+    tok = common.load_tokenizer("toy") if family == "toy" else make_tokenizer(family)
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": "<|pad|>"})
+    model = make_model(family, tok)
+    common.resize_for_tokenizer(model, tok)
+    model.generation_config.top_k = 7  # a model default that must not leak into PPO sampling
+    model.generation_config.repetition_penalty = 1.3
+    model.eval()
+    prompts = [common.encode_prompt(tok, common.to_messages(p)) for p in ["tell me about cats", "hey , describe tea"]]
+    args = ppo.Args(temperature=0.7, max_new_tokens=6)
+    cfg = ppo.generation_config(args, tok)
+
+    class Engine:  # the bits of a DeepSpeed engine that generate() uses
+        module = model
+
+    torch.manual_seed(0)
+    padded = common.pad(prompts, tok.pad_token_id, side="left")
+    attn = common.pad([[1] * len(p) for p in prompts], 0, side="left")
+    with torch.no_grad():
+        out = model.generate(input_ids=padded, attention_mask=attn, generation_config=cfg, output_scores=True,
+                             return_dict_in_generate=True)
+    n_prompt = padded.shape[1]
+    gen = out.sequences[:, n_prompt:]
+    scores = torch.stack(out.scores, 1).log_softmax(-1)
+    gen_logp = torch.gather(scores, -1, gen.unsqueeze(-1)).squeeze(-1)
+    _, mask, _, _ = ppo.truncate_after_eos(gen, tok.eos_token_id, tok.pad_token_id)
+    full_attn = torch.cat([attn, mask.long()], 1)
+    with torch.no_grad():
+        logp = ppo.seq_logprobs(model, out.sequences, full_attn, n_prompt, 0.7)
+    assert torch.allclose(logp[mask], gen_logp[mask], atol=1e-4)
+    # row 0 alone, unpadded, gives the same log-probs as inside the batch
+    n0 = len(prompts[0])
+    row = torch.cat([torch.tensor(prompts[0]), gen[0][mask[0]]])[None]
+    with torch.no_grad():
+        alone = ppo.seq_logprobs(model, row, torch.ones_like(row), n0, 0.7)
+    assert torch.allclose(alone[0], logp[0][mask[0]], atol=1e-4)
+    # the whole generate() helper: rows end at their first EOS, padding after it
+    torch.manual_seed(0)
+    rollout, n_prompt2 = ppo.generate(Engine, prompts, tok, cfg, 0, False, torch.device("cpu"))
+    assert n_prompt2 == n_prompt
+    assert (rollout["seq"][:, n_prompt:][~rollout["mask"]] == tok.pad_token_id).all()
+
+
+def test_trim_keeps_the_numbers():
+    seq = torch.tensor([[0, 0, 5, 6, 7, 8, 0], [0, 4, 5, 6, 7, 0, 0]])
+    attn = torch.tensor([[0, 0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
+    s, a, n_prompt, width = ppo.trim({"seq": seq, "attn": attn, "mask": mask}, 4)
+    assert n_prompt == 3 and width == 2
+    assert s.tolist() == [[0, 5, 6, 7, 8], [4, 5, 6, 7, 0]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end on the demo
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A small SFT actor and a reward model trained on the demo's preference pairs."""
+    d = tmp_path_factory.mktemp("demo")
+    run_script("sft.py", "--output_dir", d / "sft", "--max_steps", "300", "--eval_every", "0")
+    run_script("reward.py", "--model", d / "sft", "--output_dir", d / "rm", "--max_steps", "150", "--eval_every", "0")
+    return d
+
+
+def test_first_ratio_is_one_with_frozen_weights(demo, tmp_path):
+    run_script("ppo.py", "--actor", demo / "sft", "--reward", demo / "rm", "--output_dir", tmp_path / "p",
+               "--total_episodes", "64", "--learning_rate", "0", "--critic_learning_rate", "0",
+               "--num_eval_prompts", "8")
+    row = [r for r in read_metrics(tmp_path / "p") if "train/ratio" in r][0]
+    assert row["train/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert row["train/approx_kl"] < 1e-8 and row["train/clipfrac"] == 0.0
+    assert abs(row["train/kl"]) < 1e-5  # actor == reference: no KL at all
+
+
+def test_demo_reward_rises(demo, tmp_path):
+    run_script("ppo.py", "--actor", demo / "sft", "--reward", demo / "rm", "--output_dir", tmp_path / "p",
+               "--total_episodes", "1280", "--eval_every", "0", "--num_eval_prompts", "32")
+    rows = read_metrics(tmp_path / "p")
+    train = [r["train/reward"] for r in rows if "train/reward" in r]
+    assert sum(train[-4:]) / 4 > sum(train[:4]) / 4 + 0.2, train
+    assert rows[0]["step"] == 0 and "eval/gold" in rows[0] and "eval/kl" in rows[-1]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks(demo, tmp_path, stage):
+    run_script("ppo.py", "--actor", demo / "sft", "--reward", demo / "rm", "--output_dir", tmp_path / "p",
+               "--total_episodes", "512", "--rollout_batch_size", "32", "--eval_every", "0",
+               "--num_eval_prompts", "16", "--zero_stage", stage, ranks=2)
+    rows = read_metrics(tmp_path / "p")
+    train = [r["train/reward"] for r in rows if "train/reward" in r]
+    assert len(train) == 8 and train[-1] > train[0], train
