@@ -721,6 +721,7 @@ def main(args: Args):
         }
         if torch.cuda.is_available():
             metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        metrics["time/iteration_s"] = time.time() - t_start
         common.check_finite(metrics, iteration + 1)
         if args.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, kl_s / n_s, args.target_kl, args.kl_horizon, int(n_s))
