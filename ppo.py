@@ -72,6 +72,8 @@ class Args:
     """prompts per rank per iteration"""
     max_new_tokens: int = 24
     """longest response; a response that reaches it without EOS is truncated (see --missing_eos_penalty)"""
+    generation_batch_size: int = 0
+    """prompts per generate call (0: the whole --rollout_batch_size); smaller saves memory"""
     temperature: float = 1.0
     """sampling temperature; logits are divided by it in every log-prob too (N+), top_k=0 and top_p=1 always"""
     # ppo
@@ -381,23 +383,33 @@ def generation_config(args: Args, tokenizer, greedy: bool = False):
 
 
 @torch.no_grad()
-def generate(actor, prompt_ids: list[list[int]], tokenizer, gen_config, zero_stage: int, sharded: bool, device):
-    """Sample responses for left-padded prompts with the KV cache; generation stops when every row has ended."""
-    prompts = common.pad(prompt_ids, tokenizer.pad_token_id, side="left").to(device)
-    prompt_attn = common.pad([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
+def generate(actor, prompt_ids: list[list[int]], tokenizer, gen_config, zero_stage: int, sharded: bool, device,
+             chunk: int = 0, seeds: list[int] | None = None):
+    """Sample responses with the KV cache for left-padded prompts, `chunk` prompts per generate call (all at once
+    when 0), each call stopping when all its rows have ended. Seeding every call from `seeds` makes the samples
+    independent of how the prompts are split over ranks. Rows are cut after their first EOS."""
+    pad_id = tokenizer.pad_token_id
     module = actor.module
     module.eval()
-    with gathered_for_generation(actor, zero_stage, sharded):
-        seq = module.generate(input_ids=prompts, attention_mask=prompt_attn, generation_config=gen_config,
-                              synced_gpus=zero_stage == 3 and sharded and common.world_size() > 1)
+    responses = []
+    with gathered_for_generation(actor, zero_stage, sharded):  # one gather for all the calls
+        for i, s in enumerate(micro_slices(len(prompt_ids), chunk or len(prompt_ids))):
+            if seeds is not None:
+                torch.manual_seed(seeds[i])
+            prompts = common.pad(prompt_ids[s], pad_id, side="left").to(device)
+            attn = common.pad([[1] * len(p) for p in prompt_ids[s]], 0, side="left").to(device)
+            seq = module.generate(input_ids=prompts, attention_mask=attn, generation_config=gen_config,
+                                  synced_gpus=zero_stage == 3 and sharded and common.world_size() > 1)
+            responses += list(seq[:, prompts.shape[1]:])
     module.train()
-    n_prompt = prompts.shape[1]
-    responses, mask, lengths, has_eos = truncate_after_eos(seq[:, n_prompt:], tokenizer.eos_token_id,
-                                                           tokenizer.pad_token_id)
+    responses = torch.nn.utils.rnn.pad_sequence(responses, batch_first=True, padding_value=pad_id)
+    responses, mask, lengths, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, pad_id)
     width = int(lengths.max())
     responses, mask = responses[:, :width], mask[:, :width]
+    prompts = common.pad(prompt_ids, pad_id, side="left").to(device)
+    prompt_attn = common.pad([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
     return {"seq": torch.cat([prompts, responses], 1), "attn": torch.cat([prompt_attn, mask.long()], 1),
-            "mask": mask, "lengths": lengths, "has_eos": has_eos}, n_prompt
+            "mask": mask, "lengths": lengths, "has_eos": has_eos}, prompts.shape[1]
 
 
 @torch.no_grad()
@@ -464,6 +476,7 @@ def main(args: Args):
         raise common.UserError(f"--rollout_batch_size {args.rollout_batch_size} must be a multiple of the mini-batch "
                                f"({mini}), itself a multiple of --per_device_batch_size {micro}")
     gas = mini // micro
+    gen_chunk = args.generation_batch_size or args.rollout_batch_size
 
     # --- data ---
     tokenizer = common.load_tokenizer(args.actor, args.trust_remote_code)
@@ -560,11 +573,11 @@ def main(args: Args):
         idx = [i for i in range(rank * per_rank, (rank + 1) * per_rank)]
         weight = torch.tensor([float(i < len(eval_prompts)) for i in idx], device=device)
         mine = [eval_prompts[i % len(eval_prompts)] for i in idx]
-        torch.manual_seed(args.seed + 7919 * rank + 1)
         sums = [0.0, 0.0, 0.0]
-        for s in micro_slices(len(mine), args.rollout_batch_size):
+        for s in micro_slices(len(mine), gen_chunk):
+            seed = args.seed + 7919 * (rank * per_rank + s.start) + 1  # the same samples at every evaluation
             rollout, n_prompt = generate(actor, mine[s], tokenizer, eval_config, actor_stage, args.generate_sharded,
-                                         device)
+                                         device, seeds=[seed])
             if not same_tok:
                 recs = [eval_records[i % len(eval_records)]["prompt"] for i in idx[s]]
                 local_retok = make_retokenizer(tokenizer, reward_tok, recs, device)
@@ -606,12 +619,12 @@ def main(args: Args):
         random.Random(args.seed + epoch).shuffle(order)
         chunk = [order[(k * per_iter + j) % len(order)] for j in range(rank * args.rollout_batch_size,
                                                                        (rank + 1) * args.rollout_batch_size)]
-        # sampling seed from (seed, rank, iteration): ranks draw different samples, a resumed run the same ones
-        torch.manual_seed(args.seed + 7919 * rank + 104729 * (iteration + 1))
-
-        # 1. generate
+        # 1. generate; every generate call is seeded from (seed, iteration, its place in the global batch): ranks
+        #    draw different samples, and a resumed run or another split over ranks draws the same ones
+        first = rank * args.rollout_batch_size // gen_chunk
+        seeds = [args.seed + 104729 * (iteration + 1) + 7919 * (first + i) for i in range(len(chunk) // gen_chunk + 1)]
         rollout, n_prompt = generate(actor, [prompts[i] for i in chunk], tokenizer, gen_config, actor_stage,
-                                     args.generate_sharded, device)
+                                     args.generate_sharded, device, gen_chunk, seeds)
         t_gen = time.time()
         if not same_tok:
             retok = make_retokenizer(tokenizer, reward_tok, [records[i]["prompt"] for i in chunk], device)
