@@ -772,4 +772,4 @@ def update_ema(ema: dict | None, model, decay: float, zero_stage: int):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, console_outputs=common.is_rank0()))
+    main(tyro.cli(Args, use_underscores=True, console_outputs=common.is_rank0()))

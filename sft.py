@@ -253,4 +253,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, console_outputs=common.is_rank0()))
+    main(tyro.cli(Args, use_underscores=True, console_outputs=common.is_rank0()))

@@ -192,4 +192,4 @@ def main(b: Bench):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Bench, console_outputs=common.is_rank0()))
+    main(tyro.cli(Bench, use_underscores=True, console_outputs=common.is_rank0()))
