@@ -647,6 +647,9 @@ def main(args: Args):
             critic.module.train()
         t_score = time.time()
 
+        common.check_finite({"reward": float(raw_score.sum()), "ref_logp": float((ref_logp * mask).sum())},
+                            iteration + 1)  # before any update: nothing new gets saved
+
         # 3. rewards: normalised, penalised when EOS is missing, clipped; KL penalty on every token
         score = (raw_score - reward_mean) / reward_std
         score = score - args.missing_eos_penalty * (~rollout["has_eos"]).float()

@@ -280,3 +280,59 @@ def test_two_ranks_match_one_rank(demo, tmp_path, stage):
         for k in a:
             if k.startswith(("train/", "eval/")):
                 assert b[k] == pytest.approx(a[k], rel=2e-3, abs=1e-4), (a["step"], k)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_models, tmp_path_factory):
+    """A tiny llama actor and a reward model made from it (same tokenizer), plus a NaN-scoring reward model."""
+    from transformers import AutoModelForSequenceClassification
+
+    d = tmp_path_factory.mktemp("pair")
+    tok = common.load_tokenizer(tiny_models["llama"])
+    for name, poison in (("rm", False), ("nan_rm", True)):
+        rm = AutoModelForSequenceClassification.from_pretrained(tiny_models["llama"], num_labels=1)
+        common.resize_for_tokenizer(rm, tok)
+        if poison:
+            torch.nn.init.constant_(rm.score.weight, float("nan"))
+        rm.save_pretrained(d / name)
+        tok.save_pretrained(d / name)
+    return d
+
+
+def assert_clean_error(p, out, *needles):
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    line = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and all(n in line[0] for n in needles), p.stderr[-2000:]
+    assert not (out / "config.json").exists()
+
+
+def test_reward_tokenizer_mismatch_is_refused(tiny_models, tiny_pair, tmp_path):
+    p = run_script("ppo.py", "--actor", tiny_models["gpt2"], "--reward", tiny_pair / "rm", "--data", "toy",
+                   "--output_dir", tmp_path / "o", check=False)
+    assert_clean_error(p, tmp_path / "o", "--reward", "--reward_tokenizer")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_flags_give_one_line_errors(tiny_models, tiny_pair, tmp_path):
+    p = run_script("ppo.py", "--actor", tiny_models["llama"], "--reward", tiny_pair / "rm", "--zero_stage", "4",
+                   "--output_dir", tmp_path / "o", check=False)
+    assert_clean_error(p, tmp_path / "o", "--zero_stage 4")
+    p = run_script("ppo.py", "--actor", tmp_path / "nope", "--reward", tiny_pair / "rm", "--output_dir",
+                   tmp_path / "o", check=False)
+    assert_clean_error(p, tmp_path / "o", "--actor", "no such model folder")
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "hi"}\n{"messages": [{"role": "user", "content": "a"}, '
+                   '{"role": "assistant", "content": "b"}]}\n')
+    p = run_script("ppo.py", "--actor", tiny_models["llama"], "--reward", tiny_pair / "rm", "--data", bad,
+                   "--output_dir", tmp_path / "o", check=False)
+    assert_clean_error(p, tmp_path / "o", "p.jsonl:2", "messages", "user turn")
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_finite_reward_stops_before_any_update(tiny_models, tiny_pair, tmp_path):
+    p = run_script("ppo.py", "--actor", tiny_models["llama"], "--reward", tiny_pair / "nan_rm", "--critic",
+                   tiny_pair / "rm", "--total_episodes", "64", "--num_eval_prompts", "4", "--eval_every", "0",
+                   "--output_dir", tmp_path / "o", check=False)
+    assert_clean_error(p, tmp_path / "o", "step 1", "reward", "nan")
+    assert all("train/reward" not in r for r in read_metrics(tmp_path / "o"))
