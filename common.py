@@ -229,30 +229,35 @@ def encode_text(tokenizer, text: str, first: bool) -> list[int]:
     return ids
 
 
-def encode_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: bool = False
+                        ) -> tuple[list[int], list[bool]]:
     """Token ids of a whole conversation and a mask that is True on assistant tokens (each answer + its EOS id).
 
     Each assistant turn's context is `format_prompt(messages[:i])`; we tokenise only the new text since the last
-    answer, so the ids are one left-to-right sequence whatever the chat template adds between turns."""
+    answer, so the ids are one left-to-right sequence whatever the chat template adds between turns. With
+    `add_generation_prompt` the text up to where the next answer begins is appended too (see encode_prompt)."""
     ids, mask, rendered = [], [], ""
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
+    ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for i in ends + ([len(messages)] if add_generation_prompt else []):
         context = format_prompt(tokenizer, messages[:i])
         k = 0
         while k < min(len(context), len(rendered)) and context[k] == rendered[k]:
             k += 1
         new = encode_text(tokenizer, context[k:], first=not ids)
-        answer = tokenizer(m["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids += new + answer
-        mask += [False] * len(new) + [True] * len(answer)
-        rendered = context + m["content"] + (tokenizer.eos_token or "")
+        ids += new
+        mask += [False] * len(new)
+        if i < len(messages):
+            answer = tokenizer(messages[i]["content"], add_special_tokens=False)["input_ids"]
+            ids += answer + [tokenizer.eos_token_id]
+            mask += [True] * (len(answer) + 1)
+            rendered = context + messages[i]["content"] + (tokenizer.eos_token or "")
     return ids, mask
 
 
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a prompt, ready for generation (ends with the assistant prefix)."""
-    return encode_text(tokenizer, format_prompt(tokenizer, messages), first=True)
+    """Token ids of a prompt, ready for generation (ends with the assistant prefix). Earlier assistant turns are
+    encoded exactly as sft.py trains on them (answer + EOS id), so a prompt is a prefix of its conversation."""
+    return encode_conversation(tokenizer, messages, add_generation_prompt=True)[0]
 
 
 def truncate_left(ids: list, max_len: int) -> tuple[list, bool]:

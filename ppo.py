@@ -542,6 +542,9 @@ def main(args: Args):
     critic = trained_engine(ValueModel(critic), critic_lr, args, critic_stage, gas, total_steps, dtype)
     ref = frozen_engine(ref, actor_stage, args.offload_reference, dtype) if ref is not None else None
     reward = frozen_engine(ValueModel(reward_model), critic_stage, args.offload_reference, dtype)
+    count = lambda m: sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) if m is not None else 0  # noqa: E731
+    n_params = {"actor": count(actor), "critic": count(critic), "reward": count(reward),
+                "ref": count(ref) if ref is not None else count(actor)}
     retok = None
     gen_config = generation_config(args, tokenizer)
     eval_config = generation_config(args, tokenizer, greedy=args.eval_greedy)
@@ -735,7 +738,12 @@ def main(args: Args):
             "time/train_s": t_train - t_rollout, "throughput/episodes_per_s": n_s / elapsed,
             "throughput/tokens_per_s": n_gen / elapsed,
         }
-        if torch.cuda.is_available():
+        if torch.cuda.is_available():  # as DSC prints them: peak memory, and achieved TFLOP/s per GPU estimated
+            # with 2 x params FLOPs per token for a forward and 6 x params for forward + backward
+            tokens = float(attn.sum()) * 1.0
+            flops = 2 * tokens * (2 * n_params["actor"] + n_params["ref"] + n_params["critic"] + n_params["reward"])
+            flops += 6 * tokens * args.ppo_epochs * (n_params["actor"] + n_params["critic"])
+            metrics["throughput/tflops"] = flops / elapsed / 1e12
             metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
         metrics["time/iteration_s"] = time.time() - t_start
         common.check_finite(metrics, iteration + 1)
