@@ -567,8 +567,9 @@ def main(args: Args):
         start_iter, kl_coef = state["iteration"], state["kl_coef"]
         if args.ema:
             ema = state.get("ema") if common.is_rank0() else None
-        common.truncate_log(args.output_dir, start_iter)
         common.print0(f"resumed from {ckpt}/*/{tag} at iteration {start_iter}")
+    if args.resume:  # drop rows logged after the checkpoint (all of them when there is none yet)
+        common.truncate_log(args.output_dir, start_iter if tag else -1)
 
     # --- evaluation on held-out prompts (at iteration 0, every --eval_every, and at the end) ---
     def evaluate(iteration: int) -> dict:
