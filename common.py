@@ -456,9 +456,9 @@ def merged_state_dict(model) -> dict:
                 w = w + module.get_delta_weight(adapter).to(w.dtype)
             state[f"{name}.weight"] = w.cpu().clone()
     for k, v in model.get_base_model().state_dict().items():
-        if "lora_" in k:
+        if "lora_" in k or ".original_module." in k:  # adapters (merged above); heads replaced by a trained copy
             continue
-        k = k.replace(".base_layer.", ".")
+        k = k.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
         state.setdefault(k, v.detach().cpu().clone())
     return state
 
@@ -645,7 +645,7 @@ def toy_data(kind: str, split: str) -> list[dict]:
     if kind == "prompts":  # PPO: 4096 draws from the PPO prompts; eval: each eval prompt once
         draws = [rng.choice(prompts) for _ in range(4096)] if split == "train" else prompts
         return [{"prompt": to_messages(p)} for p in draws]
-    n = {"sft": 6000, "pairs": 4000}[kind] if split == "train" else 256
+    n = {"sft": 6000, "pairs": 8000}[kind] if split == "train" else 256
     records = []
     while len(records) < n:
         p = rng.choice(prompts)
@@ -654,7 +654,7 @@ def toy_data(kind: str, split: str) -> list[dict]:
         else:
             a, b = toy_response(p, rng), toy_response(p, rng)
             ga, gb = gold_score(p, a), gold_score(p, b)
-            if abs(ga - gb) >= 0.1:
+            if abs(ga - gb) >= 0.15:
                 chosen, rejected = (a, b) if ga > gb else (b, a)
                 records.append({"prompt": to_messages(p), "chosen": chosen, "rejected": rejected})
     return records

@@ -1,0 +1,330 @@
+"""Step 2 of RLHF: a reward model from human preference pairs.
+
+A causal LM checkpoint (or an existing reward model) becomes an AutoModelForSequenceClassification with one output;
+its score for prompt + response is read at the last real token (the EOS id appended to every response), and the
+pairwise loss -log sigmoid(r_chosen - r_rejected) teaches it to rank the chosen response above the rejected one.
+After training, the mean and std of its scores on held-out SFT-style responses are stored in the checkpoint's config
+(`reward_mean`, `reward_std`), so that ppo.py can normalise rewards.
+
+References: Stiennon et al. 2020 and Ziegler et al. 2019 (pairwise loss, head init, normalisation); InstructGPT;
+Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO"; DeepSpeed-Chat step 2.
+
+    python reward.py                                     # the demo, on ./sft_ckpt, on a CPU
+    deepspeed reward.py --model ./sft_ckpt --data pairs.jsonl --zero_stage 3
+    deepspeed --num_gpus 8 reward.py --model Qwen/Qwen2-0.5B --data a.jsonl,b.jsonl --zero_stage 3
+    deepspeed --hostfile hosts.txt reward.py ...         # several nodes
+    torchrun --nproc_per_node 2 reward.py ...
+"""
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import deepspeed
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+
+import common
+
+
+@dataclass
+class Args:
+    # model & data
+    model: str = "./sft_ckpt"
+    """causal LM (a new score head is made) or reward model (its head is kept): HF hub name or local folder"""
+    data: str = "toy"
+    """JSONL file(s), comma-separated ({"prompt", "chosen", "rejected"[, "margin"]}), an HF dataset name, or `toy`"""
+    eval_data: str | None = None
+    """held-out pairs in the same format; default: hold out --eval_fraction of --data (`toy`: its eval prompts)"""
+    eval_fraction: float = 0.05
+    """share of --data held out for evaluation when --eval_data is not given"""
+    max_seq_len: int = 512
+    """longest prompt + response in tokens; longer ones lose their oldest tokens (see --truncation)"""
+    truncation: Literal["left", "error"] = "left"
+    """what to do with a sequence longer than --max_seq_len: cut from the left (and count it), or stop"""
+    trust_remote_code: bool = False
+    """allow custom model code from the hub; off unless you trust the model's authors"""
+    output_dir: str = "./reward_ckpt"
+    """where the reward model, tokenizer, args.json, metrics.jsonl and checkpoints/ go"""
+    # optimisation
+    per_device_batch_size: int = 16
+    """pairs per rank per micro-batch (each forward holds 2x this many sequences)"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step; global batch = per_device_batch_size x ranks x this"""
+    learning_rate: float | None = None
+    """peak learning rate; default 3e-4 for --data toy, 1e-5 otherwise"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """decay after warmup"""
+    warmup_ratio: float = 0.05
+    """share of the steps spent warming the learning rate up linearly"""
+    num_epochs: int = 1
+    """passes over the pairs (one is usually enough: preference data overfits quickly)"""
+    max_steps: int = -1
+    """stop after this many optimizer steps; -1: run the epochs"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this"""
+    seed: int = 42
+    """same on every rank: weights, data order"""
+    # systems
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage, 0-3"""
+    offload: bool = False
+    """ZeRO-Offload: optimizer states (and with stage 3 the parameters) in CPU memory"""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on a GPU that has it, else fp32"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    lora_rank: int = 0
+    """LoRA rank on the body (0 = train all weights); the score head is always fully trained"""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator"""
+    # logging & checkpoints
+    eval_every: int = 50
+    """evaluate every this many steps (and at 0 and the end); 0: only at 0 and the end"""
+    save_every: int = 0
+    """write a resumable DeepSpeed checkpoint every this many steps; 0: never"""
+    resume: bool = False
+    """continue from the newest checkpoint in --output_dir/checkpoints"""
+    overwrite: bool = False
+    """replace an --output_dir that holds another run"""
+    # launcher
+    local_rank: int = -1
+    """set by the deepspeed launcher; do not pass by hand"""
+
+
+def encode_pair(tokenizer, record: dict, max_seq_len: int, truncation: str, where: str):
+    """Token ids of prompt + chosen and prompt + rejected, each ending with the EOS id; a third flag says whether
+    either was cut from the left."""
+    out, cut = [], False
+    for side in ("chosen", "rejected"):
+        answer = record[side]
+        if isinstance(answer, str):
+            answer = [{"role": "assistant", "content": answer}]
+        ids, _ = common.encode_conversation(tokenizer, record["prompt"] + answer)
+        if len(ids) > max_seq_len and truncation == "error":
+            raise common.UserError(f"{where}: {side} has {len(ids)} tokens > --max_seq_len {max_seq_len} "
+                                   "(pass --truncation left to cut it)")
+        ids, c = common.truncate_left(ids, max_seq_len)
+        out.append(ids)
+        cut |= c
+    return out[0], out[1], cut
+
+
+def collate_pairs(pairs: list, pad_id: int, device, side: str = "right") -> dict:
+    """One batch holding both sides: rows [0, n) are the chosen sequences, rows [n, 2n) the rejected ones."""
+    rows = [p[0] for p in pairs] + [p[1] for p in pairs]
+    ids = common.pad(rows, pad_id, side=side).to(device)
+    attn = common.pad([[1] * len(r) for r in rows], 0, side=side).to(device)
+    margin = torch.tensor([p[2] for p in pairs], dtype=torch.float32, device=device)
+    return {"input_ids": ids, "attention_mask": attn, "margin": margin}
+
+
+def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward of each row: the sequence classifier's logit at its last real token (HF takes the rightmost
+    non-pad token, so right and left padding both work; positions come from the mask for GPT-2/OPT-style models)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=common.position_ids(attention_mask), use_cache=False)
+    return out.logits.squeeze(-1).float()
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """Per-pair -log sigmoid(r_chosen - r_rejected - margin) (Stiennon et al. 2020; margin as in Llama 2)."""
+    return -F.logsigmoid(chosen - rejected - margin)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation (ties get their average rank)."""
+
+    def ranks(x):
+        x = np.asarray(x, dtype=np.float64)
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):
+            r[x == v] = r[x == v].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    return float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else 0.0
+
+
+@torch.no_grad()
+def score_all(engine, seqs: list[list[int]], batch_size: int, pad_id: int, device) -> list[float]:
+    """Scores of many sequences, split across ranks, gathered back in order. Every rank runs the same number of
+    forwards (ZeRO-3 needs that): rows past the end repeat row 0 and are dropped."""
+    world = common.world_size()
+    per_rank = math.ceil(len(seqs) / world)
+    start = common.rank() * per_rank
+    mine = [seqs[i] if i < len(seqs) else seqs[0] for i in range(start, start + per_rank)]
+    out = torch.zeros(per_rank * world, device=device)
+    for b in range(0, per_rank, batch_size):
+        rows = mine[b: b + batch_size]
+        attn = common.pad([[1] * len(r) for r in rows], 0).to(device)
+        out[start + b: start + b + len(rows)] = score(engine, common.pad(rows, pad_id).to(device), attn)
+    if world > 1:
+        torch.distributed.all_reduce(out)
+    return out[: len(seqs)].tolist()
+
+
+def evaluate(engine, pairs: list, gold: list | None, batch_size: int, pad_id: int, device) -> dict:
+    engine.eval()
+    scores = score_all(engine, [p[0] for p in pairs] + [p[1] for p in pairs], batch_size * 2, pad_id, device)
+    engine.train()
+    chosen, rejected = torch.tensor(scores[: len(pairs)]), torch.tensor(scores[len(pairs):])
+    margin = torch.tensor([p[2] for p in pairs])
+    out = {"eval/loss": pairwise_loss(chosen, rejected, margin).mean().item(),
+           "eval/accuracy": (chosen > rejected).float().mean().item(),
+           "eval/chosen_reward": chosen.mean().item(), "eval/rejected_reward": rejected.mean().item()}
+    if gold is not None:  # the demo: does the model rank responses as the hidden human does?
+        out["eval/gold_spearman"] = spearman(scores, gold)
+    return out
+
+
+def main(args: Args):
+    # --- setup ---
+    common.check_zero_stage(args.zero_stage)
+    common.prepare_output_dir(args.output_dir, args.overwrite, args.resume)
+    common.check_model_path(args.model, "--model")
+    device = common.init_distributed()
+    world, rank = common.world_size(), common.rank()
+    dtype = common.resolve_dtype(args.dtype)
+    common.seed_everything(args.seed)
+    toy = args.data == "toy"
+    lr = args.learning_rate if args.learning_rate is not None else (3e-4 if toy else 1e-5)
+
+    # --- data ---
+    tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+
+    def encode(records, source):
+        pairs, n_cut = [], 0
+        for i, r in enumerate(records):
+            c, rj, cut = encode_pair(tokenizer, r, args.max_seq_len, args.truncation, f"{source} pair {i + 1}")
+            pairs.append((c, rj, r.get("margin", 0.0)))
+            n_cut += cut
+        return pairs, n_cut
+
+    records = common.load_data(args.data, "pairs")
+    if args.eval_data or toy:
+        eval_records = common.load_data(args.eval_data or "toy", "pairs", split="eval")
+    else:
+        records, eval_records = common.split_eval(records, args.eval_fraction, args.seed)
+    train, n_cut = encode(records, args.data)
+    evals, _ = encode(eval_records, "eval data")
+    gold = None
+    if toy and not args.eval_data:
+        gold = [common.gold_score(r["prompt"][-1]["content"], r[side]) for side in ("chosen", "rejected")
+                for r in eval_records]
+    # normalisation set: SFT-style responses (demo: held-out demonstrations; else both sides of the eval pairs)
+    if toy:
+        norm_seqs = [common.encode_conversation(tokenizer, r["messages"])[0]
+                     for r in common.load_data("toy", "sft", split="eval")]
+    else:
+        norm_seqs = [p[0] for p in evals] + [p[1] for p in evals]
+    global_batch = args.per_device_batch_size * world * args.gradient_accumulation_steps
+    steps_per_epoch = len(train) // global_batch
+    if steps_per_epoch == 0:
+        raise common.UserError(f"--data has {len(train)} training pairs, fewer than one global batch ({global_batch} "
+                               "= per_device_batch_size x ranks x gradient_accumulation_steps)")
+    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_epochs
+    common.print0(f"{len(train)} train / {len(evals)} eval pairs, {total_steps} steps of {global_batch}; "
+                  f"{n_cut} pairs truncated from the left to {args.max_seq_len} tokens")
+
+    # --- model ---
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=dtype,
+                                                               trust_remote_code=args.trust_remote_code)
+    if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
+        # a new head: N(0, 1/sqrt(d + 1)), bias 0 (Stiennon et al. 2020, lm-human-preferences)
+        torch.nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(model.config.hidden_size + 1))
+        if getattr(model.score, "bias", None) is not None:
+            torch.nn.init.zeros_(model.score.bias)
+    common.resize_for_tokenizer(model, tokenizer)
+    common.disable_dropout(model)
+    model = model.to(dtype)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if args.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="SEQ_CLS"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    warmup = int(args.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda(args.lr_scheduler, warmup, total_steps))
+    config = common.ds_config(args.zero_stage, args.per_device_batch_size * 2, args.gradient_accumulation_steps, dtype,
+                              args.offload, args.grad_clip, offload_params=args.offload)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+
+    # --- resume ---
+    common.start_output_dir(args.output_dir, args, args.overwrite, args.resume)
+    ckpt_dir = os.path.join(args.output_dir, "checkpoints")
+    start_step = 0
+    tag = common.latest_checkpoint(args.output_dir) if args.resume else None
+    if tag:
+        _, state = engine.load_checkpoint(ckpt_dir, tag)
+        start_step = state["step"]
+        common.print0(f"resumed from {ckpt_dir}/{tag} at step {start_step}")
+    if args.resume:
+        common.truncate_log(args.output_dir, start_step if tag else -1)
+
+    # --- loop ---
+    logger = common.Logger(args.output_dir, total_steps, "reward", initial=start_step)
+    pad_id, micro = tokenizer.pad_token_id, args.per_device_batch_size
+    if start_step == 0:
+        logger.log(0, evaluate(engine, evals, gold, micro, pad_id, device))
+    t0 = time.time()
+    for step in range(start_step, total_steps):
+        epoch, k = divmod(step, steps_per_epoch)
+        order = list(range(len(train)))
+        random.Random(args.seed + epoch).shuffle(order)  # same order on every rank
+        batch_idx = order[k * global_batch: (k + 1) * global_batch]
+        chunks = [batch_idx[i * micro: (i + 1) * micro] for i in range(world * args.gradient_accumulation_steps)]
+        mine = chunks[rank * args.gradient_accumulation_steps: (rank + 1) * args.gradient_accumulation_steps]
+        # a mean over the global batch's pairs: DeepSpeed divides by the accumulation steps and averages over ranks,
+        # so the per-micro-batch sum is scaled back by both
+        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+        for c in mine:
+            batch = collate_pairs([train[i] for i in c], pad_id, device)
+            scores = score(engine, batch["input_ids"], batch["attention_mask"])
+            chosen, rejected = scores[: len(c)], scores[len(c):]
+            losses = pairwise_loss(chosen, rejected, batch["margin"])
+            engine.backward(losses.sum() / global_batch * world * args.gradient_accumulation_steps)
+            engine.step()
+            loss_sum += losses.detach().sum()
+            correct += (chosen > rejected).float().sum()
+        loss_sum, correct = common.all_reduce_sum([loss_sum.item(), correct.item()], device)
+        metrics = {"train/loss": loss_sum / global_batch, "train/accuracy": correct / global_batch,
+                   "train/lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch,
+                   "throughput/pairs_per_s": (step + 1 - start_step) * global_batch / (time.time() - t0)}
+        common.check_finite(metrics, step + 1)
+        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == total_steps:
+            metrics |= evaluate(engine, evals, gold, micro, pad_id, device)
+        logger.log(step + 1, metrics, advance=1)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            engine.save_checkpoint(ckpt_dir, tag=f"step{step + 1}", client_state={"step": step + 1})
+
+    # --- normalisation statistics, then save ---
+    engine.eval()
+    norm = torch.tensor(score_all(engine, norm_seqs, micro * 2, pad_id, device))
+    stats = {"reward_mean": norm.mean().item(), "reward_std": max(norm.std().item(), 1e-6)}
+    logger.log(total_steps, {"eval/reward_mean": stats["reward_mean"], "eval/reward_std": stats["reward_std"]})
+    logger.close()
+    common.save_hf(engine.module, tokenizer, args.output_dir, args.zero_stage,
+                   extra_config=stats)
+    common.print0(f"saved {args.output_dir} (reward mean {stats['reward_mean']:.3f}, std {stats['reward_std']:.3f}, "
+                  f"{time.time() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, use_underscores=True, console_outputs=common.is_rank0()))
