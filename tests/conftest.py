@@ -125,3 +125,12 @@ def read_metrics(folder) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """A small demo SFT actor (`sft`) and a reward model trained on the demo's preference pairs (`rm`)."""
+    d = tmp_path_factory.mktemp("demo")
+    run_script("sft.py", "--output_dir", d / "sft", "--max_steps", "300", "--eval_every", "0")
+    run_script("reward.py", "--model", d / "sft", "--output_dir", d / "rm", "--max_steps", "200", "--eval_every", "0")
+    return d

@@ -186,15 +186,6 @@ def test_trim_keeps_the_numbers():
 # end to end on the demo
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """A small SFT actor and a reward model trained on the demo's preference pairs."""
-    d = tmp_path_factory.mktemp("demo")
-    run_script("sft.py", "--output_dir", d / "sft", "--max_steps", "300", "--eval_every", "0")
-    run_script("reward.py", "--model", d / "sft", "--output_dir", d / "rm", "--max_steps", "150", "--eval_every", "0")
-    return d
-
-
 def test_first_ratio_is_one_with_frozen_weights(demo, tmp_path):
     run_script("ppo.py", "--actor", demo / "sft", "--reward", demo / "rm", "--output_dir", tmp_path / "p",
                "--total_episodes", "64", "--learning_rate", "0", "--critic_learning_rate", "0",
