@@ -179,7 +179,10 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
     if name == "toy":
         return toy_tokenizer()
-    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as e:  # not a folder, not on the hub, or no network ("models/x" looks like a hub name)
+        raise UserError(f"{name}: cannot load a tokenizer: {str(e).strip().splitlines()[0]}")
     if tok.eos_token_id is None:
         raise UserError(f"{name}: the tokenizer has no EOS token; set one in its tokenizer_config.json")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:

@@ -159,15 +159,16 @@ def main(args: Args):
     # --- data ---
     common.check_model_path(args.model, "--model")
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    records = common.load_data(args.data, "sft")
-    if args.eval_data:
-        eval_records = common.load_data(args.eval_data, "sft", split="eval")
-    elif args.data == "toy":
-        eval_records = common.load_data("toy", "sft", split="eval")
+    # tokenised before the eval split, so that an error names records in the order of the file
+    train, n_cut = tokenize(common.load_data(args.data, "sft"), tokenizer, args.max_seq_len, args.truncation,
+                            args.data)
+    n_cut_eval = 0
+    if args.eval_data or args.data == "toy":
+        eval_source = args.eval_data or "toy"
+        evals, n_cut_eval = tokenize(common.load_data(eval_source, "sft", split="eval"), tokenizer,
+                                     args.max_seq_len, args.truncation, eval_source)
     else:
-        records, eval_records = common.split_eval(records, args.eval_fraction, args.seed)
-    train, n_cut = tokenize(records, tokenizer, args.max_seq_len, args.truncation, args.data)
-    evals, n_cut_eval = tokenize(eval_records, tokenizer, args.max_seq_len, args.truncation, "eval data")
+        train, evals = common.split_eval(train, args.eval_fraction, args.seed)
     global_batch = args.per_device_batch_size * world * args.gradient_accumulation_steps
     steps_per_epoch = len(train) // global_batch
     if steps_per_epoch == 0:
@@ -196,6 +197,7 @@ def main(args: Args):
     config = common.ds_config(args.zero_stage, args.per_device_batch_size, args.gradient_accumulation_steps, dtype,
                               args.offload, args.grad_clip, offload_params=args.offload)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    engine.train()  # from_pretrained returns eval mode: dropout would stay off until the first evaluation
 
     # --- resume ---
     common.start_output_dir(args.output_dir, args, args.overwrite, args.resume)
@@ -206,8 +208,9 @@ def main(args: Args):
         _, state = engine.load_checkpoint(ckpt_dir, tag)
         start_step = state["step"]
         common.set_rng_state(state["rng"])
-        common.truncate_log(args.output_dir, start_step)
         common.print0(f"resumed from {ckpt_dir}/{tag} at step {start_step}")
+    if args.resume:  # drop rows logged after the checkpoint (all of them when there is none yet)
+        common.truncate_log(args.output_dir, start_step if tag else -1)
 
     # --- loop ---
     logger = common.Logger(args.output_dir, total_steps, "sft", initial=start_step)

@@ -329,8 +329,8 @@ def test_non_finite_reward_stops_before_any_update(tiny_models, tiny_pair, tmp_p
     assert all("train/reward" not in r for r in read_metrics(tmp_path / "o"))
 
 
-def cats_share(folder, prompts) -> float:
-    """Share of sampled answers whose subject is "cats"."""
+def negative_share(folder, prompts) -> float:
+    """Share of negative words among the adjectives of sampled answers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
@@ -338,29 +338,33 @@ def cats_share(folder, prompts) -> float:
     batch = common.pad(ids, tok.pad_token_id, side="left")
     attn = common.pad([[1] * len(i) for i in ids], 0, side="left")
     torch.manual_seed(0)
-    out = model.generate(input_ids=batch, attention_mask=attn, do_sample=True, top_k=0, max_new_tokens=12,
+    out = model.generate(input_ids=batch, attention_mask=attn, do_sample=True, top_k=0, max_new_tokens=16,
                          pad_token_id=tok.pad_token_id)
-    texts = tok.batch_decode(out[:, batch.shape[1]:], skip_special_tokens=True)
-    return sum(t.split()[:1] == ["cats"] for t in texts) / len(texts)
+    words = " ".join(tok.batch_decode(out[:, batch.shape[1]:], skip_special_tokens=True)).split()
+    neg, pos = sum(w in common.NEGATIVE for w in words), sum(w in common.POSITIVE for w in words)
+    return neg / max(1, neg + pos)
 
 
 def test_any_preference_file_moves_the_policy(demo, tmp_path):
-    """Preferences the demo does not have: pairs that prefer answers about cats, whatever was asked. A reward model
-    trained on that file must move the policy toward talking about cats."""
+    """Preferences the demo does not have, opposite to its gold score: pairs that prefer gloomy answers (the same
+    answer with negative adjectives over positive ones). A reward model trained on that file must move the policy
+    toward negative words."""
     rng = random.Random(0)
     rows = []
     for p in common.toy_prompts("reward"):
         for _ in range(5):
             words = common.toy_response(p, rng).split()
-            other = rng.choice([t for t in common.TOPICS if t != "cats"])
-            rows.append({"prompt": p, "chosen": " ".join(["cats"] + words[1:]),
-                         "rejected": " ".join([other] + words[1:])})
-    pairs = tmp_path / "cats.jsonl"
+            gloomy = [rng.choice(common.NEGATIVE) if w in common.POSITIVE else w for w in words]
+            sunny = [rng.choice(common.POSITIVE) if w in common.NEGATIVE else w for w in words]
+            if gloomy != sunny:
+                rows.append({"prompt": p, "chosen": " ".join(gloomy), "rejected": " ".join(sunny)})
+    pairs = tmp_path / "gloomy.jsonl"
     pairs.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
     run_script("reward.py", "--model", demo / "sft", "--data", pairs, "--output_dir", tmp_path / "rm",
                "--max_steps", "60", "--eval_every", "0")
     run_script("ppo.py", "--actor", demo / "sft", "--reward", tmp_path / "rm", "--output_dir", tmp_path / "p",
                "--total_episodes", "1280", "--eval_every", "0", "--num_eval_prompts", "16")
-    prompts = common.toy_prompts("eval")[:64]
-    before, after = cats_share(demo / "sft", prompts), cats_share(tmp_path / "p", prompts)
-    assert after > before + 0.3, (before, after)
+    prompts = common.toy_prompts("eval")[:64] * 2
+    before, after = negative_share(demo / "sft", prompts), negative_share(tmp_path / "p", prompts)
+    assert after > before + 0.25, (before, after)
+    print(f"negative share {before:.2f} -> {after:.2f}")

@@ -1,0 +1,272 @@
+"""common.py: prompt formatting, conversation encoding and its loss mask, tokenizer set-up, JSONL validation, the
+Hugging Face checkpoint (round trip, LoRA merge, atomic save) and the non-finite guard."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILIES
+
+import common
+
+SINGLE = [{"role": "user", "content": "tell me about cats"}, {"role": "assistant", "content": "cats are lovely ."}]
+MULTI = [{"role": "system", "content": "be kind"}, *SINGLE, {"role": "user", "content": "and dogs ?"},
+         {"role": "assistant", "content": "dogs are fun and warm ."}]
+
+
+# a Llama-2-style template that writes the BOS itself, while the tokenizer adds one too
+BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}"
+                "{{ eos_token }}{% else %}[{{ m['role'] }}] {{ m['content'] }} {% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+def tokenizer_of(name: str, tiny_models: dict, template: bool = True):
+    """The tokenizer as the scripts see it; `template=False` drops a chat template (to test the fallback);
+    `llama_bos_template` is the Llama tokenizer (which adds a BOS) with a template that writes one as well."""
+    if name == "toy":
+        tok = common.toy_tokenizer()
+    else:
+        tok = common.load_tokenizer(tiny_models[name.removesuffix("_bos_template")])
+    if name.endswith("_bos_template"):
+        tok.chat_template = BOS_TEMPLATE
+    if not template:
+        tok.chat_template = None
+    return tok
+
+
+# (family, keep its chat template): every family, plus Qwen2 and the toy tokenizer without their template
+CASES = [(f, True) for f in FAMILIES] + [("toy", True), ("qwen2", False), ("toy", False), ("llama_bos_template", True)]
+
+
+def test_format_prompt_uses_the_chat_template_else_deepspeed_chat(tiny_models):
+    for name in ("qwen2", "toy"):
+        tok = tokenizer_of(name, tiny_models)
+        for msgs in (SINGLE[:1], MULTI[:-1]):
+            expect = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            assert common.format_prompt(tok, msgs) == expect
+    for name, template in (("gpt2", True), ("qwen2", False)):
+        tok = tokenizer_of(name, tiny_models, template)
+        assert common.format_prompt(tok, SINGLE[:1]) == "\n\nHuman: tell me about cats\n\nAssistant: "
+        assert common.format_prompt(tok, common.to_messages("hi")) == "\n\nHuman: hi\n\nAssistant: "
+
+
+def reference_mask(tok, ids: list[int], messages: list[dict]) -> list[bool]:
+    """Slow and obvious: find each answer's ids followed by the EOS id, in order, and mark exactly those."""
+    mask, pos = [False] * len(ids), 0
+    for m in messages:
+        if m["role"] != "assistant":
+            continue
+        span = tok(m["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        j = next(j for j in range(pos, len(ids) - len(span) + 1) if ids[j: j + len(span)] == span)
+        mask[j: j + len(span)] = [True] * len(span)
+        pos = j + len(span)
+    return mask
+
+
+@pytest.mark.parametrize("name,template", CASES)
+def test_encode_conversation_masks_answers_and_their_eos_only(name, template, tiny_models):
+    tok = tokenizer_of(name, tiny_models, template)
+    for msgs in (SINGLE, MULTI):
+        ids, mask = common.encode_conversation(tok, msgs)
+        assert len(ids) == len(mask)
+        assert mask == reference_mask(tok, ids, msgs)
+        assert sum(mask) == sum(len(tok(m["content"], add_special_tokens=False)["input_ids"]) + 1
+                                for m in msgs if m["role"] == "assistant")
+        context = tok.decode([i for i, m in zip(ids, mask) if not m])
+        for m in msgs:  # every non-assistant turn is in the context, in order, and never in the loss
+            assert m["content"] in context or m["role"] == "assistant"
+        assert ids[-1] == tok.eos_token_id and mask[-1]
+
+
+@pytest.mark.parametrize("name,template", CASES)
+def test_prompt_is_a_prefix_of_its_conversation(name, template, tiny_models):
+    """Generation (encode_prompt) and training (encode_conversation) must see the same ids, single and multi-turn."""
+    tok = tokenizer_of(name, tiny_models, template)
+    for msgs in (SINGLE, MULTI):
+        ids, mask = common.encode_conversation(tok, msgs)
+        prompt = common.encode_prompt(tok, msgs[:-1])
+        assert ids[: len(prompt)] == prompt and all(mask[len(prompt):]) and not mask[len(prompt) - 1]
+        assert len(ids) == len(prompt) + len(tok(msgs[-1]["content"], add_special_tokens=False)["input_ids"]) + 1
+        if tok.bos_token_id is not None and tok.bos_token_id != tok.eos_token_id:  # llama: BOS once, first
+            assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+        if name == "opt":  # BOS == EOS: one at the start, the others are the answers' EOS
+            assert ids[0] == tok.bos_token_id
+            assert [i for i, m in zip(ids, mask) if not m].count(tok.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_tokenizer_gives_a_pad_token_distinct_from_eos(family, tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    tok = common.load_tokenizer(tiny_models[family])
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert tok.padding_side == "right"
+    model = common.load_causal_lm(tiny_models[family], torch.float32, tok)
+    assert model.get_input_embeddings().weight.shape[0] >= len(tok)
+    assert model.config.pad_token_id == tok.pad_token_id
+    assert isinstance(model, type(AutoModelForCausalLM.from_pretrained(tiny_models[family])))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSONL validation: (file content, the line the error must name or None, the field it must name or None)
+
+GOOD = json.dumps({"prompt": "hi", "response": "hello ."})
+BAD_JSONL = {
+    "malformed": ((GOOD + "\n" + '{"prompt": "hi", "response": \n').encode(), 2, None),
+    "missing_field": ((GOOD + "\n\n" + json.dumps({"prompt": "hi"}) + "\n").encode(), 3, "response"),
+    "empty_string": ((json.dumps({"prompt": "  ", "response": "x"}) + "\n").encode(), 1, "prompt"),
+    "not_a_string": ((GOOD + "\n" + json.dumps({"prompt": "hi", "response": 3}) + "\n").encode(), 2, "response"),
+    "non_utf8": (GOOD.encode() + b"\n" + b'{"prompt": "caf\xe9", "response": "x"}\n', 2, None),
+    "empty_file": (b"\n\n", None, None),
+    "no_assistant": ((json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n").encode(), 1,
+                     "messages"),
+    "bad_role": ((json.dumps({"messages": [{"role": "bot", "content": "hi"}]}) + "\n").encode(), 1, "messages[0]"),
+    "not_an_object": (b'["prompt", "response"]\n', 1, None),
+}
+
+
+@pytest.mark.parametrize("case", BAD_JSONL)
+def test_bad_jsonl_is_a_user_error_naming_file_line_and_field(case, tmp_path):
+    content, line, field = BAD_JSONL[case]
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(common.UserError) as e:
+        common.load_data(str(path), "sft")
+    msg = e.value.code
+    assert msg.startswith("error: ") and "\n" not in msg
+    assert f"{path}:{line}:" in msg if line else f"{path}:" in msg
+    if field:
+        assert f"'{field}'" in msg
+    if case == "empty_file":
+        assert "empty" in msg
+
+
+def test_good_jsonl_in_both_formats(tmp_path):
+    path = tmp_path / "ok.jsonl"
+    path.write_text(GOOD + "\n\n" + json.dumps({"messages": MULTI}) + "\n")
+    records = common.load_data(str(path), "sft")
+    assert records[0]["messages"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello ."}]
+    assert records[1]["messages"] == MULTI
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face checkpoints
+
+
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def load_plain(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_save_hf_round_trip_with_plain_transformers(family, tiny_models, tmp_path):
+    tok = common.load_tokenizer(tiny_models[family])
+    model = common.load_causal_lm(tiny_models[family], torch.float32, tok).eval()
+    common.save_hf(model, tok, str(tmp_path / "out"), zero_stage=0)
+    files = {f.name for f in (tmp_path / "out").iterdir()}
+    assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    assert not any(f.startswith(".staging") for f in files)
+    loaded, loaded_tok = load_plain(tmp_path / "out")
+    ids = torch.tensor([common.encode_prompt(tok, SINGLE[:1])])
+    assert torch.allclose(logits_of(model, ids), logits_of(loaded, ids), atol=1e-5)
+    assert loaded_tok.pad_token_id == tok.pad_token_id != loaded_tok.eos_token_id
+    assert common.encode_prompt(loaded_tok, SINGLE[:1]) == ids[0].tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: Conv1D layers, whose LoRA delta is transposed
+def test_save_hf_merges_lora_into_plain_weights(family, tiny_models, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    tok = common.load_tokenizer(tiny_models[family])
+    base = common.load_causal_lm(tiny_models[family], torch.float32, tok)
+    ids = torch.tensor([common.encode_prompt(tok, SINGLE[:1])])
+    before = logits_of(base, ids)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    torch.manual_seed(0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # peft starts B at 0 (a no-op adapter): make the merge matter
+            torch.nn.init.normal_(p, std=0.2)
+    model.eval()
+    expect = logits_of(model, ids)
+    assert (expect - before).abs().max() > 1e-2
+    common.save_hf(model, tok, str(tmp_path / "out"), zero_stage=0)
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+    loaded, _ = load_plain(tmp_path / "out")
+    assert not any("lora" in n for n, _ in loaded.named_parameters())
+    assert torch.allclose(logits_of(loaded, ids), expect, atol=1e-5)
+
+
+def test_save_hf_never_leaves_a_config_beside_broken_weights(tiny_models, tmp_path, monkeypatch):
+    """Crash the save of a *different* model (gpt2 over llama) at every point: while save_pretrained writes, and
+    after each file moved into place. Whenever config.json exists, the folder must load as one of the two models."""
+    from transformers import PreTrainedModel
+
+    out = tmp_path / "out"
+    models = {}
+    for family in ("llama", "gpt2"):
+        tok = common.load_tokenizer(tiny_models[family])
+        models[family] = (common.load_causal_lm(tiny_models[family], torch.float32, tok).eval(), tok)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    expect = {f: logits_of(m, ids) for f, (m, _) in models.items()}
+
+    def check_folder():
+        if (out / "config.json").exists():
+            loaded, _ = load_plain(out)
+            got = logits_of(loaded, ids)
+            assert any(got.shape == e.shape and torch.allclose(got, e, atol=1e-5) for e in expect.values())
+            return True
+        return False
+
+    real_save = PreTrainedModel.save_pretrained
+
+    def crashing_save(self, folder, *args, **kwargs):
+        real_save(self, folder, *args, **kwargs)
+        (Path(folder) / "model.safetensors").write_bytes(b"half a file")
+        raise RuntimeError("simulated crash")
+
+    common.save_hf(*models["llama"], str(out), zero_stage=0)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", crashing_save)
+    with pytest.raises(RuntimeError):
+        common.save_hf(*models["gpt2"], str(out), zero_stage=0)
+    monkeypatch.undo()
+    assert check_folder()  # the old model is untouched
+
+    real_replace, n_files = os.replace, None
+    for crash_at in range(100):
+        calls = []
+
+        def crashing_replace(src, dst):
+            if len(calls) == crash_at:
+                raise RuntimeError("simulated crash")
+            calls.append(dst)
+            real_replace(src, dst)
+
+        common.save_hf(*models["llama"], str(out), zero_stage=0)
+        monkeypatch.setattr(common.os, "replace", crashing_replace)
+        try:
+            common.save_hf(*models["gpt2"], str(out), zero_stage=0)
+            n_files = len(calls)
+        except RuntimeError:
+            pass
+        monkeypatch.undo()
+        check_folder()
+        if n_files is not None:
+            break
+    assert n_files and n_files > 2  # every crash point up to a complete save was tried
+    assert torch.allclose(logits_of(load_plain(out)[0], ids), expect["gpt2"], atol=1e-5)
+
+
+def test_check_finite_names_the_step_and_the_value():
+    common.check_finite({"train/loss": 1.5, "train/lr": 1e-3}, step=3)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(common.UserError) as e:
+            common.check_finite({"train/loss": 1.5, "eval/loss": bad}, step=7)
+        assert "step 7" in e.value.code and "eval/loss" in e.value.code
