@@ -1,7 +1,8 @@
 """Talk to a checkpoint, answer a file of prompts, or compare two checkpoints under a reward model.
 
 The prompt format is the one training used (common.encode_prompt), so a checkpoint hears what it was trained on.
-Evaluation does the job of DeepSpeed-Chat's prompt_eval (two models side by side) and rw_eval (reward scores).
+Evaluation does the job of DeepSpeed-Chat's prompt_eval (two models answer the same prompts, side by side) and
+rw_eval (a reward model scores every answer). No DeepSpeed here: plain transformers, on a GPU when there is one.
 
     python chat.py --model ./ppo_ckpt                                   # interactive; /reset, /quit or Ctrl-D
     python chat.py --model ./ppo_ckpt --prompt "tell me about cats"     # one answer on stdout, nothing else
@@ -10,6 +11,7 @@ Evaluation does the job of DeepSpeed-Chat's prompt_eval (two models side by side
 """
 
 import json
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,222 +25,260 @@ import common
 class Args:
     # models
     model: str = "./ppo_ckpt"
-    """the causal LM to talk to: HF hub name or local folder"""
+    """the causal LM to talk to: local folder or HF hub name"""
     compare: str | None = None
-    """a second causal LM that answers the same prompts, side by side (e.g. ./sft_ckpt)"""
+    """a second causal LM that answers the same prompts, shown side by side (e.g. ./sft_ckpt)"""
     reward: str | None = None
     """a reward model (reward.py's output) that scores every answer"""
     trust_remote_code: bool = False
-    """allow custom model code from the hub"""
+    """allow custom model code from the hub; off unless you trust the model's authors"""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on a GPU that has it, else fp32"""
     # what to answer
     prompt: str | None = None
     """answer this one prompt and print only the answer"""
     prompts: str | None = None
-    """JSONL prompts ({"prompt"} or {"messages"}), or `toy` for the demo's held-out prompts"""
+    """JSONL prompts ({"prompt"} or {"messages"}), or `toy` for the demo's held-out eval prompts"""
     output: str | None = None
-    """with --prompts: write one JSON line per prompt here ({"prompt", "response", ...})"""
+    """write one JSON line per prompt here ({"prompt", "response", ...}) instead of printing the answers"""
     system: str | None = None
-    """an optional system message put before the conversation"""
+    """a system message put before every conversation"""
     # sampling
     temperature: float = 0.7
-    """sampling temperature"""
+    """sampling temperature (0: greedy)"""
     top_p: float = 0.9
-    """nucleus sampling"""
+    """nucleus sampling: sample from the smallest set of tokens whose probability reaches this"""
     max_new_tokens: int = 128
-    """longest answer"""
+    """longest answer in tokens"""
     greedy: bool = False
-    """pick the most likely token instead of sampling"""
-    batch_size: int = 16
-    """prompts per generate call with --prompts"""
-    max_context: int = 0
-    """tokens of history kept (oldest whole turns are dropped first); 0: the model's context length"""
+    """always pick the most likely token instead of sampling"""
     seed: int = 0
-    """sampling seed"""
+    """sampling seed (each model of a comparison starts from it)"""
+    # context and batching
+    max_context: int = 0
+    """context length in tokens (prompt + answer); 0: the model's max_position_embeddings. Older whole turns of
+    the history are dropped to keep the prompt within max_context - max_new_tokens"""
+    batch_size: int = 16
+    """prompts per generate call (left padding) and per reward-model forward"""
     # launcher
     local_rank: int = -1
     """set by the deepspeed launcher; do not pass by hand"""
 
 
-def load(path: str, args: Args, device, flag: str):
-    from transformers import AutoModelForCausalLM
+def load(path: str, flag: str, args: Args, device: torch.device, reward: bool = False):
+    """Tokenizer and model of a folder (a causal LM, or with `reward` a one-logit sequence classifier)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     common.check_model_path(path, flag)
+    dtype = common.resolve_dtype(args.dtype)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise common.UserError("--dtype fp16 needs a GPU (fp16 does not run on CPU); use fp32 or bf16")
     tokenizer = common.load_tokenizer(path, args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=common.resolve_dtype(args.dtype),
-                                                 trust_remote_code=args.trust_remote_code)
-    common.resize_for_tokenizer(model, tokenizer)
+    cls, extra = (AutoModelForSequenceClassification, {"num_labels": 1}) if reward else (AutoModelForCausalLM, {})
+    model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code, **extra)
+    if reward and not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
+        print(f"warning: {flag} {path} was not saved as a sequence classifier; its score head is random",
+              file=sys.stderr)
+    stops = getattr(model.generation_config, "eos_token_id", None) if not reward else None
+    common.resize_for_tokenizer(model, tokenizer)  # a pad token added by load_tokenizer needs an embedding row
+    if stops is not None:  # keep a hub chat model's own stop ids (e.g. an end-of-turn token) beside the EOS
+        stops = stops if isinstance(stops, list) else [stops]
+        model.generation_config.eos_token_id = sorted({tokenizer.eos_token_id, *stops})
     return tokenizer, model.to(device).eval()
 
 
 def context_budget(model, args: Args) -> int:
-    n = args.max_context or getattr(model.config, "max_position_embeddings", 2048)
-    return max(8, n - args.max_new_tokens)
+    """Prompt tokens we can keep: the context length minus room for the answer."""
+    context = args.max_context or getattr(model.config, "max_position_embeddings", None) or 2048
+    if context - args.max_new_tokens < 1:
+        raise common.UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in a context "
+                               f"of {context} tokens")
+    return context - args.max_new_tokens
 
 
 def fit_history(tokenizer, messages: list[dict], budget: int) -> list[dict]:
-    """Drop the oldest whole exchanges (a user turn and the answer to it) until the prompt fits in `budget` tokens,
-    never cutting a turn in half; a system message stays. The last user turn is always kept."""
-    system = [m for m in messages[:1] if m["role"] == "system"]
+    """Drop the oldest exchanges (a user turn and the answer to it), whole, until the prompt fits in `budget`
+    tokens; a leading system message stays, and so does the last user turn (even if it alone is too long)."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system):]
     while len(turns) > 1 and len(common.encode_prompt(tokenizer, system + turns)) > budget:
-        cut = next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), len(turns) - 1)
-        turns = turns[cut:]
+        turns = turns[next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), len(turns) - 1):]
     return system + turns
 
 
-def sampling(args: Args, tokenizer) -> dict:
-    kw = dict(do_sample=False) if args.greedy else dict(do_sample=True, temperature=args.temperature, top_p=args.top_p,
-                                                        top_k=0)
-    return dict(**kw, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
+def generation_kwargs(args: Args, tokenizer) -> dict:
+    """Sampling settings for generate (top_k=0: no top-k cut besides top_p); stops at EOS and the model's
+    generation_config stop ids (see load)."""
+    if args.greedy or args.temperature <= 0:
+        kw = {"do_sample": False}
+    else:
+        kw = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": 0}
+    return {**kw, "max_new_tokens": args.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
 
 
 @torch.no_grad()
 def answer_batch(model, tokenizer, conversations: list[list[dict]], args: Args, device) -> list[str]:
-    """Answers for many conversations: left-padded batches, KV cache, each row cut at its EOS."""
-    out = []
-    budget = context_budget(model, args)
+    """Answers to many conversations: left-padded batches, KV cache, each answer decoded up to its EOS."""
+    budget, answers = context_budget(model, args), []
     for i in range(0, len(conversations), args.batch_size):
-        ids = [common.truncate_left(common.encode_prompt(tokenizer, fit_history(tokenizer, c, budget)), budget)[0]
+        ids = [common.encode_prompt(tokenizer, fit_history(tokenizer, c, budget))[-budget:]
                for c in conversations[i: i + args.batch_size]]
-        batch = common.pad(ids, tokenizer.pad_token_id, side="left").to(device)
-        attn = common.pad([[1] * len(x) for x in ids], 0, side="left").to(device)
-        gen = model.generate(input_ids=batch, attention_mask=attn, **sampling(args, tokenizer))
-        out += tokenizer.batch_decode(gen[:, batch.shape[1]:], skip_special_tokens=True)
-    return [o.strip() for o in out]
+        input_ids = common.pad(ids, tokenizer.pad_token_id, side="left").to(device)
+        attention_mask = common.pad([[1] * len(x) for x in ids], 0, side="left").to(device)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs(args, tokenizer))
+        answers += tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+    return [a.strip() for a in answers]
 
 
 @torch.no_grad()
-def reward_scores(path: str, args: Args, conversations: list[list[dict]], answers: list[str], device) -> list[float]:
-    """Raw reward-model scores of prompt + answer + EOS, read at the last real token (right padding)."""
-    from transformers import AutoModelForSequenceClassification
-
-    common.check_model_path(path, "--reward")
-    tok = common.load_tokenizer(path, args.trust_remote_code)
-    rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=common.resolve_dtype(args.dtype),
-                                                            trust_remote_code=args.trust_remote_code)
-    common.resize_for_tokenizer(rm, tok)
-    rm = rm.to(device).eval()
-    rows = [common.encode_prompt(tok, c) + tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+def reward_scores(rm, tokenizer, conversations: list[list[dict]], answers: list[str], batch_size: int,
+                  device) -> list[float]:
+    """rw_eval: the reward model's raw logit at the last real token of prompt + answer + EOS id, the sequence
+    reward.py trains on (right padding; HF pools at the last non-pad token; positions from the mask)."""
+    limit = getattr(rm.config, "max_position_embeddings", None) or 10**9
+    rows = [common.encode_conversation(tokenizer, c + [{"role": "assistant", "content": a}])[0][-limit:]
             for c, a in zip(conversations, answers)]
     scores = []
-    for i in range(0, len(rows), args.batch_size):
-        chunk = rows[i: i + args.batch_size]
-        attn = common.pad([[1] * len(r) for r in chunk], 0).to(device)
-        logits = rm(input_ids=common.pad(chunk, tok.pad_token_id).to(device), attention_mask=attn,
-                    position_ids=common.position_ids(attn)).logits
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i: i + batch_size]
+        attention_mask = common.pad([[1] * len(r) for r in chunk], 0).to(device)
+        logits = rm(input_ids=common.pad(chunk, tokenizer.pad_token_id).to(device), attention_mask=attention_mask,
+                    position_ids=common.position_ids(attention_mask), use_cache=False).logits
         scores += logits[:, 0].float().tolist()
     return scores
 
 
-def win_rate(a: list[float], b: list[float]) -> float:
-    """Share of prompts where a beats b; a tie counts half."""
-    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
+def win_rate(a_scores: list[float], b_scores: list[float]) -> float:
+    """Share of prompts on which a's answer scores higher than b's; a tie counts half."""
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(a_scores, b_scores)) / len(a_scores)
 
 
-def interactive(model, tokenizer, args: Args, device):
-    """A terminal chat: the answer streams as it is generated; /reset clears the history, /quit or Ctrl-D leaves."""
+def chat_loop(model, tokenizer, args: Args, device):
+    """The terminal chat: answers stream as they are generated (Ctrl-C stops one); /reset clears the history;
+    /quit or Ctrl-D leaves. The history is a message list, formatted by common.encode_prompt like training data."""
     from transformers import TextStreamer
 
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    budget = context_budget(model, args)
-    print("chat with", args.model, "- /reset clears the history, /quit leaves", flush=True)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history, budget = [], context_budget(model, args)
+    print(f"chat with {args.model}: /reset clears the history, /quit or Ctrl-D leaves", flush=True)
     while True:
         try:
             line = input("you> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             print()
-            break
+            return
         if line == "/quit":
-            break
+            return
         if line == "/reset":
-            history = history[:1] if args.system else []
+            history = []
             print("(history cleared)", flush=True)
             continue
         if not line:
             continue
-        history = fit_history(tokenizer, history + [{"role": "user", "content": line}], budget)
-        ids = common.truncate_left(common.encode_prompt(tokenizer, history), budget)[0]
+        messages = fit_history(tokenizer, system + history + [{"role": "user", "content": line}], budget)
+        if len(messages) < len(system) + len(history) + 1:
+            print(f"(dropped the oldest turns to fit {budget} tokens)", file=sys.stderr, flush=True)
+        history = messages[len(system):]
+        ids = common.encode_prompt(tokenizer, messages)
+        if len(ids) > budget:
+            print(f"(message too long: keeping its last {budget} tokens)", file=sys.stderr, flush=True)
+            ids = ids[-budget:]
         print("bot> ", end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        with torch.no_grad():
-            gen = model.generate(input_ids=torch.tensor([ids], device=device), streamer=streamer,
-                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                                 **sampling(args, tokenizer))
-        answer = tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True).strip()
+        try:
+            with torch.no_grad():
+                out = model.generate(input_ids=torch.tensor([ids], device=device), streamer=streamer,
+                                     attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                                     **generation_kwargs(args, tokenizer))
+        except KeyboardInterrupt:  # Ctrl-C stops this answer; the question leaves the history with it
+            print("\n(interrupted)", flush=True)
+            history.pop()
+            continue
+        answer = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
         history.append({"role": "assistant", "content": answer})
 
 
 def main(args: Args):
-    # --- setup: quiet loaders, so that stdout holds only what the user asked for ---
+    # --- setup: silence loaders, so that stdout holds only what was asked for ---
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    torch.manual_seed(args.seed)
+    if args.prompt is not None and args.prompts is not None:
+        raise common.UserError("pass --prompt or --prompts, not both")
+    if args.output and args.prompt is None and args.prompts is None:
+        raise common.UserError("--output needs --prompt or --prompts (the interactive chat writes no file)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, model = load(args.model, args, device, "--model")
+    common.seed_everything(args.seed)
     system = [{"role": "system", "content": args.system}] if args.system else []
 
-    # --- one prompt: the answer and nothing else ---
-    if args.prompt is not None and args.compare is None and args.reward is None:
+    # --- interactive chat, or one answer and nothing else ---
+    if args.prompt is None and args.prompts is None:
+        tokenizer, model = load(args.model, "--model", args, device)
+        chat_loop(model, tokenizer, args, device)
+        return
+    if args.prompt is not None and not (args.compare or args.reward or args.output):
+        tokenizer, model = load(args.model, "--model", args, device)
         print(answer_batch(model, tokenizer, [system + common.to_messages(args.prompt)], args, device)[0])
         return
-    if args.prompt is None and args.prompts is None:
-        interactive(model, tokenizer, args, device)
-        return
 
-    # --- a batch of prompts: answers, side by side with --compare, scored with --reward ---
-    if args.prompts == "toy":
-        records = common.load_data("toy", "prompts", split="eval")
-    elif args.prompts is not None:
-        records = common.load_data(args.prompts, "prompts")
-    else:
+    # --- prompts ---
+    if args.prompts is None:
         records = [{"prompt": common.to_messages(args.prompt)}]
+    elif args.prompts == "toy":
+        records = common.load_data("toy", "prompts", split="eval")  # the demo's held-out prompts, each once
+    else:
+        records = common.load_data(args.prompts, "prompts")
     conversations = [system + r["prompt"] for r in records]
     rows = [{"prompt": r["prompt"][0]["content"] if len(r["prompt"]) == 1 else r["prompt"]} for r in records]
-    for row, a in zip(rows, answer_batch(model, tokenizer, conversations, args, device)):
-        row["response"] = a
-    if args.compare:
-        torch.manual_seed(args.seed)
-        tok2, model2 = load(args.compare, args, device, "--compare")
-        for row, a in zip(rows, answer_batch(model2, tok2, conversations, args, device)):
-            row["response_compare"] = a
-        del model2
+    models = {"": args.model, "_compare": args.compare} if args.compare else {"": args.model}
+
+    # --- answers: one model in memory at a time, each from the same seed (prompt_eval) ---
+    for suffix, path in models.items():
+        common.seed_everything(args.seed)
+        tokenizer, model = load(path, "--compare" if suffix else "--model", args, device)
+        for row, answer in zip(rows, answer_batch(model, tokenizer, conversations, args, device)):
+            row["response" + suffix] = answer
+        del model
+
+    # --- scores: the reward model's (rw_eval), and on the demo the hidden human's gold_score ---
+    norm = None
     if args.reward:
-        for key in ["response"] + (["response_compare"] if args.compare else []):
-            scores = reward_scores(args.reward, args, conversations, [r[key] for r in rows], device)
-            for row, s in zip(rows, scores):
-                row["reward" + key[len("response"):]] = s
-    if args.prompts == "toy":  # the demo's hidden human
-        for row, r in zip(rows, records):
-            for key in ["response"] + (["response_compare"] if args.compare else []):
-                row["gold" + key[len("response"):]] = common.gold_score(r["prompt"][-1]["content"], row[key])
+        tokenizer, rm = load(args.reward, "--reward", args, device, reward=True)
+        norm = [getattr(rm.config, k, None) for k in ("reward_mean", "reward_std")]
+        for suffix in models:
+            answers = [row["response" + suffix] for row in rows]
+            for row, s in zip(rows, reward_scores(rm, tokenizer, conversations, answers, args.batch_size, device)):
+                row["reward" + suffix] = s
+        del rm
+    if args.prompts == "toy":
+        for row, c in zip(rows, conversations):
+            for suffix in models:
+                row["gold" + suffix] = common.gold_score(c[-1]["content"], row["response" + suffix])
+
+    # --- output: a JSONL file, or the answers side by side ---
     if args.output:
         with open(args.output, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in rows)
     else:
-        for row in rows:
-            extra = " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith(("reward", "gold")))
-            print(f"> {row['prompt']}\n  {args.model}: {row['response']}")
-            if args.compare:
-                print(f"  {args.compare}: {row['response_compare']}")
-            if extra:
-                print(f"  {extra}")
-    summary = []
-    for key in ("reward", "gold"):
-        if key in rows[0]:
-            mine = [r[key] for r in rows]
-            line = f"mean {key} of {args.model}: {sum(mine) / len(mine):.3f}"
-            if args.compare:
-                theirs = [r[key + "_compare"] for r in rows]
-                line += f"; of {args.compare}: {sum(theirs) / len(theirs):.3f}; win rate {win_rate(mine, theirs):.3f}"
-            summary.append(line + f" (n={len(rows)})")
-    for line in summary:
-        print(line)
+        width = max(len(p) for p in models.values())
+        for n, (row, c) in enumerate(zip(rows, conversations), 1):
+            print(f"[{n}] {c[-1]['content']}")
+            for suffix, path in models.items():
+                scores = ", ".join(f"{k} {row[k + suffix]:.3f}" for k in ("reward", "gold") if k + suffix in row)
+                print(f"  {path:<{width}}  {row['response' + suffix]}" + (f"   ({scores})" if scores else ""))
+
+    # --- summary: mean scores, and the win rate of --model over --compare (ties count half) ---
+    scored = [k for k in ("reward", "gold") if k in rows[0]]
+    for k in scored:
+        means = ", ".join(f"{p} {sum(r[k + s] for r in rows) / len(rows):.3f}" for s, p in models.items())
+        if k == "reward" and None not in norm:  # the win rate does not depend on this affine map
+            means += f" (raw; the reward model's config normalises with mean {norm[0]:.3f}, std {norm[1]:.3f})"
+        print(f"mean {k}: {means}")
+    if args.compare and scored:
+        rates = [f"{k} {win_rate([r[k] for r in rows], [r[k + '_compare'] for r in rows]):.2f}" for k in scored]
+        rates[0] += f" (n={len(rows)})"
+        print(f"win rate of {args.model} over {args.compare}: " + ", ".join(rates))
 
 
 if __name__ == "__main__":
