@@ -648,7 +648,7 @@ def toy_data(kind: str, split: str) -> list[dict]:
     if kind == "prompts":  # PPO: 4096 draws from the PPO prompts; eval: each eval prompt once
         draws = [rng.choice(prompts) for _ in range(4096)] if split == "train" else prompts
         return [{"prompt": to_messages(p)} for p in draws]
-    n = {"sft": 6000, "pairs": 8000}[kind] if split == "train" else 256
+    n = {"sft": 6000, "pairs": 16000}[kind] if split == "train" else 256
     records = []
     while len(records) < n:
         p = rng.choice(prompts)

@@ -57,7 +57,7 @@ class Args:
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step; global batch = per_device_batch_size x ranks x this"""
     learning_rate: float | None = None
-    """peak learning rate; default 3e-4 for --data toy, 1e-5 otherwise"""
+    """peak learning rate; default 5e-4 for --data toy, 1e-5 otherwise"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
@@ -107,6 +107,8 @@ def encode_pair(tokenizer, record: dict, max_seq_len: int, truncation: str, wher
         answer = record[side]
         if isinstance(answer, str):
             answer = [{"role": "assistant", "content": answer}]
+        elif answer[-1]["role"] != "assistant":  # the score is read at the EOS that ends an assistant turn
+            raise common.UserError(f"{where}: field '{side}' must end with an assistant turn")
         ids, _ = common.encode_conversation(tokenizer, record["prompt"] + answer)
         if len(ids) > max_seq_len and truncation == "error":
             raise common.UserError(f"{where}: {side} has {len(ids)} tokens > --max_seq_len {max_seq_len} "
@@ -187,6 +189,15 @@ def evaluate(engine, pairs: list, gold: list | None, batch_size: int, pad_id: in
     return out
 
 
+def normalisation(engine, seqs: list[list[int]], batch_size: int, pad_id: int, device) -> dict:
+    """Mean and std of the scores of SFT-style responses; ppo.py subtracts the mean and divides by the std, so that
+    the policy it starts from scores about 0 +- 1 (Stiennon et al. 2020; N+ details)."""
+    engine.eval()
+    s = torch.tensor(score_all(engine, seqs, batch_size, pad_id, device))
+    engine.train()
+    return {"eval/reward_mean": s.mean().item(), "eval/reward_std": max(s.std().item(), 1e-6)}
+
+
 def main(args: Args):
     # --- setup ---
     common.check_zero_stage(args.zero_stage)
@@ -197,7 +208,7 @@ def main(args: Args):
     dtype = common.resolve_dtype(args.dtype)
     common.seed_everything(args.seed)
     toy = args.data == "toy"
-    lr = args.learning_rate if args.learning_rate is not None else (3e-4 if toy else 1e-5)
+    lr = args.learning_rate if args.learning_rate is not None else (5e-4 if toy else 1e-5)
 
     # --- data ---
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
@@ -210,21 +221,21 @@ def main(args: Args):
             n_cut += cut
         return pairs, n_cut
 
-    records = common.load_data(args.data, "pairs")
+    # encoded before the eval split, so that an error names pairs in the order of the file
+    train, n_cut = encode(common.load_data(args.data, "pairs"), args.data)
     if args.eval_data or toy:
         eval_records = common.load_data(args.eval_data or "toy", "pairs", split="eval")
+        evals, _ = encode(eval_records, args.eval_data or "toy")
     else:
-        records, eval_records = common.split_eval(records, args.eval_fraction, args.seed)
-    train, n_cut = encode(records, args.data)
-    evals, _ = encode(eval_records, "eval data")
+        train, evals = common.split_eval(train, args.eval_fraction, args.seed)
     gold = None
     if toy and not args.eval_data:
         gold = [common.gold_score(r["prompt"][-1]["content"], r[side]) for side in ("chosen", "rejected")
                 for r in eval_records]
     # normalisation set: SFT-style responses (demo: held-out demonstrations; else both sides of the eval pairs)
     if toy:
-        norm_seqs = [common.encode_conversation(tokenizer, r["messages"])[0]
-                     for r in common.load_data("toy", "sft", split="eval")]
+        sft_eval = common.load_data("toy", "sft", split="eval")
+        norm_seqs = [common.encode_conversation(tokenizer, r["messages"])[0][-args.max_seq_len:] for r in sft_eval]
     else:
         norm_seqs = [p[0] for p in evals] + [p[1] for p in evals]
     global_batch = args.per_device_batch_size * world * args.gradient_accumulation_steps
@@ -239,8 +250,13 @@ def main(args: Args):
     # --- model ---
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=dtype,
-                                                               trust_remote_code=args.trust_remote_code)
+    if args.model == "toy":  # the demo's untrained model, for trying the script without sft.py
+        cfg = common.toy_model(tokenizer).config
+        cfg.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(cfg)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=dtype,
+                                                                   trust_remote_code=args.trust_remote_code)
     if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
         # a new head: N(0, 1/sqrt(d + 1)), bias 0 (Stiennon et al. 2020, lm-human-preferences)
         torch.nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(model.config.hidden_size + 1))
@@ -274,7 +290,10 @@ def main(args: Args):
     if tag:
         _, state = engine.load_checkpoint(ckpt_dir, tag)
         start_step = state["step"]
+        common.set_rng_state(state["rng"])
         common.print0(f"resumed from {ckpt_dir}/{tag} at step {start_step}")
+    if start_step >= total_steps:
+        raise common.UserError(f"--resume: the checkpoint is at step {start_step}, the run has {total_steps} steps")
     if args.resume:
         common.truncate_log(args.output_dir, start_step if tag else -1)
 
@@ -310,18 +329,17 @@ def main(args: Args):
         common.check_finite(metrics, step + 1)
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == total_steps:
             metrics |= evaluate(engine, evals, gold, micro, pad_id, device)
+        if step + 1 == total_steps:
+            metrics |= normalisation(engine, norm_seqs, micro * 2, pad_id, device)
         logger.log(step + 1, metrics, advance=1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            engine.save_checkpoint(ckpt_dir, tag=f"step{step + 1}", client_state={"step": step + 1})
+            engine.save_checkpoint(ckpt_dir, tag=f"step{step + 1}",
+                                   client_state={"step": step + 1, "rng": common.rng_state()})
 
-    # --- normalisation statistics, then save ---
-    engine.eval()
-    norm = torch.tensor(score_all(engine, norm_seqs, micro * 2, pad_id, device))
-    stats = {"reward_mean": norm.mean().item(), "reward_std": max(norm.std().item(), 1e-6)}
-    logger.log(total_steps, {"eval/reward_mean": stats["reward_mean"], "eval/reward_std": stats["reward_std"]})
+    # --- save ---
     logger.close()
-    common.save_hf(engine.module, tokenizer, args.output_dir, args.zero_stage,
-                   extra_config=stats)
+    stats = {"reward_mean": metrics["eval/reward_mean"], "reward_std": metrics["eval/reward_std"]}
+    common.save_hf(engine.module, tokenizer, args.output_dir, args.zero_stage, extra_config=stats)
     common.print0(f"saved {args.output_dir} (reward mean {stats['reward_mean']:.3f}, std {stats['reward_std']:.3f}, "
                   f"{time.time() - t0:.0f}s)")
 
