@@ -146,6 +146,9 @@ class Args:
     generate_sharded: bool = False
     """ZeRO-3 only: generate through the partition hooks instead of gathering the actor once per generate call
     (slow: every layer is gathered for every token; for models that do not fit gathered)"""
+    hybrid_engine: bool = False
+    """GPUs: generate with DeepSpeed's hybrid engine (its inference kernels; ZeRO-3 gathered per generate call) for
+    the model types it has kernels for (DSC's --enable_hybrid_engine); other models use their own generate"""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on a GPU that has it, else fp32"""
     gradient_checkpointing: bool = False
@@ -219,26 +222,40 @@ def frozen_engine(model, zero_stage: int, offload: bool, dtype):
     return deepspeed.initialize(model=model, config=config)[0]
 
 
-def trained_engine(model, lr: float, args: Args, zero_stage: int, gas: int, total_steps: int, dtype):
+def trained_engine(model, lr: float, args: Args, zero_stage: int, gas: int, total_steps: int, dtype,
+                   hybrid: bool = False):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=args.weight_decay)
     schedule = common.lr_lambda(args.lr_scheduler, int(args.warmup_ratio * total_steps), total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     config = common.ds_config(zero_stage, args.per_device_batch_size, gas, dtype, args.offload, args.grad_clip)
+    if hybrid:
+        config["hybrid_engine"] = {"enabled": True, "max_out_tokens": args.max_seq_len, "inference_tp_size": 1,
+                                   "release_inference_cache": False, "pin_parameters": True,
+                                   "tp_gather_partition_size": 8}
     return deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)[0]
 
 
 @contextmanager
-def gathered_for_generation(engine, zero_stage: int, sharded: bool):
-    """Under ZeRO-3, gather the actor's parameters once for the whole generate call and switch the partition hooks
-    off meanwhile (TRL's unwrap-for-generation): otherwise every layer is gathered again for every new token."""
+def generation_mode(engine, zero_stage: int, sharded: bool):
+    """The actor ready to generate; yields its generate function. Under ZeRO-3 the parameters are gathered once for
+    all the generate calls inside, with the partition hooks off (TRL's unwrap-for-generation): otherwise every layer is
+    gathered again for every new token. DeepSpeed's hybrid engine (--hybrid_engine) gathers by itself and swaps in its
+    inference kernels on eval(); train() swaps the training layers back before anything is scored."""
+    if isinstance(engine, deepspeed.runtime.hybrid_engine.DeepSpeedHybridEngine):
+        engine.eval()
+        yield engine.generate
+        engine.train()
+        return
+    engine.module.eval()
     if zero_stage == 3 and not sharded:
         from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
         with unwrap_model_for_generation(engine):
-            yield
+            yield engine.module.generate
     else:
-        yield
+        yield engine.module.generate
+    engine.module.train()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -389,19 +406,16 @@ def generate(actor, prompt_ids: list[list[int]], tokenizer, gen_config, zero_sta
     when 0), each call stopping when all its rows have ended. Seeding every call from `seeds` makes the samples
     independent of how the prompts are split over ranks. Rows are cut after their first EOS."""
     pad_id = tokenizer.pad_token_id
-    module = actor.module
-    module.eval()
     responses = []
-    with gathered_for_generation(actor, zero_stage, sharded):  # one gather for all the calls
+    with generation_mode(actor, zero_stage, sharded) as generate_fn:  # one gather for all the calls
         for i, s in enumerate(micro_slices(len(prompt_ids), chunk or len(prompt_ids))):
             if seeds is not None:
                 torch.manual_seed(seeds[i])
             prompts = common.pad(prompt_ids[s], pad_id, side="left").to(device)
             attn = common.pad([[1] * len(p) for p in prompt_ids[s]], 0, side="left").to(device)
-            seq = module.generate(input_ids=prompts, attention_mask=attn, generation_config=gen_config,
-                                  synced_gpus=zero_stage == 3 and sharded and common.world_size() > 1)
+            seq = generate_fn(input_ids=prompts, attention_mask=attn, generation_config=gen_config,
+                              synced_gpus=zero_stage == 3 and sharded and common.world_size() > 1)
             responses += list(seq[:, prompts.shape[1]:])
-    module.train()
     responses = torch.nn.utils.rnn.pad_sequence(responses, batch_first=True, padding_value=pad_id)
     responses, mask, lengths, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, pad_id)
     width = int(lengths.max())
@@ -470,6 +484,9 @@ def main(args: Args):
     critic_lr = args.critic_learning_rate if args.critic_learning_rate is not None else (5e-4 if toy else 5e-6)
     if args.max_new_tokens >= args.max_seq_len:
         raise common.UserError(f"--max_new_tokens {args.max_new_tokens} must be below --max_seq_len {args.max_seq_len}")
+    if args.hybrid_engine and (device.type != "cuda" or args.lora_rank > 0):
+        raise common.UserError("--hybrid_engine needs GPUs (DeepSpeed's inference kernels) and no --lora_rank (its "
+                               "kernels would read peft's wrapped layers wrongly)")
     micro = args.per_device_batch_size
     mini = args.mini_batch_size or micro * args.gradient_accumulation_steps
     if mini % micro or args.rollout_batch_size % mini:
@@ -538,7 +555,7 @@ def main(args: Args):
                 m.enable_input_require_grads()
     ema = copy.deepcopy(common.merged_state_dict(actor)) if args.ema and common.is_rank0() else None
     total_steps = n_iters * steps_per_iter
-    actor = trained_engine(actor, actor_lr, args, actor_stage, gas, total_steps, dtype)
+    actor = trained_engine(actor, actor_lr, args, actor_stage, gas, total_steps, dtype, args.hybrid_engine)
     critic = trained_engine(ValueModel(critic), critic_lr, args, critic_stage, gas, total_steps, dtype)
     ref = frozen_engine(ref, actor_stage, args.offload_reference, dtype) if ref is not None else None
     reward = frozen_engine(ValueModel(reward_model), critic_stage, args.offload_reference, dtype)
@@ -573,39 +590,35 @@ def main(args: Args):
 
     # --- evaluation on held-out prompts (at iteration 0, every --eval_every, and at the end) ---
     def evaluate(iteration: int) -> dict:
-        per_rank = math.ceil(len(eval_prompts) / world)
-        idx = [i for i in range(rank * per_rank, (rank + 1) * per_rank)]
-        weight = torch.tensor([float(i < len(eval_prompts)) for i in idx], device=device)
-        mine = [eval_prompts[i % len(eval_prompts)] for i in idx]
+        """Held-out prompts in generate calls of `size`, numbered over the whole eval set and seeded by that number:
+        the same calls draw the same samples on any number of ranks and at every evaluation. Every rank runs the
+        same number of full calls (ZeRO-3 needs every rank in every forward): rows past the end have weight 0."""
+        n, size = len(eval_prompts), min(gen_chunk, len(eval_prompts))
+        per_rank = math.ceil(math.ceil(n / size) / world)
         sums = [0.0, 0.0, 0.0]
-        for s in micro_slices(len(mine), gen_chunk):
-            seed = args.seed + 7919 * (rank * per_rank + s.start) + 1  # the same samples at every evaluation
-            rollout, n_prompt = generate(actor, mine[s], tokenizer, eval_config, actor_stage, args.generate_sharded,
-                                         device, seeds=[seed])
-            if not same_tok:
-                recs = [eval_records[i % len(eval_records)]["prompt"] for i in idx[s]]
-                local_retok = make_retokenizer(tokenizer, reward_tok, recs, device)
-            else:
-                local_retok = None
+        for call in range(rank * per_rank, (rank + 1) * per_rank):
+            idx = [call * size + i for i in range(size)]
+            w = torch.tensor([float(i < n) for i in idx], device=device)
+            msgs = [eval_records[i % n]["prompt"] for i in idx]
+            seed = args.seed + 7919 * call + 1
+            rollout, n_prompt = generate(actor, [eval_prompts[i % n] for i in idx], tokenizer, eval_config,
+                                         actor_stage, args.generate_sharded, device, seeds=[seed])
+            local_retok = None if same_tok else make_retokenizer(tokenizer, reward_tok, msgs, device)
             with torch.no_grad():
                 score = reward_scores(reward, rollout, n_prompt, micro, local_retok)
-                logp = torch.cat([seq_logprobs(actor, rollout["seq"][m], rollout["attn"][m], n_prompt,
-                                               args.temperature) for m in micro_slices(len(mine[s]), micro)])
-                ref_lp = torch.cat([ref_logprobs(rollout["seq"][m], rollout["attn"][m], n_prompt)
-                                    for m in micro_slices(len(mine[s]), micro)])
+                slices = micro_slices(size, micro)
+                seq, attn = rollout["seq"], rollout["attn"]
+                logp = torch.cat([seq_logprobs(actor, seq[m], attn[m], n_prompt, args.temperature) for m in slices])
+                ref_lp = torch.cat([ref_logprobs(seq[m], attn[m], n_prompt) for m in slices])
             kl = ((logp - ref_lp) * rollout["mask"]).sum(1)
-            w = weight[s]
-            texts = tokenizer.batch_decode(rollout["seq"][:, n_prompt:], skip_special_tokens=True)
-            gold = 0.0
-            if toy:
-                gold = sum(common.gold_score(eval_records[idx[s][j] % len(eval_records)]["prompt"][-1]["content"], t)
-                           * float(w[j]) for j, t in enumerate(texts))
-            sums = [sums[0] + float((score * w).sum()), sums[1] + float((kl * w).sum()), sums[2] + gold]
-            if iteration >= 0 and s.start == 0 and common.is_rank0():
-                for j in range(min(args.print_samples, len(texts))):
-                    p = eval_records[idx[j]]["prompt"][-1]["content"]
-                    common.print0(f"  [{iteration}] {p!r} -> {texts[j]!r} (score {float(score[j]):.2f})")
-        n = len(eval_prompts)
+            texts = tokenizer.batch_decode(seq[:, n_prompt:], skip_special_tokens=True)
+            gold = torch.tensor([common.gold_score(m[-1]["content"], t) if toy else 0.0 for m, t in zip(msgs, texts)],
+                                device=device)
+            sums = [total + float((x * w).sum()) for total, x in zip(sums, (score, kl, gold))]
+            if call == 0:  # on rank 0
+                for j in range(min(args.print_samples, n)):
+                    print(f"  [{iteration}] {msgs[j][-1]['content']!r} -> {texts[j]!r} (score {float(score[j]):.2f})",
+                          flush=True)
         total = common.all_reduce_sum(sums, device)
         out = {"eval/reward": total[0] / n, "eval/kl": total[1] / n}
         if toy:
