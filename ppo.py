@@ -361,13 +361,32 @@ def micro_slices(n: int, size: int):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def trim(batch: dict, n_prompt: int):
-    """Cut the columns that are padding in every row of a micro-batch (left of the prompts, right of the
-    responses). Returns the trimmed full sequences, their mask, the new prompt width and the response width."""
-    attn = batch["attn"]
-    left = int((attn[:, :n_prompt].cumsum(1) == 0).sum(1).min())
-    right = int(batch["mask"].sum(1).max())
-    return batch["seq"][:, left: n_prompt + right], attn[:, left: n_prompt + right], n_prompt - left, right
+def trim(seq: torch.Tensor, attn: torch.Tensor, n_prompt: int, prompt_lens: list[int], resp_lens: list[int]):
+    """Cut the columns that are padding in every row of a micro-batch: left of its longest prompt, right of its
+    longest response. The widths come from lengths kept on the host, so nothing waits for the device. Returns the
+    trimmed sequences and mask, the new prompt width and the response width."""
+    np_, width = max(prompt_lens), max(resp_lens)
+    left = n_prompt - np_
+    return seq[:, left: n_prompt + width], attn[:, left: n_prompt + width], np_, width
+
+
+def ptx_batch(ptx: list, key: tuple, n_global: int, rank: int, n_local: int):
+    """PPO-ptx rows for one mini-batch: one draw of the global batch (the same on every rank, seeded by `key`), this
+    rank's share of it, and the global batch's count of trained tokens (the ptx loss is a token-mean over it)."""
+    rng = random.Random(str(key))
+    idx = rng.sample(range(len(ptx)), n_global) if len(ptx) >= n_global else rng.choices(range(len(ptx)), k=n_global)
+    n_tokens = sum(sum(ptx[i][1][1:]) for i in idx)  # the first token is never predicted
+    return [ptx[i] for i in idx[rank * n_local: (rank + 1) * n_local]], max(n_tokens, 1)
+
+
+def ptx_nll(actor, rows: list, pad_id: int, device) -> torch.Tensor:
+    """Summed next-token NLL of the trained (assistant) tokens of SFT-format rows (ids, mask)."""
+    ids = common.pad([r[0] for r in rows], pad_id).to(device)
+    mask = common.pad([[int(x) for x in r[1]] for r in rows], 0).to(device)[:, 1:]
+    attn = common.pad([[1] * len(r[0]) for r in rows], 0).to(device)
+    logits = actor(input_ids=ids, attention_mask=attn, position_ids=common.position_ids(attn), use_cache=False).logits
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    return (nll * mask).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -682,62 +701,61 @@ def main(args: Args):
             advantages = masked_whiten(advantages, mask)
         t_rollout = time.time()
 
-        # 5. PPO epochs over shuffled mini-batches; each loss is a token-mean over the global mini-batch
+        # 5. PPO epochs over shuffled mini-batches; each loss is a token-mean over the global mini-batch. Shuffles,
+        #    micro-batch widths and token counts are worked out on the host first, with one collective for all the
+        #    counts, so the loop never waits for the device between steps.
         data = {"seq": seq, "attn": attn, "mask": mask, "old_logp": old_logp, "old_values": old_values,
                 "advantages": advantages, "returns": returns}
-        stats = torch.zeros(7, device=device)  # pg loss, v loss, clipfrac, vf clipfrac, approx kl, ratio, tokens
+        prompt_lens, resp_lens = [len(prompts[i]) for i in chunk], lengths.tolist()
         gen = torch.Generator().manual_seed(args.seed + 31 * iteration + rank)
-        for _ in range(args.ppo_epochs):
-            perm = torch.randperm(B, generator=gen).to(device)
-            for m0 in range(0, B, mini):
-                rows = perm[m0: m0 + mini]
-                (n_tokens,) = common.all_reduce_sum([mask[rows].sum().item()], device)
-                scale = world * gas / n_tokens  # undo DeepSpeed's 1/gas and rank averaging: a global token-mean
-                for s in micro_slices(len(rows), micro):
-                    mb = {key: v[rows[s]] for key, v in data.items()}
-                    mseq, mattn, np_, width = trim(mb, n_prompt)
-                    mmask = mb["mask"][:, :width].float()
-                    logp = seq_logprobs(actor, mseq, mattn, np_, args.temperature)
-                    pg, clipped, ratio = policy_loss(logp, mb["old_logp"][:, :width], mb["advantages"][:, :width],
-                                                     args.cliprange)
-                    actor_loss = (pg * mmask).sum() * scale
-                    if ptx is not None:
-                        batch = random.Random(iteration * 7 + m0 + s.start).sample(ptx, min(micro, len(ptx)))
-                        ids = common.pad([b[0] for b in batch], tokenizer.pad_token_id).to(device)
-                        lm_mask = common.pad([[int(x) for x in b[1]] for b in batch], 0).to(device)[:, 1:]
-                        pattn = common.pad([[1] * len(b[0]) for b in batch], 0).to(device)
-                        logits = actor(input_ids=ids, attention_mask=pattn, position_ids=common.position_ids(pattn),
-                                       use_cache=False).logits[:, :-1]
-                        nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
-                        # a token-mean per micro-batch: DeepSpeed then averages over micro-batches and ranks
-                        actor_loss = actor_loss + args.ptx_coef * (nll * lm_mask).sum() / lm_mask.sum().clamp(min=1)
-                    actor.backward(actor_loss)
-                    actor.step()
-                    values = critic(mseq, mattn)[:, np_ - 1: -1]
-                    vl, vclipped = value_loss(values, mb["old_values"][:, :width], mb["returns"][:, :width],
-                                              args.cliprange_value)
-                    critic.backward((vl * mmask).sum() * scale)
-                    critic.step()
-                    with torch.no_grad():
-                        log_ratio = logp - mb["old_logp"][:, :width]
-                        approx_kl = 0.5 * log_ratio**2  # http://joschu.net/blog/kl-approx.html (k2)
-                        stats += torch.stack([(x * mmask).sum() for x in (pg, vl, clipped, vclipped, approx_kl,
-                                                                          ratio, torch.ones_like(pg))])
-                if ema is not None or (args.ema and actor_stage == 3):
-                    update_ema(ema, actor.module, args.ema_decay, actor_stage)
+        steps = [(e, m0 // mini, perm[m0: m0 + mini].tolist()) for e in range(args.ppo_epochs)
+                 for perm in [torch.randperm(B, generator=gen)] for m0 in range(0, B, mini)]
+        step_tokens = common.all_reduce_sum([sum(resp_lens[i] for i in rows) for *_, rows in steps], device)
+        stats = torch.zeros(8, device=device)  # pg loss, v loss, clipfrac, vf clipfrac, approx kl, ratio, tokens, ptx
+        ptx_tokens_total = 0.0
+        for (e, k, rows), n_tokens in zip(steps, step_tokens):
+            scale = world * gas / n_tokens  # undo DeepSpeed's 1/gas and rank averaging: a global token-mean
+            if ptx is not None:
+                ptx_rows, ptx_tokens = ptx_batch(ptx, (args.seed, iteration, e, k), mini * world, rank, mini)
+            for s in micro_slices(len(rows), micro):
+                r = rows[s]
+                mb = {key: v[torch.tensor(r, device=device)] for key, v in data.items()}
+                mseq, mattn, np_, width = trim(mb["seq"], mb["attn"], n_prompt, [prompt_lens[i] for i in r],
+                                               [resp_lens[i] for i in r])
+                mmask = mb["mask"][:, :width].float()
+                logp = seq_logprobs(actor, mseq, mattn, np_, args.temperature)
+                pg, clipped, ratio = policy_loss(logp, mb["old_logp"][:, :width], mb["advantages"][:, :width],
+                                                 args.cliprange)
+                actor_loss = (pg * mmask).sum() * scale
+                ptx_sum = torch.zeros((), device=device)
+                if ptx is not None:  # PPO-ptx (InstructGPT): a token-mean LM loss over the global ptx batch
+                    ptx_sum = ptx_nll(actor, ptx_rows[s], tokenizer.pad_token_id, device)
+                    actor_loss = actor_loss + args.ptx_coef * ptx_sum * world * gas / ptx_tokens
+                actor.backward(actor_loss)
+                actor.step()
+                values = critic(mseq, mattn)[:, np_ - 1: -1]
+                vl, vclipped = value_loss(values, mb["old_values"][:, :width], mb["returns"][:, :width],
+                                          args.cliprange_value)
+                critic.backward((vl * mmask).sum() * scale)
+                critic.step()
+                with torch.no_grad():
+                    approx_kl = 0.5 * (logp - mb["old_logp"][:, :width]) ** 2  # k2, joschu.net/blog/kl-approx.html
+                    stats += torch.stack([(x * mmask).sum() for x in (pg, vl, clipped, vclipped, approx_kl, ratio,
+                                                                      torch.ones_like(pg))] + [ptx_sum.detach()])
+            if ptx is not None:
+                ptx_tokens_total += ptx_tokens
+            if ema is not None or (args.ema and actor_stage == 3):
+                update_ema(ema, actor.module, args.ema_decay, actor_stage)
         t_train = time.time()
 
         # 6. log (metrics averaged over ranks), adapt the KL coefficient, checkpoint
-        mean_kl_seq = kl.sum(1)
-        explained_var_parts = [((returns - old_values) ** 2 * mask).sum(), (returns * mask).sum(),
-                               (returns**2 * mask).sum(), mask.sum()]
-        local = [float(x) for x in stats.tolist()] + [float(raw_score.sum()), float(mean_kl_seq.sum()),
-                                                       float((entropy * mask).sum()), float(lengths.sum()),
-                                                       float(rollout["has_eos"].float().sum()), float(B),
-                                                       float(score.sum())] + [float(x) for x in explained_var_parts]
-        g = common.all_reduce_sum(local, device)
-        (pg_s, vl_s, cf_s, vcf_s, akl_s, ratio_s, tok_s, rm_s, kl_s, ent_s, len_s, eos_s, n_s, sc_s, res_s, r_s,
-         r2_s, m_s) = g
+        sums = torch.stack([x.float() for x in (raw_score.sum(), kl.sum(), (entropy * mask).sum(), lengths.sum(),
+                                                 rollout["has_eos"].sum(), score.sum(),
+                                                 ((returns - old_values) ** 2 * mask).sum(), (returns * mask).sum(),
+                                                 (returns**2 * mask).sum(), mask.sum())])
+        g = common.all_reduce_sum(torch.cat([stats, sums]).tolist() + [float(B)], device)  # one sync, one collective
+        (pg_s, vl_s, cf_s, vcf_s, akl_s, ratio_s, tok_s, ptx_s, rm_s, kl_s, ent_s, len_s, eos_s, sc_s, res_s, r_s,
+         r2_s, m_s, n_s) = g
         var_returns = r2_s / m_s - (r_s / m_s) ** 2
         n_gen = len_s
         elapsed = t_train - t_start
@@ -748,6 +766,7 @@ def main(args: Args):
             "train/approx_kl": akl_s / tok_s, "train/ratio": ratio_s / tok_s,
             "train/explained_variance": 1.0 - (res_s / m_s) / max(var_returns, 1e-8),
             "train/response_len": len_s / n_s, "train/eos_frac": eos_s / n_s, "train/kl_coef": kl_coef,
+            **({"train/ptx_loss": ptx_s / ptx_tokens_total} if ptx is not None else {}),
             "time/generate_s": t_gen - t_start, "time/score_s": t_score - t_gen, "time/rollout_s": t_rollout - t_start,
             "time/train_s": t_train - t_rollout, "throughput/episodes_per_s": n_s / elapsed,
             "throughput/tokens_per_s": n_gen / elapsed,

@@ -185,7 +185,7 @@ def main(b: Bench):
     result = {"iteration_s": round(iteration_s, 4), "sum_of_calls_s": round(calls, 4),
               "ratio": round(iteration_s / calls, 3), "episodes_per_s": round(b.batch * world / iteration_s, 2),
               "response_len": round(response_len, 1), **{k: round(v, 5) for k, v in t.items()},
-              "setup": {**vars(b), "world": world, "device": str(device),
+              "setup": {**vars(b), "ranks": world, "world": world, "device": str(device),
                         "threads": torch.get_num_threads(), "torch": torch.__version__}}
     if common.is_rank0():
         print(json.dumps(result))

@@ -174,12 +174,43 @@ def test_sampling_distribution_is_the_policy_and_padding_does_not_change_logprob
 
 
 def test_trim_keeps_the_numbers():
+    """Host-side lengths give the same cut as reading the masks (the slow way), and the trimmed rows keep every
+    real token."""
     seq = torch.tensor([[0, 0, 5, 6, 7, 8, 0], [0, 4, 5, 6, 7, 0, 0]])
     attn = torch.tensor([[0, 0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0, 0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
-    s, a, n_prompt, width = ppo.trim({"seq": seq, "attn": attn, "mask": mask}, 4)
-    assert n_prompt == 3 and width == 2
-    assert s.tolist() == [[0, 5, 6, 7, 8], [4, 5, 6, 7, 0]]
+    prompt_lens = [int(a.sum()) for a in attn[:, :4]]  # reference: read off the masks
+    resp_lens = [int(m.sum()) for m in mask]
+    s, a, n_prompt, width = ppo.trim(seq, attn, 4, prompt_lens, resp_lens)
+    assert (prompt_lens, resp_lens) == ([2, 3], [2, 1]) and n_prompt == 3 and width == 2
+    assert s.tolist() == [[0, 5, 6, 7, 8], [4, 5, 6, 7, 0]] and a.sum() == attn.sum()
+
+
+def test_ptx_batch_is_one_global_draw_however_it_is_split():
+    """Every rank draws the same global PPO-ptx batch and takes its share; the token count is that of the global
+    batch (assistant tokens, the first position never predicted), so the loss is a global token-mean."""
+    rng = random.Random(0)
+    ptx = [([1] * n, [False] * 2 + [bool(rng.random() < 0.6) for _ in range(n - 2)]) for n in range(3, 40)]
+    one, n_one = ppo.ptx_batch(ptx, (1, 2, 0, 3), 8, 0, 8)
+    halves = [ppo.ptx_batch(ptx, (1, 2, 0, 3), 8, r, 4) for r in (0, 1)]
+    assert halves[0][0] + halves[1][0] == one and halves[0][1] == halves[1][1] == n_one
+    assert n_one == sum(sum(m[1:]) for _, m in one)
+    assert ppo.ptx_batch(ptx, (1, 2, 0, 4), 8, 0, 8)[0] != one  # another mini-batch, another draw
+    assert len(ppo.ptx_batch(ptx[:3], (0,), 8, 0, 8)[0]) == 8  # fewer rows than the batch: drawn with replacement
+
+
+def test_ema_update_against_a_loop():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    expect = {k: torch.zeros_like(v) for k, v in ema.items()}
+    for _ in range(3):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ppo.update_ema(ema, model, 0.75, 0)
+        for k, v in model.state_dict().items():
+            expect[k] = 0.75 * expect[k] + 0.25 * v
+    assert all(torch.allclose(ema[k], expect[k]) for k in ema)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,6 +283,21 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(demo, tmp_path):
     assert strip(read_metrics(out)) == strip(read_metrics(tmp_path / "a"))
 
 
+def test_ema_is_saved_and_follows_its_decay(demo, tmp_path):
+    """--ema end to end at its two extremes: decay 1 keeps the initial (SFT) weights, decay 0 the final actor's."""
+    from safetensors.torch import load_file
+
+    flags = ["--actor", demo / "sft", "--reward", demo / "rm", "--total_episodes", "128", "--eval_every", "0",
+             "--num_eval_prompts", "8", "--print_samples", "0", "--ema"]
+    for decay in ("1", "0"):
+        run_script("ppo.py", *flags, "--ema_decay", decay, "--output_dir", tmp_path / decay)
+    sft, final = load_file(demo / "sft" / "model.safetensors"), load_file(tmp_path / "0" / "model.safetensors")
+    kept, last = load_file(tmp_path / "1" / "ema" / "model.safetensors"), load_file(tmp_path / "0" / "ema" / "model.safetensors")
+    assert set(kept) == set(sft) == set(last)
+    assert all(torch.equal(kept[k], sft[k]) for k in sft) and all(torch.equal(last[k], final[k]) for k in final)
+    assert not all(torch.equal(final[k], sft[k]) for k in sft)  # the actor did move
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 def test_two_ranks_match_one_rank(demo, tmp_path, stage):
     """The same global batch gives the same run on 1 and 2 ranks. Every generate call is seeded by its place in the
@@ -260,13 +306,16 @@ def test_two_ranks_match_one_rank(demo, tmp_path, stage):
     over 3 iterations of Adam (whose first steps move every weight by ~lr whatever the gradient's size)."""
     base = ["--actor", demo / "sft", "--reward", demo / "rm", "--total_episodes", "96", "--eval_every", "0",
             "--num_eval_prompts", "16", "--generation_batch_size", "16", "--ppo_epochs", "1",
-            "--per_device_batch_size", "16", "--zero_stage", stage, "--print_samples", "0"]
-    run_script("ppo.py", *base, "--rollout_batch_size", "32", "--mini_batch_size", "32", "--output_dir",
-               tmp_path / "one")
-    run_script("ppo.py", *base, "--rollout_batch_size", "16", "--mini_batch_size", "16", "--output_dir",
-               tmp_path / "two", ranks=2)
+            "--zero_stage", stage, "--print_samples", "0"]
+    if stage == 0:  # PPO-ptx too: its loss is a token-mean over the global ptx batch as well
+        base += ["--ptx_data", "toy", "--ptx_coef", "0.5"]
+    # one rank: one micro-batch of 32; two ranks: 16 each. A mean per micro-batch would differ from the global one
+    run_script("ppo.py", *base, "--rollout_batch_size", "32", "--mini_batch_size", "32", "--per_device_batch_size",
+               "32", "--output_dir", tmp_path / "one")
+    run_script("ppo.py", *base, "--rollout_batch_size", "16", "--mini_batch_size", "16", "--per_device_batch_size",
+               "16", "--output_dir", tmp_path / "two", ranks=2)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert len(one) == len(two) == 4
+    assert len(one) == len(two) == 4 and ("train/ptx_loss" in one[1]) == (stage == 0)
     for a, b in zip(one, two):
         for k in a:
             if k.startswith(("train/", "eval/")):
