@@ -278,7 +278,8 @@ def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
     of real tokens, the lengths and whether each row emitted EOS (looked for in the response only)."""
     is_eos = responses == eos_id
     has_eos = is_eos.any(1)
-    first = torch.where(has_eos, is_eos.int().argmax(1), torch.full_like(has_eos, responses.shape[1], dtype=torch.long))
+    none = torch.full_like(has_eos, responses.shape[1], dtype=torch.long)
+    first = torch.where(has_eos, is_eos.int().argmax(1), none)
     lengths = torch.where(has_eos, first + 1, first)
     mask = torch.arange(responses.shape[1], device=responses.device)[None] < lengths[:, None]
     return responses.masked_fill(~mask, pad_id), mask, lengths, has_eos
@@ -502,7 +503,8 @@ def main(args: Args):
     actor_lr = args.learning_rate if args.learning_rate is not None else (2e-4 if toy else 1e-6)
     critic_lr = args.critic_learning_rate if args.critic_learning_rate is not None else (5e-4 if toy else 5e-6)
     if args.max_new_tokens >= args.max_seq_len:
-        raise common.UserError(f"--max_new_tokens {args.max_new_tokens} must be below --max_seq_len {args.max_seq_len}")
+        raise common.UserError(f"--max_new_tokens {args.max_new_tokens} must be below --max_seq_len "
+                               f"{args.max_seq_len}")
     if args.hybrid_engine and (device.type != "cuda" or args.lora_rank > 0):
         raise common.UserError("--hybrid_engine needs GPUs (DeepSpeed's inference kernels) and no --lora_rank (its "
                                "kernels would read peft's wrapped layers wrongly)")
@@ -578,7 +580,10 @@ def main(args: Args):
     critic = trained_engine(ValueModel(critic), critic_lr, args, critic_stage, gas, total_steps, dtype)
     ref = frozen_engine(ref, actor_stage, args.offload_reference, dtype) if ref is not None else None
     reward = frozen_engine(ValueModel(reward_model), critic_stage, args.offload_reference, dtype)
-    count = lambda m: sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) if m is not None else 0  # noqa: E731
+
+    def count(m) -> int:  # parameters, ZeRO-3 partitions counted whole
+        return sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) if m is not None else 0
+
     n_params = {"actor": count(actor), "critic": count(critic), "reward": count(reward),
                 "ref": count(ref) if ref is not None else count(actor)}
     retok = None
@@ -807,7 +812,7 @@ def main(args: Args):
 
 @torch.no_grad()
 def update_ema(ema: dict | None, model, decay: float, zero_stage: int):
-    """ema <- decay * ema + (1 - decay) * weights, on rank 0's CPU copy (gathered under ZeRO-3) (DSC's --enable_ema)."""
+    """ema <- decay * ema + (1 - decay) * weights, on rank 0's CPU copy, gathered under ZeRO-3 (DSC's --enable_ema)."""
     ctx = deepspeed.zero.GatheredParameters(list(model.parameters())) if zero_stage == 3 else nullcontext()
     with ctx:
         if ema is not None:

@@ -112,7 +112,8 @@ def main(b: Bench):
     args = ppo.Args(actor=str(folder / "actor"), reward=str(folder / "reward"), data="toy",
                     output_dir=out_list[0] + "/run", overwrite=True, rollout_batch_size=b.batch,
                     total_episodes=(b.warmup + b.iterations) * b.batch * world, max_new_tokens=b.new_tokens,
-                    ppo_epochs=b.ppo_epochs, mini_batch_size=b.mini_batch_size, per_device_batch_size=b.mini_batch_size,
+                    ppo_epochs=b.ppo_epochs, mini_batch_size=b.mini_batch_size,
+                    per_device_batch_size=b.mini_batch_size,
                     zero_stage=b.zero_stage, generate_sharded=b.generate_sharded, dtype=b.dtype, eval_every=0,
                     num_eval_prompts=world, print_samples=0)
     os.environ["TQDM_DISABLE"] = "1"

@@ -111,6 +111,7 @@ def test_clipped_losses_against_reference():
         expect = max(-a * r, -a * min(max(r, 0.8), 1.2))
         assert loss[i].item() == pytest.approx(expect, rel=1e-5, abs=1e-6)
         assert ratio[i].item() == pytest.approx(r, rel=1e-5)
+        assert clipped[i].item() == float(-a * min(max(r, 0.8), 1.2) > -a * r)  # the clip decided the loss
     v, old_v, ret = torch.randn(50), torch.randn(50), torch.randn(50)
     vl, _ = ppo.value_loss(v, old_v, ret, 0.2)
     for i in range(50):
@@ -279,7 +280,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(demo, tmp_path):
     run_script("ppo.py", *common_args, "--output_dir", out, "--resume")
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]  # noqa: E731
+    def strip(rows):  # wall-clock figures differ
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]
+
     assert strip(read_metrics(out)) == strip(read_metrics(tmp_path / "a"))
 
 
@@ -292,7 +295,7 @@ def test_ema_is_saved_and_follows_its_decay(demo, tmp_path):
     for decay in ("1", "0"):
         run_script("ppo.py", *flags, "--ema_decay", decay, "--output_dir", tmp_path / decay)
     sft, final = load_file(demo / "sft" / "model.safetensors"), load_file(tmp_path / "0" / "model.safetensors")
-    kept, last = load_file(tmp_path / "1" / "ema" / "model.safetensors"), load_file(tmp_path / "0" / "ema" / "model.safetensors")
+    kept, last = (load_file(tmp_path / d / "ema" / "model.safetensors") for d in ("1", "0"))
     assert set(kept) == set(sft) == set(last)
     assert all(torch.equal(kept[k], sft[k]) for k in sft) and all(torch.equal(last[k], final[k]) for k in final)
     assert not all(torch.equal(final[k], sft[k]) for k in sft)  # the actor did move
