@@ -3,6 +3,7 @@ and prompt formatting, data loading, checkpoint I/O, logging, seeding and the bu
 
 Thin on purpose: no training loop, loss or RL math lives here (those stay in each stage's script)."""
 
+import atexit
 import json
 import math
 import os
@@ -43,6 +44,9 @@ def init_distributed() -> torch.device:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        # tear the process group down at exit while the interpreter is whole: left to the interpreter's own teardown,
+        # gloo's threads can abort a finished rank ("terminate called without an active exception", pytorch#190489)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))

@@ -165,7 +165,8 @@ class Args:
     eval_every: int = 10
     """evaluate on held-out prompts every this many iterations (and at 0 and the end); 0: only at 0 and the end"""
     eval_greedy: bool = False
-    """evaluate greedy responses instead of samples at --temperature"""
+    """evaluate greedy responses instead of samples at --temperature (eval/kl is then the log-ratio of those
+    responses to the reference, not a KL estimate)"""
     num_eval_prompts: int = 128
     """held-out prompts used per evaluation (over all ranks)"""
     print_samples: int = 3
@@ -242,20 +243,20 @@ def generation_mode(engine, zero_stage: int, sharded: bool):
     all the generate calls inside, with the partition hooks off (TRL's unwrap-for-generation): otherwise every layer is
     gathered again for every new token. DeepSpeed's hybrid engine (--hybrid_engine) gathers by itself and swaps in its
     inference kernels on eval(); train() swaps the training layers back before anything is scored."""
-    if isinstance(engine, deepspeed.runtime.hybrid_engine.DeepSpeedHybridEngine):
-        engine.eval()
-        yield engine.generate
-        engine.train()
-        return
-    engine.module.eval()
-    if zero_stage == 3 and not sharded:
-        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+    hybrid = isinstance(engine, deepspeed.runtime.hybrid_engine.DeepSpeedHybridEngine)
+    (engine if hybrid else engine.module).eval()
+    try:
+        if hybrid:
+            yield engine.generate
+        elif zero_stage == 3 and not sharded:
+            from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
-        with unwrap_model_for_generation(engine):
+            with unwrap_model_for_generation(engine):
+                yield engine.module.generate
+        else:
             yield engine.module.generate
-    else:
-        yield engine.module.generate
-    engine.module.train()
+    finally:
+        (engine if hybrid else engine.module).train()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,6 +284,11 @@ def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
     lengths = torch.where(has_eos, first + 1, first)
     mask = torch.arange(responses.shape[1], device=responses.device)[None] < lengths[:, None]
     return responses.masked_fill(~mask, pad_id), mask, lengths, has_eos
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over the real tokens; `where`, not a product, so an overflow on a padding token cannot turn it into NaN."""
+    return torch.where(mask, x, 0.0).sum()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -640,7 +646,7 @@ def main(args: Args):
                                 device=device)
             sums = [total + float((x * w).sum()) for total, x in zip(sums, (score, kl, gold))]
             if call == 0:  # on rank 0
-                for j in range(min(args.print_samples, n)):
+                for j in range(min(args.print_samples, size)):
                     print(f"  [{iteration}] {msgs[j][-1]['content']!r} -> {texts[j]!r} (score {float(score[j]):.2f})",
                           flush=True)
         total = common.all_reduce_sum(sums, device)
@@ -662,8 +668,8 @@ def main(args: Args):
                                                                        (rank + 1) * args.rollout_batch_size)]
         # 1. generate; every generate call is seeded from (seed, iteration, its place in the global batch): ranks
         #    draw different samples, and a resumed run or another split over ranks draws the same ones
-        first = rank * args.rollout_batch_size // gen_chunk
-        seeds = [args.seed + 104729 * (iteration + 1) + 7919 * (first + i) for i in range(len(chunk) // gen_chunk + 1)]
+        calls = math.ceil(args.rollout_batch_size / gen_chunk)  # generate calls per rank
+        seeds = [args.seed + 104729 * (iteration + 1) + 7919 * (rank * calls + i) for i in range(calls)]
         rollout, n_prompt = generate(actor, [prompts[i] for i in chunk], tokenizer, gen_config, actor_stage,
                                      args.generate_sharded, device, gen_chunk, seeds)
         t_gen = time.time()
@@ -688,8 +694,9 @@ def main(args: Args):
             critic.module.train()
         t_score = time.time()
 
-        common.check_finite({"reward": float(raw_score.sum()), "ref_logp": float((ref_logp * mask).sum())},
-                            iteration + 1)  # before any update: nothing new gets saved
+        # before any update, so nothing new is saved; summed over ranks, so that every rank stops (none hangs)
+        finite = common.all_reduce_sum([float(raw_score.sum()), float(torch.where(mask, ref_logp, 0).sum())], device)
+        common.check_finite({"reward": finite[0], "ref_logp": finite[1]}, iteration + 1)
 
         # 3. rewards: normalised, penalised when EOS is missing, clipped; KL penalty on every token
         score = (raw_score - reward_mean) / reward_std
@@ -727,11 +734,11 @@ def main(args: Args):
                 mb = {key: v[torch.tensor(r, device=device)] for key, v in data.items()}
                 mseq, mattn, np_, width = trim(mb["seq"], mb["attn"], n_prompt, [prompt_lens[i] for i in r],
                                                [resp_lens[i] for i in r])
-                mmask = mb["mask"][:, :width].float()
+                mmask = mb["mask"][:, :width]
                 logp = seq_logprobs(actor, mseq, mattn, np_, args.temperature)
                 pg, clipped, ratio = policy_loss(logp, mb["old_logp"][:, :width], mb["advantages"][:, :width],
                                                  args.cliprange)
-                actor_loss = (pg * mmask).sum() * scale
+                actor_loss = masked_sum(pg, mmask) * scale
                 ptx_sum = torch.zeros((), device=device)
                 if ptx is not None:  # PPO-ptx (InstructGPT): a token-mean LM loss over the global ptx batch
                     ptx_sum = ptx_nll(actor, ptx_rows[s], tokenizer.pad_token_id, device)
@@ -741,12 +748,12 @@ def main(args: Args):
                 values = critic(mseq, mattn)[:, np_ - 1: -1]
                 vl, vclipped = value_loss(values, mb["old_values"][:, :width], mb["returns"][:, :width],
                                           args.cliprange_value)
-                critic.backward((vl * mmask).sum() * scale)
+                critic.backward(masked_sum(vl, mmask) * scale)
                 critic.step()
                 with torch.no_grad():
                     approx_kl = 0.5 * (logp - mb["old_logp"][:, :width]) ** 2  # k2, joschu.net/blog/kl-approx.html
-                    stats += torch.stack([(x * mmask).sum() for x in (pg, vl, clipped, vclipped, approx_kl, ratio,
-                                                                      torch.ones_like(pg))] + [ptx_sum.detach()])
+                    stats += torch.stack([masked_sum(x, mmask) for x in (pg, vl, clipped, vclipped, approx_kl, ratio,
+                                                                         torch.ones_like(pg))] + [ptx_sum.detach()])
             if ptx is not None:
                 ptx_tokens_total += ptx_tokens
             if ema is not None or (args.ema and actor_stage == 3):
@@ -756,12 +763,13 @@ def main(args: Args):
         # 6. log (metrics averaged over ranks), adapt the KL coefficient, checkpoint
         sums = torch.stack([x.float() for x in (raw_score.sum(), kl.sum(), (entropy * mask).sum(), lengths.sum(),
                                                  rollout["has_eos"].sum(), score.sum(),
+                                                 ((returns - old_values) * mask).sum(),
                                                  ((returns - old_values) ** 2 * mask).sum(), (returns * mask).sum(),
                                                  (returns**2 * mask).sum(), mask.sum())])
         g = common.all_reduce_sum(torch.cat([stats, sums]).tolist() + [float(B)], device)  # one sync, one collective
-        (pg_s, vl_s, cf_s, vcf_s, akl_s, ratio_s, tok_s, ptx_s, rm_s, kl_s, ent_s, len_s, eos_s, sc_s, res_s, r_s,
-         r2_s, m_s, n_s) = g
-        var_returns = r2_s / m_s - (r_s / m_s) ** 2
+        (pg_s, vl_s, cf_s, vcf_s, akl_s, ratio_s, tok_s, ptx_s, rm_s, kl_s, ent_s, len_s, eos_s, sc_s, res_s, res2_s,
+         r_s, r2_s, m_s, n_s) = g
+        var_returns, var_residual = r2_s / m_s - (r_s / m_s) ** 2, res2_s / m_s - (res_s / m_s) ** 2
         n_gen = len_s
         elapsed = t_train - t_start
         metrics = {
@@ -769,7 +777,7 @@ def main(args: Args):
             "train/entropy": ent_s / m_s, "train/policy_loss": pg_s / tok_s,
             "train/value_loss": vl_s / tok_s, "train/clipfrac": cf_s / tok_s, "train/value_clipfrac": vcf_s / tok_s,
             "train/approx_kl": akl_s / tok_s, "train/ratio": ratio_s / tok_s,
-            "train/explained_variance": 1.0 - (res_s / m_s) / max(var_returns, 1e-8),
+            "train/explained_variance": 1.0 - var_residual / max(var_returns, 1e-8),
             "train/response_len": len_s / n_s, "train/eos_frac": eos_s / n_s, "train/kl_coef": kl_coef,
             **({"train/ptx_loss": ptx_s / ptx_tokens_total} if ptx is not None else {}),
             "time/generate_s": t_gen - t_start, "time/score_s": t_score - t_gen, "time/rollout_s": t_rollout - t_start,
