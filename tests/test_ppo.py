@@ -174,6 +174,35 @@ def test_sampling_distribution_is_the_policy_and_padding_does_not_change_logprob
     assert (rollout["seq"][:, n_prompt:][~rollout["mask"]] == tok.pad_token_id).all()
 
 
+def test_zero3_generation_uses_the_plain_linear_and_gives_the_swap_back(monkeypatch):
+    """Under ZeRO-3, generation runs with torch's own F.linear (not DeepSpeed's memory-saving replacement, a Python
+    call per layer per token) in eval mode; afterwards the replacement and train mode are back, even after an error."""
+    import contextlib
+
+    import deepspeed.runtime.zero.stage3 as stage3
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(stage3, "unwrap_model_for_generation", lambda engine: contextlib.nullcontext())
+    swapped = lambda *a, **k: None  # noqa: E731  (stands for ZeRO-3's replacement)
+    monkeypatch.setattr(F, "linear", swapped)
+
+    class Model(torch.nn.Linear):
+        def generate(self, **kwargs):
+            return None
+
+    class Engine:
+        module = Model(2, 2)
+
+    for fail in (False, True):
+        with contextlib.suppress(RuntimeError), ppo.generation_mode(Engine, 3, sharded=False):
+            assert F.linear is ppo.TORCH_LINEAR is not swapped and not Engine.module.training
+            if fail:
+                raise RuntimeError
+        assert F.linear is swapped and Engine.module.training
+    with ppo.generation_mode(Engine, 3, sharded=True):  # through the hooks: nothing swapped
+        assert F.linear is swapped
+
+
 def test_trim_keeps_the_numbers():
     """Host-side lengths give the same cut as reading the masks (the slow way), and the trimmed rows keep every
     real token."""
