@@ -105,11 +105,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_script(script: str, *args, ranks: int = 1, timeout: int = 600, check: bool = True, env_extra=None):
-    """Run a stage script as a subprocess (1 rank: plain python; N ranks: the deepspeed launcher on CPU/gloo)."""
+def script_env(ranks: int = 1, env_extra=None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update(TQDM_DISABLE="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"
                if ranks > 1 else env.get("OMP_NUM_THREADS", "2"), **(env_extra or {}))
+    return env
+
+
+def run_script(script: str, *args, ranks: int = 1, timeout: int = 600, check: bool = True, env_extra=None):
+    """Run a stage script as a subprocess (1 rank: plain python; N ranks: the deepspeed launcher on CPU/gloo)."""
+    env = script_env(ranks, env_extra)
     if ranks == 1:
         cmd = [sys.executable, str(ROOT / script), *map(str, args)]
     else:
@@ -119,6 +124,22 @@ def run_script(script: str, *args, ranks: int = 1, timeout: int = 600, check: bo
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+def kill_when(script: str, *args, ready, timeout: int = 300):
+    """Run a stage script (one rank, the environment of run_script) and SIGKILL it, as a crash would, the moment
+    `ready()` holds; the run must not have ended first."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=script_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline and not ready():
+        time.sleep(0.005)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
 
 
 def read_metrics(folder) -> list[dict]:

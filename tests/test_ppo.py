@@ -282,29 +282,16 @@ def test_two_ranks(demo, tmp_path, stage):
 def test_resume_after_sigkill_matches_an_uninterrupted_run(demo, tmp_path):
     """Kill a run (SIGKILL) right after its iteration-4 checkpoint, resume it, and reach the very same weights and
     metrics as a run that was never stopped (CPU, fixed seed: bit-exact)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import ROOT
+    from conftest import kill_when
     from safetensors.torch import load_file
 
     common_args = ["--actor", demo / "sft", "--reward", demo / "rm", "--total_episodes", "384", "--eval_every", "0",
                    "--save_every", "2", "--num_eval_prompts", "8", "--print_samples", "0"]
     run_script("ppo.py", *common_args, "--output_dir", tmp_path / "a")
     out = tmp_path / "b"
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "ppo.py"), *map(str, common_args), "--output_dir", str(out)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = out / "checkpoints" / "actor" / "latest"
-    deadline = time.time() + 300
-    while not (latest.exists() and latest.read_text().strip() == "iter4") and time.time() < deadline:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when("ppo.py", *common_args, "--output_dir", out,
+              ready=lambda: latest.exists() and latest.read_text().strip() == "iter4")
     assert not (out / "config.json").exists()  # killed before the end: no final model
     run_script("ppo.py", *common_args, "--output_dir", out, "--resume")
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(out / "model.safetensors")

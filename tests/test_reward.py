@@ -168,13 +168,7 @@ def test_the_same_global_batch_gives_the_same_run(tiny_models, tmp_path):
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_models, tmp_path):
     """Kill (SIGKILL) a run after its step-10 checkpoint, resume it, and get the very same metric rows (past an epoch
     boundary at step 12) and bit-identical weights as a run never stopped."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import ROOT
+    from conftest import kill_when
     from safetensors.torch import load_file
 
     data = write_pairs(tmp_path / "p.jsonl", 60)  # 48 train pairs: 12 steps of 4 an epoch
@@ -182,18 +176,12 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_models, tmp_path
              "--learning_rate", "1e-3", "--per_device_batch_size", "4", "--save_every", "10", "--eval_every", "1"]
     ref, out = tmp_path / "ref", tmp_path / "out"
     run_script("reward.py", *flags, "--output_dir", ref)
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "reward.py"), *map(str, flags), "--output_dir", str(out)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest, log = out / "checkpoints" / "latest", out / "metrics.jsonl"
-    deadline, tag = time.time() + 300, None
-    while proc.poll() is None and time.time() < deadline:
-        if latest.exists() and latest.read_text().strip() != "" and len(log.read_text().splitlines()) > 13:
-            tag = latest.read_text().strip()
-            proc.send_signal(signal.SIGKILL)  # rows after the checkpoint exist: resume must drop them
-            break
-        time.sleep(0.005)
-    assert proc.wait() == -signal.SIGKILL and tag in ("step10", "step20", "step30")
+    # killed once rows after a checkpoint exist: resume must drop them
+    kill_when("reward.py", *flags, "--output_dir", out, ready=lambda: latest.exists() and latest.read_text().strip()
+              and len(log.read_text().splitlines()) > 13)
+    tag = latest.read_text().strip()
+    assert tag in ("step10", "step20", "step30")
     assert not (out / "config.json").exists() and read_metrics(out)[-1]["step"] > int(tag[4:])
     p = run_script("reward.py", *flags, "--output_dir", out, "--resume")
     assert f"at step {tag[4:]}" in p.stdout

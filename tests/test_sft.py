@@ -6,15 +6,13 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_script
+from conftest import ROOT, kill_when, read_metrics, run_script
 
 import common
 import sft
@@ -309,18 +307,12 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_models, tmp_path
              "1e-3", "--per_device_batch_size", "4", "--save_every", "10", "--eval_every", "1"]
     ref, out = tmp_path / "ref", tmp_path / "out"
     run_script("sft.py", *flags, "--output_dir", ref)
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sft.py"), *map(str, flags), "--output_dir", str(out)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest, log = out / "checkpoints" / "latest", out / "metrics.jsonl"
-    deadline, tag = time.time() + 300, None
-    while proc.poll() is None and time.time() < deadline:
-        if latest.exists() and latest.read_text().strip() != "step10" and len(log.read_text().splitlines()) > 22:
-            tag = latest.read_text().strip()
-            proc.send_signal(signal.SIGKILL)  # rows after the checkpoint exist: resume must drop them
-            break
-        time.sleep(0.005)
-    assert proc.wait() == -signal.SIGKILL and tag in ("step20", "step30")
+    # killed once rows after a checkpoint past step 10 exist: resume must drop them
+    kill_when("sft.py", *flags, "--output_dir", out, ready=lambda: latest.exists() and latest.read_text().strip()
+              not in ("", "step10") and len(log.read_text().splitlines()) > 22)
+    tag = latest.read_text().strip()
+    assert tag in ("step20", "step30")
     assert not (out / "config.json").exists() and read_metrics(out)[-1]["step"] > int(tag[4:])
     p = run_script("sft.py", *flags, "--output_dir", out, "--resume")
     assert f"at step {tag[4:]}" in p.stdout
