@@ -155,3 +155,26 @@ def demo(tmp_path_factory):
     run_script("sft.py", "--output_dir", d / "sft", "--max_steps", "300", "--eval_every", "0")
     run_script("reward.py", "--model", d / "sft", "--output_dir", d / "rm", "--max_steps", "200", "--eval_every", "0")
     return d
+
+
+_approx = pytest.approx
+
+
+def _approx_plain_numbers(expected, *args, **kwargs):
+    """pytest.approx on plain numbers only: pytest 9.2 iterates a 0-d tensor and fails (seen on a fresh install);
+    call .item() / .tolist() first."""
+    import torch
+
+    def has_tensor(x):
+        if isinstance(x, torch.Tensor):
+            return True
+        if isinstance(x, dict):
+            return any(has_tensor(v) for v in x.values())
+        return isinstance(x, (list, tuple)) and any(has_tensor(v) for v in x)
+
+    if has_tensor(expected):
+        raise TypeError("pytest.approx got a torch.Tensor; pass .item() or .tolist()")
+    return _approx(expected, *args, **kwargs)
+
+
+pytest.approx = _approx_plain_numbers

@@ -67,13 +67,13 @@ def test_rewards_put_kl_on_every_token_and_score_on_the_eos():
     rewards, kl = ppo.compute_rewards(score, logp, ref_logp, mask, lengths, kl_coef=0.1)
     for b in range(B):
         for t in range(T):
-            expect = 0.0
-            if t < lengths[b]:
-                expect = -0.1 * (logp[b, t] - ref_logp[b, t]).item()
-            if t == lengths[b] - 1:  # the last real token: the EOS when the response has one
+            real = t < int(lengths[b])
+            expect_kl = (logp[b, t] - ref_logp[b, t]).item() if real else 0.0
+            expect = -0.1 * expect_kl
+            if t == int(lengths[b]) - 1:  # the last real token: the EOS when the response has one
                 expect += score[b].item()
             assert rewards[b, t].item() == pytest.approx(expect, abs=1e-6)
-            assert kl[b, t].item() == pytest.approx((logp[b, t] - ref_logp[b, t]).item() * (t < lengths[b]), abs=1e-6)
+            assert kl[b, t].item() == pytest.approx(expect_kl, abs=1e-6)
 
 
 def gae_reference(rewards, values, lengths, gamma, lam):
