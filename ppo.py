@@ -299,46 +299,53 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    """Mean over the real tokens (`where`: a NaN or inf at a padding position stays out)."""
+    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the real tokens of the whole batch, on all ranks together (unbiased variance)."""
-    s, ss, n = common.all_reduce_sum([(x * mask).sum().item(), (x * x * mask).sum().item(), mask.sum().item()],
-                                     x.device)
-    mean = s / n
-    var = (ss - n * mean * mean) / max(n - 1, 1)
-    out = (x - mean) * torch.rsqrt(torch.tensor(var + 1e-8, device=x.device))
+    """(x - mean) / std over the real tokens of the whole batch, on all ranks together (unbiased variance). Two
+    passes in float64 (the mean first, then the squared deviations from it): one pass (E[x^2] - E[x]^2) in the
+    input's dtype loses everything on nearly constant inputs. A constant batch whitens to 0, not NaN; padding
+    positions are 0 whatever they held."""
+    x64 = torch.where(mask, x, 0.0).double()
+    s, n = common.all_reduce_sum([float(x64.sum()), float(mask.sum())], x.device)
+    mean = s / max(n, 1.0)
+    (ss,) = common.all_reduce_sum([float(torch.where(mask, x64 - mean, 0.0).square().sum())], x.device)
+    var = ss / max(n - 1.0, 1.0)
+    out = (x64 - mean) / math.sqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
-    return out * mask
+    return torch.where(mask, out, 0.0).to(torch.promote_types(x.dtype, torch.float32))
 
 
 def compute_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
                     lengths: torch.Tensor, kl_coef: float):
     """Per-token reward: -kl_coef * (logp - ref_logp) on every response token (the k1 estimator), plus the
     sequence's score on its last real token, the EOS when there is one (index length - 1; N+ and TRL put it one
-    slot after EOS, DSC PR 672 and TRL issue 3750 were off-by-one bugs here)."""
-    kl = (logp - ref_logp) * mask
+    slot after EOS, DSC PR 672 and TRL issue 3750 were off-by-one bugs here). Padding positions are 0 whatever the
+    log-probs hold there (`where`, not a product: 0 * inf is NaN)."""
+    kl = torch.where(mask, logp.float() - ref_logp.float(), 0.0)
     rewards = -kl_coef * kl
     rows = torch.arange(score.shape[0], device=score.device)
-    rewards[rows, lengths - 1] += score
+    rewards[rows, lengths - 1] += score.float()
     return rewards, kl
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """Generalised advantage estimation over the response tokens; values and rewards after the end count as 0.
+    """Generalised advantage estimation over the response tokens; values and rewards after the end count as 0
+    (set with `where`, so whatever padding holds cannot reach a real token).
     A_t = sum_k (gamma lam)^k delta_{t+k} is computed as one matrix product instead of a loop over tokens."""
-    values = values * mask
-    rewards = rewards * mask
+    values = torch.where(mask, values.float(), 0.0)
+    rewards = torch.where(mask, rewards.float(), 0.0)
     next_values = F.pad(values[:, 1:], (0, 1))
     deltas = rewards + gamma * next_values - values
     T = rewards.shape[1]
     t = torch.arange(T, device=rewards.device)
-    power = (t[:, None] - t[None, :]).clamp(min=0).to(deltas.dtype)  # [k, t] = k - t
+    power = (t[:, None] - t[None, :]).clamp(min=0).double()  # [k, t] = k - t
     discount = torch.where(t[:, None] >= t[None, :], (gamma * lam) ** power, torch.zeros_like(power))
-    advantages = (deltas.double() @ discount.double()).to(deltas.dtype) * mask
-    return advantages, (advantages + values) * mask
+    advantages = torch.where(mask, (deltas.double() @ discount).float(), 0.0)
+    return advantages, torch.where(mask, advantages + values, 0.0)
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, cliprange: float):
