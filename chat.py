@@ -48,8 +48,8 @@ class Args:
     """sampling temperature (0: greedy)"""
     top_p: float = 0.9
     """nucleus sampling: sample from the smallest set of tokens whose probability reaches this"""
-    max_new_tokens: int = 128
-    """longest answer in tokens"""
+    max_new_tokens: int | None = None
+    """longest answer in tokens; default 128, or half the model's context when that is shorter than 256 tokens"""
     greedy: bool = False
     """always pick the most likely token instead of sampling"""
     seed: int = 0
@@ -84,16 +84,29 @@ def load(path: str, flag: str, args: Args, device: torch.device, reward: bool = 
     if stops is not None:  # keep a hub chat model's own stop ids (e.g. an end-of-turn token) beside the EOS
         stops = stops if isinstance(stops, list) else [stops]
         model.generation_config.eos_token_id = sorted({tokenizer.eos_token_id, *stops})
+    if not reward and answer_length(model, args) != (args.max_new_tokens or 128):
+        print(f"note: {flag} {path}: answers of up to {answer_length(model, args)} tokens, half its context (the "
+              "default 128 would leave too little room for a prompt)", file=sys.stderr, flush=True)
     return tokenizer, model.to(device).eval()
+
+
+def answer_length(model, args: Args) -> int:
+    """--max_new_tokens, or the default 128 when the context leaves room for it and a prompt as long, else half the
+    context (`load` says so on stderr)."""
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    context = args.max_context or getattr(model.config, "max_position_embeddings", None) or 2048
+    return 128 if context >= 256 else max(1, context // 2)
 
 
 def context_budget(model, args: Args) -> int:
     """Prompt tokens we can keep: the context length minus room for the answer."""
     context = args.max_context or getattr(model.config, "max_position_embeddings", None) or 2048
-    if context - args.max_new_tokens < 1:
-        raise common.UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in a context "
-                               f"of {context} tokens")
-    return context - args.max_new_tokens
+    new_tokens = answer_length(model, args)
+    if context - new_tokens < 1:
+        raise common.UserError(f"--max_new_tokens {new_tokens} leaves no room for a prompt in a context of {context} "
+                               "tokens")
+    return context - new_tokens
 
 
 def fit_history(tokenizer, messages: list[dict], budget: int) -> list[dict]:
@@ -106,14 +119,14 @@ def fit_history(tokenizer, messages: list[dict], budget: int) -> list[dict]:
     return system + turns
 
 
-def generation_kwargs(args: Args, tokenizer) -> dict:
+def generation_kwargs(args: Args, tokenizer, max_new_tokens: int) -> dict:
     """Sampling settings for generate (top_k=0: no top-k cut besides top_p); stops at EOS and the model's
     generation_config stop ids (see load)."""
     if args.greedy or args.temperature <= 0:
         kw = {"do_sample": False}
     else:
         kw = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": 0}
-    return {**kw, "max_new_tokens": args.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+    return {**kw, "max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
 
 
 @torch.no_grad()
@@ -125,7 +138,8 @@ def answer_batch(model, tokenizer, conversations: list[list[dict]], args: Args, 
                for c in conversations[i: i + args.batch_size]]
         input_ids = common.pad(ids, tokenizer.pad_token_id, side="left").to(device)
         attention_mask = common.pad([[1] * len(x) for x in ids], 0, side="left").to(device)
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs(args, tokenizer))
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                             **generation_kwargs(args, tokenizer, answer_length(model, args)))
         answers += tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
     return [a.strip() for a in answers]
 
@@ -189,7 +203,7 @@ def chat_loop(model, tokenizer, args: Args, device):
             with torch.no_grad():
                 out = model.generate(input_ids=torch.tensor([ids], device=device), streamer=streamer,
                                      attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                                     **generation_kwargs(args, tokenizer))
+                                     **generation_kwargs(args, tokenizer, answer_length(model, args)))
         except KeyboardInterrupt:  # Ctrl-C stops this answer; the question leaves the history with it
             print("\n(interrupted)", flush=True)
             history.pop()

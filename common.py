@@ -175,6 +175,53 @@ def check_model_path(name: str, flag: str):
         raise UserError(f"{flag} {name}: folder has no config.json (not a Hugging Face model)")
 
 
+def note(message: str):
+    """A default adapted to the model, the data or another flag: said once, on stderr, by rank 0."""
+    if is_rank0():
+        print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def model_context(name: str, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence a model's positions allow (its config's max_position_embeddings or alike), or None."""
+    if name == "toy":
+        return TOY_CONTEXT
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None  # the model's own loader reports it
+    cfg = getattr(cfg, "text_config", None) or cfg
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(getattr(cfg, key, None), int) and getattr(cfg, key) > 0:
+            return getattr(cfg, key)
+    return None
+
+
+def fit_max_seq_len(max_seq_len: int | None, context: int | None, default: int = 512) -> int:
+    """--max_seq_len: the user's value (refused when the model's positions stop earlier), else `default` cut to the
+    model's context."""
+    if max_seq_len is not None:
+        if context is not None and max_seq_len > context:
+            raise UserError(f"--max_seq_len {max_seq_len} is longer than the model's context of {context} tokens "
+                            "(max_position_embeddings)")
+        return max_seq_len
+    if context is not None and context < default:
+        note(f"--max_seq_len {context}: the model's context (max_position_embeddings) is shorter than {default}")
+        return context
+    return default
+
+
+def fit_micro_batch(per_device: int | None, n_examples: int, ranks_x_accum: int, what: str, default: int = 16) -> int:
+    """--per_device_batch_size: the user's value, else `default`, shrunk so that the data holds one global batch."""
+    if per_device is not None:
+        return per_device
+    fit = max(1, min(default, n_examples // ranks_x_accum))
+    if fit < default:
+        note(f"--per_device_batch_size {fit}: {n_examples} training {what} hold no global batch of the default {default}")
+    return fit
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """The tokenizer of a model folder or hub name, with a pad token that is *not* EOS: with pad == EOS the EOS is
     masked as padding, never learned, never detected (PPO_DETAILS 1). A missing pad token becomes a new <|pad|>;
@@ -690,12 +737,15 @@ def toy_tokenizer():
     return fast
 
 
+TOY_CONTEXT = 256
+
+
 def toy_model(tokenizer):
     """A ~1M-parameter Llama-shaped causal LM (dropout 0), random weights."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=TOY_CONTEXT,
                       tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     return AutoModelForCausalLM.from_config(cfg)

@@ -57,8 +57,9 @@ class Args:
     """held-out prompts; default: --eval_fraction of --data (`toy`: the demo's eval prompts)"""
     eval_fraction: float = 0.02
     """share of --data held out for evaluation when --eval_data is not given"""
-    max_seq_len: int = 512
-    """prompt + response length in tokens; prompts keep their last max_seq_len - max_new_tokens tokens"""
+    max_seq_len: int | None = None
+    """prompt + response length in tokens; prompts keep their last max_seq_len - max_new_tokens tokens; default
+    512, or the actor's context (max_position_embeddings) when shorter"""
     truncation: Literal["left", "error"] = "left"
     """a prompt that is too long is cut from the left (and counted), or stops the run"""
     trust_remote_code: bool = False
@@ -83,8 +84,9 @@ class Args:
     """passes over each rollout batch"""
     mini_batch_size: int = 0
     """samples per rank per optimizer step; 0: per_device_batch_size x gradient_accumulation_steps"""
-    per_device_batch_size: int = 16
-    """samples per rank per forward (micro-batch) in the update and in scoring"""
+    per_device_batch_size: int | None = None
+    """samples per rank per forward (micro-batch) in the update and in scoring; default 16, or the largest divisor
+    of the mini-batch (or of --rollout_batch_size) up to 16"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step (ignored when --mini_batch_size is set)"""
     learning_rate: float | None = None
@@ -225,15 +227,15 @@ def frozen_engine(model, zero_stage: int, offload: bool, dtype):
     return deepspeed.initialize(model=model, config=config)[0]
 
 
-def trained_engine(model, lr: float, args: Args, zero_stage: int, gas: int, total_steps: int, dtype,
-                   hybrid: bool = False):
+def trained_engine(model, lr: float, args: Args, zero_stage: int, micro: int, gas: int, total_steps: int, dtype,
+                   hybrid: bool = False, max_seq_len: int = 512):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=args.weight_decay)
     schedule = common.lr_lambda(args.lr_scheduler, int(args.warmup_ratio * total_steps), total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    config = common.ds_config(zero_stage, args.per_device_batch_size, gas, dtype, args.offload, args.grad_clip)
+    config = common.ds_config(zero_stage, micro, gas, dtype, args.offload, args.grad_clip)
     if hybrid:
-        config["hybrid_engine"] = {"enabled": True, "max_out_tokens": args.max_seq_len, "inference_tp_size": 1,
+        config["hybrid_engine"] = {"enabled": True, "max_out_tokens": max_seq_len, "inference_tp_size": 1,
                                    "release_inference_cache": False, "pin_parameters": True,
                                    "tp_gather_partition_size": 8}
     return deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)[0]
@@ -499,6 +501,21 @@ def make_retokenizer(actor_tok, reward_tok, prompts: list, device):
     return retok
 
 
+def fit_batch_sizes(args: Args) -> tuple[int, int]:
+    """The micro-batch and the mini-batch (samples per rank). A size the user left unset adapts to the sizes that
+    were set (said once on stderr): --rollout_batch_size 8 alone gives micro = mini = 8. Sizes the user set that
+    conflict stay an error (in main)."""
+    rollout, gas = args.rollout_batch_size, args.gradient_accumulation_steps
+    micro = args.per_device_batch_size
+    if micro is None:
+        whole = args.mini_batch_size or (rollout // gas if rollout % gas == 0 else rollout)
+        micro = max(d for d in range(1, min(16, whole) + 1) if whole % d == 0)
+        if micro != 16:
+            common.note(f"--per_device_batch_size {micro} (the default 16 does not divide "
+                        f"{'--mini_batch_size' if args.mini_batch_size else '--rollout_batch_size'} {whole})")
+    return micro, args.mini_batch_size or micro * gas
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # main
 
@@ -522,14 +539,13 @@ def main(args: Args):
     toy = args.data == "toy"
     actor_lr = args.learning_rate if args.learning_rate is not None else (2e-4 if toy else 1e-6)
     critic_lr = args.critic_learning_rate if args.critic_learning_rate is not None else (5e-4 if toy else 5e-6)
-    if args.max_new_tokens >= args.max_seq_len:
-        raise common.UserError(f"--max_new_tokens {args.max_new_tokens} must be below --max_seq_len "
-                               f"{args.max_seq_len}")
+    max_seq_len = common.fit_max_seq_len(args.max_seq_len, common.model_context(args.actor, args.trust_remote_code))
+    if args.max_new_tokens >= max_seq_len:
+        raise common.UserError(f"--max_new_tokens {args.max_new_tokens} must be below --max_seq_len {max_seq_len}")
     if args.hybrid_engine and (device.type != "cuda" or args.lora_rank > 0):
         raise common.UserError("--hybrid_engine needs GPUs (DeepSpeed's inference kernels) and no --lora_rank (its "
                                "kernels would read peft's wrapped layers wrongly)")
-    micro = args.per_device_batch_size
-    mini = args.mini_batch_size or micro * args.gradient_accumulation_steps
+    micro, mini = fit_batch_sizes(args)
     if mini % micro or args.rollout_batch_size % mini:
         raise common.UserError(f"--rollout_batch_size {args.rollout_batch_size} must be a multiple of the mini-batch "
                                f"({mini}), itself a multiple of --per_device_batch_size {micro}")
@@ -549,13 +565,13 @@ def main(args: Args):
     else:
         records, eval_records = common.split_eval(records, args.eval_fraction, args.seed)
     eval_records = eval_records[: args.num_eval_prompts]
-    max_prompt = args.max_seq_len - args.max_new_tokens
+    max_prompt = max_seq_len - args.max_new_tokens
     prompts, n_cut = encode_prompts(records, tokenizer, max_prompt, args.truncation, args.data)
     eval_prompts, _ = encode_prompts(eval_records, tokenizer, max_prompt, args.truncation, "eval data")
     ptx = None
     if args.ptx_data:
         ptx = [common.encode_conversation(tokenizer, r["messages"]) for r in common.load_data(args.ptx_data, "sft")]
-        ptx = [(common.truncate_left(i, args.max_seq_len)[0], common.truncate_left(m, args.max_seq_len)[0])
+        ptx = [(common.truncate_left(i, max_seq_len)[0], common.truncate_left(m, max_seq_len)[0])
                for i, m in ptx]
     per_iter = args.rollout_batch_size * world
     total_episodes = args.total_episodes or args.num_epochs * len(prompts)
@@ -596,8 +612,9 @@ def main(args: Args):
                 m.enable_input_require_grads()
     ema = copy.deepcopy(common.merged_state_dict(actor)) if args.ema and common.is_rank0() else None
     total_steps = n_iters * steps_per_iter
-    actor = trained_engine(actor, actor_lr, args, actor_stage, gas, total_steps, dtype, args.hybrid_engine)
-    critic = trained_engine(ValueModel(critic), critic_lr, args, critic_stage, gas, total_steps, dtype)
+    actor = trained_engine(actor, actor_lr, args, actor_stage, micro, gas, total_steps, dtype, args.hybrid_engine,
+                           max_seq_len)
+    critic = trained_engine(ValueModel(critic), critic_lr, args, critic_stage, micro, gas, total_steps, dtype)
     ref = frozen_engine(ref, actor_stage, args.offload_reference, dtype) if ref is not None else None
     reward = frozen_engine(ValueModel(reward_model), critic_stage, args.offload_reference, dtype)
 

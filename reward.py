@@ -43,8 +43,9 @@ class Args:
     """held-out pairs in the same format; default: hold out --eval_fraction of --data (`toy`: its eval prompts)"""
     eval_fraction: float = 0.05
     """share of --data held out for evaluation when --eval_data is not given"""
-    max_seq_len: int = 512
-    """longest prompt + response in tokens; longer ones lose their oldest tokens (see --truncation)"""
+    max_seq_len: int | None = None
+    """longest prompt + response in tokens; longer ones lose their oldest tokens (see --truncation);
+    default 512, or the model's context (max_position_embeddings) when shorter"""
     truncation: Literal["left", "error"] = "left"
     """what to do with a sequence longer than --max_seq_len: cut from the left (and count it), or stop"""
     trust_remote_code: bool = False
@@ -52,8 +53,9 @@ class Args:
     output_dir: str = "./reward_ckpt"
     """where the reward model, tokenizer, args.json, metrics.jsonl and checkpoints/ go"""
     # optimisation
-    per_device_batch_size: int = 16
-    """pairs per rank per micro-batch (each forward holds 2x this many sequences)"""
+    per_device_batch_size: int | None = None
+    """pairs per rank per micro-batch (each forward holds 2x this many sequences); default 16, or fewer when the
+    data holds no global batch of 16"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step; global batch = per_device_batch_size x ranks x this"""
     learning_rate: float | None = None
@@ -212,11 +214,12 @@ def main(args: Args):
 
     # --- data ---
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+    max_seq_len = common.fit_max_seq_len(args.max_seq_len, common.model_context(args.model, args.trust_remote_code))
 
     def encode(records, source):
         pairs, n_cut = [], 0
         for i, r in enumerate(records):
-            c, rj, cut = encode_pair(tokenizer, r, args.max_seq_len, args.truncation, f"{source} pair {i + 1}")
+            c, rj, cut = encode_pair(tokenizer, r, max_seq_len, args.truncation, f"{source} pair {i + 1}")
             pairs.append((c, rj, r.get("margin", 0.0)))
             n_cut += cut
         return pairs, n_cut
@@ -235,17 +238,19 @@ def main(args: Args):
     # normalisation set: SFT-style responses (demo: held-out demonstrations; else both sides of the eval pairs)
     if toy:
         sft_eval = common.load_data("toy", "sft", split="eval")
-        norm_seqs = [common.encode_conversation(tokenizer, r["messages"])[0][-args.max_seq_len:] for r in sft_eval]
+        norm_seqs = [common.encode_conversation(tokenizer, r["messages"])[0][-max_seq_len:] for r in sft_eval]
     else:
         norm_seqs = [p[0] for p in evals] + [p[1] for p in evals]
-    global_batch = args.per_device_batch_size * world * args.gradient_accumulation_steps
+    micro = common.fit_micro_batch(args.per_device_batch_size, len(train), world * args.gradient_accumulation_steps,
+                                   "pairs")
+    global_batch = micro * world * args.gradient_accumulation_steps
     steps_per_epoch = len(train) // global_batch
     if steps_per_epoch == 0:
         raise common.UserError(f"--data has {len(train)} training pairs, fewer than one global batch ({global_batch} "
                                "= per_device_batch_size x ranks x gradient_accumulation_steps)")
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_epochs
     common.print0(f"{len(train)} train / {len(evals)} eval pairs, {total_steps} steps of {global_batch}; "
-                  f"{n_cut} pairs truncated from the left to {args.max_seq_len} tokens")
+                  f"{n_cut} pairs truncated from the left to {max_seq_len} tokens")
 
     # --- model ---
     from transformers import AutoModelForSequenceClassification
@@ -278,7 +283,7 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     warmup = int(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda(args.lr_scheduler, warmup, total_steps))
-    config = common.ds_config(args.zero_stage, args.per_device_batch_size * 2, args.gradient_accumulation_steps, dtype,
+    config = common.ds_config(args.zero_stage, micro * 2, args.gradient_accumulation_steps, dtype,
                               args.offload, args.grad_clip, offload_params=args.offload)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
 
@@ -299,7 +304,7 @@ def main(args: Args):
 
     # --- loop ---
     logger = common.Logger(args.output_dir, total_steps, "reward", initial=start_step)
-    pad_id, micro = tokenizer.pad_token_id, args.per_device_batch_size
+    pad_id = tokenizer.pad_token_id
     if start_step == 0:
         logger.log(0, evaluate(engine, evals, gold, micro, pad_id, device))
     t0 = time.time()

@@ -35,8 +35,9 @@ class Args:
     """held-out data in the same format; default: hold out --eval_fraction of --data (`toy`: its eval prompts)"""
     eval_fraction: float = 0.02
     """share of --data held out for evaluation when --eval_data is not given"""
-    max_seq_len: int = 512
-    """longest sequence in tokens; longer examples lose their oldest tokens (see --truncation)"""
+    max_seq_len: int | None = None
+    """longest sequence in tokens; longer examples lose their oldest tokens (see --truncation);
+    default 512, or the model's context (max_position_embeddings) when shorter"""
     truncation: Literal["left", "error"] = "left"
     """what to do with an example longer than --max_seq_len: cut from the left (and count it), or stop"""
     trust_remote_code: bool = False
@@ -44,8 +45,8 @@ class Args:
     output_dir: str = "./sft_ckpt"
     """where the model, tokenizer, args.json, metrics.jsonl and checkpoints/ go"""
     # optimisation
-    per_device_batch_size: int = 16
-    """sequences per rank per micro-batch"""
+    per_device_batch_size: int | None = None
+    """sequences per rank per micro-batch; default 16, or fewer when the data holds no global batch of 16"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step; global batch = per_device_batch_size x ranks x this"""
     learning_rate: float | None = None
@@ -159,24 +160,27 @@ def main(args: Args):
     # --- data ---
     common.check_model_path(args.model, "--model")
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+    max_seq_len = common.fit_max_seq_len(args.max_seq_len, common.model_context(args.model, args.trust_remote_code))
     # tokenised before the eval split, so that an error names records in the order of the file
-    train, n_cut = tokenize(common.load_data(args.data, "sft"), tokenizer, args.max_seq_len, args.truncation,
+    train, n_cut = tokenize(common.load_data(args.data, "sft"), tokenizer, max_seq_len, args.truncation,
                             args.data)
     n_cut_eval = 0
     if args.eval_data or args.data == "toy":
         eval_source = args.eval_data or "toy"
         evals, n_cut_eval = tokenize(common.load_data(eval_source, "sft", split="eval"), tokenizer,
-                                     args.max_seq_len, args.truncation, eval_source)
+                                     max_seq_len, args.truncation, eval_source)
     else:
         train, evals = common.split_eval(train, args.eval_fraction, args.seed)
-    global_batch = args.per_device_batch_size * world * args.gradient_accumulation_steps
+    micro = common.fit_micro_batch(args.per_device_batch_size, len(train), world * args.gradient_accumulation_steps,
+                                   "examples")
+    global_batch = micro * world * args.gradient_accumulation_steps
     steps_per_epoch = len(train) // global_batch
     if steps_per_epoch == 0:
         raise common.UserError(f"--data has {len(train)} training examples, fewer than one global batch "
                                f"({global_batch} = per_device_batch_size x ranks x gradient_accumulation_steps)")
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_epochs
     common.print0(f"{len(train)} train / {len(evals)} eval examples, {total_steps} steps of {global_batch}; "
-                  f"{n_cut + n_cut_eval} examples truncated from the left to {args.max_seq_len} tokens")
+                  f"{n_cut + n_cut_eval} examples truncated from the left to {max_seq_len} tokens")
 
     # --- model ---
     model = common.load_causal_lm(args.model, dtype, tokenizer, args.trust_remote_code)
@@ -194,7 +198,7 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     warmup = int(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda(args.lr_scheduler, warmup, total_steps))
-    config = common.ds_config(args.zero_stage, args.per_device_batch_size, args.gradient_accumulation_steps, dtype,
+    config = common.ds_config(args.zero_stage, micro, args.gradient_accumulation_steps, dtype,
                               args.offload, args.grad_clip, offload_params=args.offload)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     engine.train()  # from_pretrained returns eval mode: dropout would stay off until the first evaluation
@@ -215,8 +219,7 @@ def main(args: Args):
     # --- loop ---
     logger = common.Logger(args.output_dir, total_steps, "sft", initial=start_step)
     if start_step == 0:
-        logger.log(0, evaluate(engine, evals, args.per_device_batch_size, tokenizer.pad_token_id, device))
-    micro = args.per_device_batch_size
+        logger.log(0, evaluate(engine, evals, micro, tokenizer.pad_token_id, device))
     t0, n_tokens = time.time(), 0
     for step in range(start_step, total_steps):
         epoch, k = divmod(step, steps_per_epoch)
