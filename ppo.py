@@ -192,6 +192,13 @@ class Args:
 # models
 
 
+class Float32Linear(torch.nn.Linear):
+    """A linear layer that computes in fp32 whatever the dtype of its weights and input."""
+
+    def forward(self, x):
+        return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
 class ValueModel(torch.nn.Module):
     """The scalar head of a sequence classifier applied at every position. For the critic these are the values
     V(s_t); for the reward model, the entry at the last real token is its score (the number
@@ -200,6 +207,9 @@ class ValueModel(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model  # kept whole (peft wrapper included) so that it saves as it loaded
+        for name, m in model.named_modules():  # the head computes in fp32 on a bf16/fp16 body (weights stay as
+            if type(m) is torch.nn.Linear and "score" in name.split("."):  # they are: ZeRO-3 wants one dtype)
+                m.__class__ = Float32Linear
 
     def forward(self, input_ids, attention_mask):
         inner = self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
