@@ -48,6 +48,8 @@ class Bench:
     """ZeRO stage of every model"""
     generate_sharded: bool = False
     """ZeRO-3: generate through the partition hooks instead of gathering once"""
+    hybrid_engine: bool = False
+    """GPUs: generate with DeepSpeed's hybrid engine (ppo.py --hybrid_engine)"""
     dtype: str = "auto"
     """model dtype"""
     ranks: int = 1
@@ -115,6 +117,7 @@ def main(b: Bench):
                     ppo_epochs=b.ppo_epochs, mini_batch_size=b.mini_batch_size,
                     per_device_batch_size=b.mini_batch_size,
                     zero_stage=b.zero_stage, generate_sharded=b.generate_sharded, dtype=b.dtype, eval_every=0,
+                    hybrid_engine=b.hybrid_engine,
                     num_eval_prompts=world, print_samples=0)
     os.environ["TQDM_DISABLE"] = "1"
     ppo.main(args)
@@ -128,10 +131,11 @@ def main(b: Bench):
     tok = common.load_tokenizer(args.actor)
     prompts, _ = ppo.encode_prompts(common.load_data("toy", "prompts")[: b.batch], tok, 256, "left", "toy")
     steps = b.ppo_epochs * (b.batch // b.mini_batch_size)
-    actor = ppo.trained_engine(common.load_causal_lm(args.actor, dtype, tok), 1e-6, args, b.zero_stage, 1, 100,
-                               dtype)
+    mb = b.mini_batch_size
+    actor = ppo.trained_engine(common.load_causal_lm(args.actor, dtype, tok), 1e-6, args, b.zero_stage, mb, 1, 100,
+                               dtype, b.hybrid_engine)
     critic = ppo.trained_engine(ppo.ValueModel(ppo.load_value_model(args.reward, dtype, tok, False, "--reward")),
-                                1e-6, args, b.zero_stage, 1, 100, dtype)
+                                1e-6, args, b.zero_stage, mb, 1, 100, dtype)
     ref = ppo.frozen_engine(common.load_causal_lm(args.actor, dtype, tok), b.zero_stage, False, dtype)
     reward = ppo.frozen_engine(ppo.ValueModel(ppo.load_value_model(args.reward, dtype, tok, False, "--reward")),
                                b.zero_stage, False, dtype)
@@ -146,7 +150,6 @@ def main(b: Bench):
     t = {"generate_s": timed(gen, b.repeats)}
     r, n_prompt = rollout["r"], rollout["n"]
     seq, attn = r["seq"], r["attn"]
-    mb = b.mini_batch_size
     chunks = ppo.micro_slices(seq.shape[0], mb)
     with torch.no_grad():
         t["actor_forward_s"] = timed(lambda: [ppo.seq_logprobs(actor, seq[s], attn[s], n_prompt, 1.0, True)
