@@ -282,6 +282,19 @@ def _adds_bos(tokenizer) -> bool:
     return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
+def _piece_ids(tokenizer, text: str, plain: bool, first: bool) -> list[int]:
+    """Token ids of one piece of a conversation (`plain`: special-token strings stay text). SentencePiece-style
+    tokenizers put a "▁" (a space) before every input: a piece inside the text is tokenised after a "\n" whose
+    ids are then cut, so it gets no space the template did not write."""
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+    if first or not ids or not tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"]
+                                                              )[0].startswith("▁"):
+        return ids
+    head = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    both = tokenizer("\n" + text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+    return both[len(head):] if both[: len(head)] == head else ids
+
+
 def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: bool = False
                         ) -> tuple[list[int], list[bool]]:
     """Token ids of a conversation, the template's own rendering (see render), and a mask that is True on each
@@ -294,7 +307,7 @@ def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: 
     specials = special_ids(tokenizer)
     ids, mask, answer_ended = [], [], True
     for text, j in _segments(tokenizer, messages, add_generation_prompt):
-        new = tokenizer(text, add_special_tokens=False, split_special_tokens=j is not None)["input_ids"]
+        new = _piece_ids(tokenizer, text, plain=j is not None, first=not ids)
         if j is not None:
             answer_ended = messages[j]["role"] != "assistant"
             ids, mask = ids + new, mask + [not answer_ended] * len(new)
@@ -346,15 +359,16 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def show_example(tokenizer, ids: list[int], mask: list[bool]) -> str:
-    """A decoded example with the trained tokens in [[ ]], to print before training."""
-    out, i = "", 0
+    """A decoded example with the trained tokens in [[ ]], to print before training (each run is what it adds to
+    the decoded text, so a SentencePiece run keeps its leading space)."""
+    out, shown, i = "", "", 0
     while i < len(ids):
         j = i
         while j < len(ids) and mask[j] == mask[i]:
             j += 1
-        text = tokenizer.decode(ids[i:j], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        out += f"[[{text}]]" if mask[i] else text
-        i = j
+        text = tokenizer.decode(ids[:j], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        out += f"[[{text[len(shown):]}]]" if mask[i] else text[len(shown):]
+        shown, i = text, j
     return out
 
 
