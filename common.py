@@ -13,6 +13,7 @@ import shutil
 import socket
 import sys
 import time
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -277,9 +278,17 @@ def special_ids(tokenizer) -> set[int]:
     return set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
 
 
-def _adds_bos(tokenizer) -> bool:
-    ids = tokenizer("a")["input_ids"]
-    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+_TRAITS = weakref.WeakKeyDictionary()
+
+
+def _traits(tokenizer) -> tuple[bool, bool]:
+    """(adds a BOS to every input, puts a SentencePiece "▁" before every input), worked out once per tokenizer."""
+    if tokenizer not in _TRAITS:
+        ids = tokenizer("a")["input_ids"]
+        bare = tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"])
+        _TRAITS[tokenizer] = (tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id],
+                              bool(bare) and bare[0].startswith("▁"))
+    return _TRAITS[tokenizer]
 
 
 def _piece_ids(tokenizer, text: str, plain: bool, first: bool) -> list[int]:
@@ -287,8 +296,7 @@ def _piece_ids(tokenizer, text: str, plain: bool, first: bool) -> list[int]:
     tokenizers put a "▁" (a space) before every input: a piece inside the text is tokenised after a "\n" whose
     ids are then cut, so it gets no space the template did not write."""
     ids = tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
-    if first or not ids or not tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"]
-                                                              )[0].startswith("▁"):
+    if first or not ids or not _traits(tokenizer)[1]:
         return ids
     head = tokenizer("\n", add_special_tokens=False)["input_ids"]
     both = tokenizer("\n" + text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
@@ -317,7 +325,7 @@ def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: 
             new, end = [tokenizer.eos_token_id] + new, 1
         ids, mask = ids + new, mask + [i < end for i in range(len(new))]
         answer_ended = True
-    if _adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
+    if _traits(tokenizer)[0] and ids[:1] != [tokenizer.bos_token_id]:
         ids, mask = [tokenizer.bos_token_id] + ids, [False] + mask
     return ids, mask
 
@@ -339,7 +347,7 @@ def encode_plain(tokenizer, text: str) -> tuple[list[int], list[bool]]:
     """A `{"text"}` record: plain language-model data, no template; BOS (if the tokenizer adds one) + text + EOS,
     every token trained; special-token strings in it stay text."""
     ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
-    ids = ([tokenizer.bos_token_id] if _adds_bos(tokenizer) else []) + ids
+    ids = ([tokenizer.bos_token_id] if _traits(tokenizer)[0] else []) + ids
     return ids, [True] * len(ids)
 
 
