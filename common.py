@@ -340,7 +340,7 @@ def encode_scored(tokenizer, messages: list[dict]) -> list[int]:
     """Ids of a conversation that ends with an answer, cut after the token that ends that answer's turn: where a
     reward model reads its score (reward.py, ppo.py and chat.py agree on it)."""
     ids, mask = encode_conversation(tokenizer, messages)
-    return ids[: max(i for i, m in enumerate(mask) if m) + 1]
+    return ids[: max((i for i, m in enumerate(mask) if m), default=len(ids) - 1) + 1]
 
 
 def encode_plain(tokenizer, text: str) -> tuple[list[int], list[bool]]:
@@ -599,7 +599,8 @@ def _dataset_rows(path: str, split: str | None):
     if importlib.util.find_spec("datasets") is None:
         raise UserError(f"--data {path}: not a data file, and `datasets` (to read a dataset folder or an HF hub "
                         "name) is not installed: pip install datasets")
-    offline = not os.path.isdir(path) and os.environ.get("HF_DATASETS_OFFLINE") != "1" and not _hub_reachable()
+    told = "1" in (os.environ.get("HF_DATASETS_OFFLINE"), os.environ.get("HF_HUB_OFFLINE"))
+    offline = not os.path.isdir(path) and not told and not _hub_reachable()
     if offline:  # read the local cache only (set before datasets reads these at import)
         os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
     import datasets
