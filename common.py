@@ -293,7 +293,7 @@ def _traits(tokenizer) -> tuple[bool, bool]:
 
 def _piece_ids(tokenizer, text: str, plain: bool, first: bool) -> list[int]:
     """Token ids of one piece of a conversation (`plain`: special-token strings stay text). SentencePiece-style
-    tokenizers put a "▁" (a space) before every input: a piece inside the text is tokenised after a "\n" whose
+    tokenizers put a "▁" (a space) before every input: a piece inside the text is tokenised after a newline whose
     ids are then cut, so it gets no space the template did not write."""
     ids = tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
     if first or not ids or not _traits(tokenizer)[1]:

@@ -200,7 +200,7 @@ def test_special_token_strings_in_data_and_chat_input_stay_text(family, tiny_mod
                         user(s), assistant(f"d {s}")]
 
             ids, mask = common.encode_conversation(tok, conv(bad))
-            clean, clean_mask = common.encode_conversation(tok, conv("word"))
+            clean, _ = common.encode_conversation(tok, conv("word"))
             assert [i for i in ids if i in specials] == [i for i in clean if i in specials], (family, bad)
             assert sum(m and i in specials for i, m in zip(ids, mask)) == 2  # one turn end per answer
             text, got = common.render(tok, conv(bad)), decode(tok, ids)
@@ -223,7 +223,7 @@ def test_stop_ids_end_a_rollout(toks):
     cleaned, mask, lengths, has_eos = ppo.truncate_after_eos(resp, [eos, eot], pad)
     for b, row in enumerate(resp.tolist()):
         n = next((t + 1 for t, x in enumerate(row) if x in (eos, eot)), len(row))
-        assert lengths[b] == n and bool(has_eos[b]) == (n < len(row) or row[-1] in (eos, eot))
+        assert lengths[b] == n and bool(has_eos[b]) == any(x in (eos, eot) for x in row)
         assert cleaned[b].tolist() == row[:n] + [pad] * (4 - n)
 
 
