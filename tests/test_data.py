@@ -283,6 +283,27 @@ def test_every_layout_gives_its_canonical_record(kind):
         assert common.validate(f"f:{i}", row, kind) == expect, row
 
 
+# each SFT layout of LAYOUTS as the ChatML model trains on it
+DECODED_SFT = [
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n[[hello .<|im_end|>]]\n",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n[[hello .<|im_end|>]]\n",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n[[hello .<|im_end|>]]\n",
+    EXPECT_MULTI["chatml"],
+    "[[Once upon a time.<|im_end|>]]",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n[[Paris.<|im_end|>]]\n"
+    "<|im_start|>user\nAnd Spain?<|im_end|>\n<|im_start|>assistant\n[[Madrid.<|im_end|>]]\n",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n[[Paris.<|im_end|>]]\n"
+    "<|im_start|>user\nAnd Spain?<|im_end|>\n<|im_start|>assistant\n[[Madrid.<|im_end|>]]\n",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n[[yo<|im_end|>]]\n",
+]
+
+
+def test_every_sft_layout_gives_its_exact_sequence(toks):
+    tok = toks["chatml"]
+    for (row, _), expect in zip(LAYOUTS["sft"], DECODED_SFT, strict=True):
+        assert common.show_example(tok, *common.encode_record(tok, common.validate("x", row, "sft"))) == expect
+
+
 def test_dahoas_and_hh_rows_are_formatted_once(toks):
     """Issue 12 case 1 and 3: a Human/Assistant prompt is parsed into turns, so the DeepSpeed-Chat format (and any
     template) writes each turn once."""
