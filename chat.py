@@ -38,7 +38,12 @@ class Args:
     prompt: str | None = None
     """answer this one prompt and print only the answer"""
     prompts: str | None = None
-    """JSONL prompts ({"prompt"} or {"messages"}), or `toy` for the demo's held-out eval prompts"""
+    """prompts: a JSONL or JSON file of any layout of README's "Data" (the prompt field first, else the turns
+    before the last answer), or `toy` for the demo's held-out eval prompts"""
+    data_split: str = "train"
+    """split of a dataset folder or HF hub dataset that --prompts names"""
+    skip_invalid: bool = False
+    """drop (and count) --prompts records that do not fit a layout, instead of stopping at the first"""
     output: str | None = None
     """write one JSON line per prompt here ({"prompt", "response", ...}) instead of printing the answers"""
     system: str | None = None
@@ -81,9 +86,9 @@ def load(path: str, flag: str, args: Args, device: torch.device, reward: bool = 
               file=sys.stderr)
     stops = getattr(model.generation_config, "eos_token_id", None) if not reward else None
     common.resize_for_tokenizer(model, tokenizer)  # a pad token added by load_tokenizer needs an embedding row
-    if stops is not None:  # keep a hub chat model's own stop ids (e.g. an end-of-turn token) beside the EOS
-        stops = stops if isinstance(stops, list) else [stops]
-        model.generation_config.eos_token_id = sorted({tokenizer.eos_token_id, *stops})
+    if not reward:  # stop at the EOS, the chat template's end of turn, and a hub chat model's own stop ids
+        stops = [] if stops is None else stops if isinstance(stops, list) else [stops]
+        model.generation_config.eos_token_id = sorted({*common.stop_token_ids(tokenizer), *stops})
     if not reward and answer_length(model, args) != (args.max_new_tokens or 128):
         print(f"note: {flag} {path}: answers of up to {answer_length(model, args)} tokens, half its context (the "
               "default 128 would leave too little room for a prompt)", file=sys.stderr, flush=True)
@@ -147,10 +152,10 @@ def answer_batch(model, tokenizer, conversations: list[list[dict]], args: Args, 
 @torch.no_grad()
 def reward_scores(rm, tokenizer, conversations: list[list[dict]], answers: list[str], batch_size: int,
                   device) -> list[float]:
-    """rw_eval: the reward model's raw logit at the last real token of prompt + answer + EOS id, the sequence
-    reward.py trains on (right padding; HF pools at the last non-pad token; positions from the mask)."""
+    """rw_eval: the reward model's raw logit at the token that ends the answer's turn, the sequence reward.py trains
+    on (right padding; HF pools at the last non-pad token; positions from the mask)."""
     limit = getattr(rm.config, "max_position_embeddings", None) or 10**9
-    rows = [common.encode_conversation(tokenizer, c + [{"role": "assistant", "content": a}])[0][-limit:]
+    rows = [common.encode_scored(tokenizer, c + [{"role": "assistant", "content": a}])[-limit:]
             for c, a in zip(conversations, answers)]
     scores = []
     for i in range(0, len(rows), batch_size):
@@ -242,7 +247,7 @@ def main(args: Args):
     elif args.prompts == "toy":
         records = common.load_data("toy", "prompts", split="eval")  # the demo's held-out prompts, each once
     else:
-        records = common.load_data(args.prompts, "prompts")
+        records = common.load_data(args.prompts, "prompts", args.data_split, args.skip_invalid)
     conversations = [system + r["prompt"] for r in records]
     rows = [{"prompt": r["prompt"][0]["content"] if len(r["prompt"]) == 1 else r["prompt"]} for r in records]
     models = {"": args.model, "_compare": args.compare} if args.compare else {"": args.model}

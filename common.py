@@ -8,10 +8,12 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import sys
 import time
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -260,63 +262,169 @@ def to_messages(example) -> list[dict]:
     return list(example)
 
 
-def format_prompt(tokenizer, messages: list[dict]) -> str:
-    """The one prompt format of every script: the tokenizer's chat template when it has one, else DeepSpeed-Chat's
-    "\\n\\nHuman: ...\\n\\nAssistant: ". The result ends where the next assistant answer begins."""
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The text of a conversation: the tokenizer's chat template when it has one, else DeepSpeed-Chat's format
+    "\\n\\nHuman: {user}\\n\\nAssistant: {answer}<eos>" (a system message is written as it is, before the turns)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja's own errors (a template that refuses a role or an empty conversation)
+            raise UserError(f"the chat template cannot render {[m['role'] for m in messages]}: {e}")
     text = ""
     for m in messages:
-        if m["role"] == "assistant":
-            text += m["content"]
-        elif m["role"] == "system":
-            text += m["content"]
+        head = {"user": "\n\nHuman: ", "assistant": "\n\nAssistant: "}.get(m["role"], "")
+        text += head + m["content"] + (tokenizer.eos_token if m["role"] == "assistant" else "")
+    return text + ("\n\nAssistant: " if add_generation_prompt else "")
+
+
+def format_prompt(tokenizer, messages: list[dict]) -> str:
+    """The prompt text of every script; it ends where the next assistant answer begins."""
+    return render(tokenizer, messages, add_generation_prompt=True)
+
+
+def _insertion(full: str, blank: str, piece: str, start: int) -> int | None:
+    """The (last) k >= start with full == blank[:k] + piece + blank[k:], or None."""
+    if len(full) != len(blank) + len(piece):
+        return None
+    p = next((i for i, (a, b) in enumerate(zip(full, blank)) if a != b), len(blank))
+    for k in range(p, start - 1, -1):
+        if full[k: k + len(piece)] == piece and full[k + len(piece):] == blank[k:]:
+            return k
+    return None
+
+
+def _segments(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, int | None]]:
+    """The rendered conversation cut into (text, message index) pieces: a message's content where the template
+    wrote it (index j), the template's own markup between them (None). Each content is found by rendering the
+    conversation again with that content blank: the one place where the two texts differ is where it goes."""
+    text, out, start = render(tokenizer, messages, add_generation_prompt), [], 0
+    for j, m in enumerate(messages):
+        def other(content):
+            return render(tokenizer, messages[:j] + [{**m, "content": content}] + messages[j + 1:],
+                          add_generation_prompt)
+
+        k, piece = None, m["content"]
+        if piece:  # templates may trim a content (Llama 3 does)
+            blank = other("")
+            for piece in dict.fromkeys((m["content"], m["content"].strip())):
+                if (k := _insertion(text, blank, piece, start)) is not None:
+                    break
         else:
-            text += f"\n\nHuman: {m['content']}\n\nAssistant: "
-    return text
+            k = _insertion(other("x"), text, "x", start)
+        if k is None:
+            raise UserError(f"the chat template rewrites the text of a {m['role']} message (cannot find "
+                            f"{m['content'][:40]!r} in its rendering)")
+        out += [(text[start:k], None), (piece, j)]
+        start = k + len(piece)
+    return out + [(text[start:], None)]
 
 
-def encode_text(tokenizer, text: str, first: bool) -> list[int]:
-    """Token ids of a piece of formatted text. Only the first piece gets the tokenizer's BOS (once, even when the
-    chat template already wrote it), and no tokenizer-added EOS is kept: EOS is appended by the callers, as an id."""
-    ids = tokenizer(text, add_special_tokens=first)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if first and bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
-        ids = ids[1:]
-    if ids and ids[-1] == tokenizer.eos_token_id and first and not text.endswith(tokenizer.eos_token or "\0"):
-        ids = ids[:-1]
-    return ids
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens (EOS, BOS, pad, a template's turn markers)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+
+
+_TRAITS = weakref.WeakKeyDictionary()
+
+
+def _traits(tokenizer) -> tuple[bool, bool]:
+    """(adds a BOS to every input, puts a SentencePiece "▁" before every input), worked out once per tokenizer."""
+    if tokenizer not in _TRAITS:
+        ids = tokenizer("a")["input_ids"]
+        bare = tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"])
+        _TRAITS[tokenizer] = (tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id],
+                              bool(bare) and bare[0].startswith("▁"))
+    return _TRAITS[tokenizer]
+
+
+def _piece_ids(tokenizer, text: str, plain: bool, first: bool) -> list[int]:
+    """Token ids of one piece of a conversation (`plain`: special-token strings stay text). SentencePiece-style
+    tokenizers put a "▁" (a space) before every input: a piece inside the text is tokenised after a newline whose
+    ids are then cut, so it gets no space the template did not write."""
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+    if first or not ids or not _traits(tokenizer)[1]:
+        return ids
+    head = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    both = tokenizer("\n" + text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+    return both[len(head):] if both[: len(head)] == head else ids
 
 
 def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: bool = False
                         ) -> tuple[list[int], list[bool]]:
-    """Token ids of a whole conversation and a mask that is True on assistant tokens (each answer + its EOS id).
+    """Token ids of a conversation, the template's own rendering (see render), and a mask that is True on each
+    assistant answer and the token(s) that end its turn: up to the first special token the template writes after
+    it (`<|im_end|>`, `<|eot_id|>`, the EOS), or an EOS id put in when the template writes none.
 
-    Each assistant turn's context is `format_prompt(messages[:i])`; we tokenise only the new text since the last
-    answer, so the ids are one left-to-right sequence whatever the chat template adds between turns. With
-    `add_generation_prompt` the text up to where the next answer begins is appended too (see encode_prompt)."""
-    ids, mask, rendered = [], [], ""
-    ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    for i in ends + ([len(messages)] if add_generation_prompt else []):
-        context = format_prompt(tokenizer, messages[:i])
-        k = 0
-        while k < min(len(context), len(rendered)) and context[k] == rendered[k]:
-            k += 1
-        new = encode_text(tokenizer, context[k:], first=not ids)
-        ids += new
-        mask += [False] * len(new)
-        if i < len(messages):
-            answer = tokenizer(messages[i]["content"], add_special_tokens=False)["input_ids"]
-            ids += answer + [tokenizer.eos_token_id]
-            mask += [True] * (len(answer) + 1)
-            rendered = context + messages[i]["content"] + (tokenizer.eos_token or "")
+    Contents are tokenised as plain text, so a `<|im_start|>` typed by a user or found in data never becomes a
+    special id; only the template's markup is tokenised with special tokens. The tokenizer's BOS comes first (once,
+    also when the template writes it). With `add_generation_prompt` the ids end where the next answer begins."""
+    specials = special_ids(tokenizer)
+    ids, mask, answer_ended = [], [], True
+    for text, j in _segments(tokenizer, messages, add_generation_prompt):
+        new = _piece_ids(tokenizer, text, plain=j is not None, first=not ids)
+        if j is not None:
+            answer_ended = messages[j]["role"] != "assistant"
+            ids, mask = ids + new, mask + [not answer_ended] * len(new)
+            continue
+        end = next((i + 1 for i, t in enumerate(new) if t in specials), 0) if not answer_ended else 0
+        if not answer_ended and not end:  # a template that writes nothing special after an answer
+            new, end = [tokenizer.eos_token_id] + new, 1
+        ids, mask = ids + new, mask + [i < end for i in range(len(new))]
+        answer_ended = True
+    if _traits(tokenizer)[0] and ids[:1] != [tokenizer.bos_token_id]:
+        ids, mask = [tokenizer.bos_token_id] + ids, [False] + mask
     return ids, mask
 
 
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a prompt, ready for generation (ends with the assistant prefix). Earlier assistant turns are
-    encoded exactly as sft.py trains on them (answer + EOS id), so a prompt is a prefix of its conversation."""
+    """Token ids of a prompt, ready for generation (ends with the assistant prefix): a prefix of the ids of the
+    conversation that continues it (encode_conversation)."""
     return encode_conversation(tokenizer, messages, add_generation_prompt=True)[0]
+
+
+def encode_scored(tokenizer, messages: list[dict]) -> list[int]:
+    """Ids of a conversation that ends with an answer, cut after the token that ends that answer's turn: where a
+    reward model reads its score (reward.py, ppo.py and chat.py agree on it)."""
+    ids, mask = encode_conversation(tokenizer, messages)
+    return ids[: max((i for i, m in enumerate(mask) if m), default=len(ids) - 1) + 1]
+
+
+def encode_plain(tokenizer, text: str) -> tuple[list[int], list[bool]]:
+    """A `{"text"}` record: plain language-model data, no template; BOS (if the tokenizer adds one) + text + EOS,
+    every token trained; special-token strings in it stay text."""
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    ids = ([tokenizer.bos_token_id] if _traits(tokenizer)[0] else []) + ids
+    return ids, [True] * len(ids)
+
+
+def encode_record(tokenizer, record: dict) -> tuple[list[int], list[bool]]:
+    """ids and trained mask of an SFT record: {"messages"} or {"text"}."""
+    if "text" in record:
+        return encode_plain(tokenizer, record["text"])
+    return encode_conversation(tokenizer, record["messages"])
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids that end an answer in generation: the EOS and the chat template's end of turn (ChatML's `<|im_end|>`,
+    Llama 3's `<|eot_id|>`) when it is another token."""
+    ids, mask = encode_conversation(tokenizer, [{"role": "user", "content": "hi"},
+                                                {"role": "assistant", "content": "hi"}])
+    return sorted({tokenizer.eos_token_id, ids[max(i for i, m in enumerate(mask) if m)]})
+
+
+def show_example(tokenizer, ids: list[int], mask: list[bool]) -> str:
+    """A decoded example with the trained tokens in [[ ]], to print before training (each run is what it adds to
+    the decoded text, so a SentencePiece run keeps its leading space)."""
+    out, shown, i = "", "", 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and mask[j] == mask[i]:
+            j += 1
+        text = tokenizer.decode(ids[:j], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        out += f"[[{text[len(shown):]}]]" if mask[i] else text[len(shown):]
+        shown, i = text, j
+    return out
 
 
 def truncate_left(ids: list, max_len: int) -> tuple[list, bool]:
@@ -359,30 +467,41 @@ def load_causal_lm(name: str, dtype: torch.dtype, tokenizer, trust_remote_code: 
 # data
 
 
-def _read_jsonl(path: str) -> list[tuple[str, dict]]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{path}: no such data file")
-    rows = []
-    with open(p, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
+def _read_rows(path: str):
+    """(where, object or error message) for each record of a JSONL file or a JSON array file, `where` being
+    `file:line`. A record that is not a JSON object comes back as its error message (see load_data)."""
+    raw, rows = Path(path).read_bytes(), 0
+    if raw.lstrip().startswith(b"["):  # a JSON array; line numbers from the decoder's offsets
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{raw.count(10, 0, e.start) + 1}: not valid UTF-8; expected UTF-8 JSON")
+        dec, skip, i, last, line = json.JSONDecoder(), re.compile(r"[\s,]*"), text.index("[") + 1, 0, 1
+        while (i := skip.match(text, i).end()) < len(text) and text[i] != "]":
+            line, last = line + text.count("\n", last, i), i
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{where}: not valid UTF-8 (byte {e.start}); expected UTF-8 JSON")
+                obj, i = dec.raw_decode(text, i)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})")
+            rows += 1
+            not_object = f"expected a JSON object, got {type(obj).__name__}"
+            yield f"{path}:{line}", obj if isinstance(obj, dict) else not_object
+    else:
+        for n, line in enumerate(raw.split(b"\n"), 1):
             if not line.strip():
                 continue
+            rows += 1
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield f"{path}:{n}", f"not valid UTF-8 (byte {e.start}); expected UTF-8 JSON"
+                continue
             except json.JSONDecodeError as e:
-                raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); expected one object a line")
-            if not isinstance(obj, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((where, obj))
+                yield f"{path}:{n}", f"malformed JSON ({e.msg} at column {e.colno}); expected one object a line"
+                continue
+            yield f"{path}:{n}", obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
     if not rows:
-        raise UserError(f"{path}: the data file is empty; expected one JSON object a line")
-    return rows
+        raise UserError(f"{path}: the data file is empty; expected one JSON object a line, or a JSON array")
 
 
 def _check_text(where: str, obj: dict, field: str):
@@ -405,56 +524,200 @@ def _check_messages(where: str, msgs, field: str = "messages"):
                             f"\"content\": non-empty string}}")
 
 
+_HH_TURN = re.compile(r"(?:^\s*|\n\n)(Human|Assistant):")
+
+
+def turns(where: str, obj: dict, field: str, role: str = "user") -> list[dict]:
+    """A field as a message list: a list of {role, content} as it is; a string written as DeepSpeed-Chat / HH-RLHF
+    turns ("\\n\\nHuman: ...\\n\\nAssistant: ...") parsed into them (a last empty "Assistant:" is the place where
+    the answer goes, and is dropped); any other string is one message of `role`. Strings lose the white space
+    around them (the space of Dahoas' " The answer" after "Assistant:" is the format's, not the answer's)."""
+    _check_text(where, obj, field)
+    v = obj[field]
+    if isinstance(v, list):
+        return [{"role": m["role"], "content": m["content"]} for m in v]
+    if not (re.match(r"\s*Human:", v) and "\n\nAssistant:" in v):
+        return [{"role": role, "content": v.strip()}]
+    parts = _HH_TURN.split(v)
+    out = [{"role": "user" if r == "Human" else "assistant", "content": c.strip()}
+           for r, c in zip(parts[1::2], parts[2::2])]
+    if out[-1]["role"] == "assistant" and not out[-1]["content"]:
+        out.pop()
+    _check_messages(where, out, field)
+    return out
+
+
+def _answer(where: str, prompt: list[dict], side: list[dict], field: str) -> list[dict]:
+    """The answer turns of one side: a side that repeats the prompt's turns first (UltraFeedback) is cut to what
+    follows them; it must then start and end with an assistant turn."""
+    if side[: len(prompt)] == prompt:
+        side = side[len(prompt):]
+    if not side or side[-1]["role"] != "assistant":
+        raise UserError(f"{where}: field '{field}' must end with an assistant turn")
+    if side[0]["role"] != "assistant":
+        raise UserError(f"{where}: field '{field}' starts with turns that are not the prompt's; expected the answer, "
+                        "or the prompt's turns followed by the answer")
+    return side
+
+
+def _split_shared(where: str, obj: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """HH-RLHF pairs without a prompt: the turns both sides share, up to the last user turn, are the prompt."""
+    chosen, rejected = turns(where, obj, "chosen"), turns(where, obj, "rejected")
+    n = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+    while n and chosen[n - 1]["role"] != "user":
+        n -= 1
+    if not n:
+        raise UserError(f"{where}: no 'prompt' field and 'chosen' and 'rejected' share no leading user turn; expected "
+                        "a prompt, or both sides written as the same conversation with different answers")
+    return chosen[:n], _answer(where, chosen[:n], chosen[n:], "chosen"), _answer(where, [], rejected[n:], "rejected")
+
+
 def validate(where: str, obj: dict, kind: str) -> dict:
-    """Check one record and return it in canonical form:
-    sft -> {"messages": [...]} (at least one assistant turn); pairs -> {"prompt": messages, "chosen": str|messages,
-    "rejected": ...}; prompts -> {"prompt": messages} (ending with a user turn)."""
+    """Check one record of any layout (README, "Data") and return it in canonical form:
+    sft -> {"messages"} (with an assistant turn) or {"text"}; pairs -> {"prompt": messages, "chosen": messages,
+    "rejected": messages} (each side the answer turn(s) only) and an optional "margin"; prompts -> {"prompt":
+    messages} (ending with a user turn)."""
     if kind == "sft":
         if "messages" in obj:
-            _check_messages(where, obj["messages"])
-            if not any(m["role"] == "assistant" for m in obj["messages"]):
+            msgs = turns(where, obj, "messages")
+            if not any(m["role"] == "assistant" for m in msgs):
                 raise UserError(f"{where}: field 'messages' has no assistant turn to learn from")
-            return {"messages": obj["messages"]}
-        for f in ("prompt", "response"):
-            _check_text(where, obj, f)
-        return {"messages": to_messages(obj["prompt"]) + [{"role": "assistant", "content": obj["response"]}]}
+            return {"messages": msgs}
+        if "text" in obj and "prompt" not in obj:
+            _check_text(where, obj, "text")
+            if not isinstance(obj["text"], str):
+                raise UserError(f"{where}: field 'text' must be a string")
+            return {"text": obj["text"]}
+        if "prompt" not in obj and "chosen" in obj:  # HH-RLHF: the chosen conversation
+            msgs = turns(where, obj, "chosen")
+            if msgs[-1]["role"] != "assistant":
+                raise UserError(f"{where}: field 'chosen' must end with an assistant turn")
+            return {"messages": msgs}
+        prompt = turns(where, obj, "prompt")
+        field = next((f for f in ("response", "completion", "chosen") if f in obj), "response")
+        return {"messages": prompt + _answer(where, prompt, turns(where, obj, field, "assistant"), field)}
     if kind == "pairs":
-        for f in ("prompt", "chosen", "rejected"):
-            _check_text(where, obj, f)
-        out = {"prompt": to_messages(obj["prompt"]), "chosen": obj["chosen"], "rejected": obj["rejected"]}
+        if "prompt" in obj:
+            prompt = turns(where, obj, "prompt")
+            sides = [_answer(where, prompt, turns(where, obj, f, "assistant"), f) for f in ("chosen", "rejected")]
+        else:
+            prompt, *sides = _split_shared(where, obj)
+        out = {"prompt": prompt, "chosen": sides[0], "rejected": sides[1]}
         if "margin" in obj:
-            if not isinstance(obj["margin"], (int, float)):
+            if not isinstance(obj["margin"], (int, float)) or isinstance(obj["margin"], bool):
                 raise UserError(f"{where}: field 'margin' must be a number")
             out["margin"] = float(obj["margin"])
         return out
     if kind == "prompts":
-        if "messages" in obj:
-            _check_messages(where, obj["messages"])
-            if obj["messages"][-1]["role"] != "user":
-                raise UserError(f"{where}: field 'messages' must end with a user turn")
-            return {"prompt": obj["messages"]}
-        _check_text(where, obj, "prompt")
-        return {"prompt": to_messages(obj["prompt"])}
+        if "prompt" in obj:
+            msgs, field = turns(where, obj, "prompt"), "prompt"
+        elif "messages" in obj:  # a conversation: everything before its last answer
+            msgs, field = turns(where, obj, "messages"), "messages"
+            while msgs and msgs[-1]["role"] == "assistant":
+                msgs = msgs[:-1]
+        elif "chosen" in obj:
+            msgs, field = _split_shared(where, obj)[0], "chosen"
+        else:
+            raise UserError(f"{where}: field 'prompt' is missing; expected a non-empty string or message list")
+        if not msgs or msgs[-1]["role"] != "user":
+            raise UserError(f"{where}: field '{field}' has no user turn to answer"
+                            if not any(m["role"] == "user" for m in msgs) else
+                            f"{where}: field '{field}' must end with a user turn")
+        return {"prompt": msgs}
     raise ValueError(kind)
 
 
-def load_data(spec: str, kind: str, split: str = "train") -> list[dict]:
-    """Records for a stage. `spec` is `toy` (the demo, `split` picks its disjoint part), one or more JSONL files
-    separated by commas, or the name of a Hugging Face dataset (when `datasets` is installed)."""
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers within 3 s (datasets would otherwise retry for a minute)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _dataset_rows(path: str, split: str | None):
+    """(where, row) of a `datasets` save_to_disk folder or an HF hub dataset."""
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is None:
+        raise UserError(f"--data {path}: not a data file, and `datasets` (to read a dataset folder or an HF hub "
+                        "name) is not installed: pip install datasets")
+    told = "1" in (os.environ.get("HF_DATASETS_OFFLINE"), os.environ.get("HF_HUB_OFFLINE"))
+    offline = not os.path.isdir(path) and not told and not _hub_reachable()
+    if offline:  # read the local cache only (set before datasets reads these at import)
+        os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    import datasets
+
+    try:
+        if os.path.isdir(path):
+            ds = datasets.load_from_disk(path)
+        else:
+            if offline:  # datasets was imported already: its flags too
+                import huggingface_hub.constants
+
+                datasets.config.HF_DATASETS_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+                huggingface_hub.constants.HF_HUB_OFFLINE = True
+            ds = datasets.load_dataset(path, split=split or "train")
+    except Exception as e:  # no network, no such dataset or split, a folder that is not a dataset
+        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        where = " (offline: the hub did not answer)" if offline else ""
+        raise UserError(f"--data {path}: cannot load it with `datasets`{where}: {why}")
+    if isinstance(ds, datasets.DatasetDict):
+        if (split or "train") not in ds:
+            raise UserError(f"--data {path}: no split '{split or 'train'}' (it has {', '.join(ds)}); pass "
+                            "--data_split / --eval_split")
+        ds = ds[split or "train"]
+    for i, row in enumerate(ds):
+        yield f"{path}[{split or 'train'}][{i}]", dict(row)
+
+
+def load_data(spec: str, kind: str, split: str | None = None, skip_invalid: bool = False) -> list[dict]:
+    """Canonical records (see validate) for a stage. `spec` is `toy` (the demo; `split` train or eval picks its
+    disjoint part), or comma-separated sources: JSONL files, JSON array files, `datasets` save_to_disk folders or
+    HF hub names (those two read `split`, default train). A bad record stops with its one-line error, or with
+    `skip_invalid` is dropped and counted."""
     if spec == "toy":
-        return toy_data(kind, split)
-    records = []
+        return toy_data(kind, split or "train")
+    records, skipped = [], []
     for path in spec.split(","):
-        if path.endswith((".jsonl", ".json")) or os.path.exists(path):
-            records += [validate(w, o, kind) for w, o in _read_jsonl(path)]
-            continue
-        try:
-            import datasets
-        except ImportError:
-            raise UserError(f"--data {path}: no such file (and `datasets` is not installed for hub datasets)")
-        ds = datasets.load_dataset(path, split=split)
-        records += [validate(f"{path}[{i}]", dict(o), kind) for i, o in enumerate(ds)]
+        if os.path.isfile(path):
+            if split not in (None, "train"):
+                raise UserError(f"--data {path}: a file has no split '{split}'; pass held-out data as --eval_data")
+            rows = _read_rows(path)
+        elif path.endswith((".jsonl", ".json")) or path.startswith((".", "/", "~")) and not os.path.isdir(path):
+            raise UserError(f"--data {path}: no such data file")
+        else:
+            rows = _dataset_rows(path, split)
+        for where, obj in rows:
+            try:
+                if isinstance(obj, str):
+                    raise UserError(f"{where}: {obj}")
+                records.append(validate(where, obj, kind))
+            except UserError as e:
+                if not skip_invalid:
+                    raise
+                skipped.append(e.code.removeprefix("error: "))
+    if skipped:
+        print0(f"--skip_invalid: dropped {len(skipped)} invalid records of {spec} (first: {skipped[0]})")
+    if not records:
+        raise UserError(f"--data {spec}: no valid records")
     return records
+
+
+def load_splits(data: str, eval_data: str | None, data_split: str, eval_split: str | None, kind: str,
+                skip_invalid: bool) -> tuple[list[dict], list[dict] | None]:
+    """Training records and held-out records: --eval_data, else --data's --eval_split, else (None) a share of the
+    training records that the caller holds out (split_eval); the demo has its own eval prompts."""
+    train = load_data(data, kind, data_split, skip_invalid)
+    source = eval_data or (data if eval_split or data == "toy" else None)
+    if source is None:
+        return train, None
+    split = eval_split or ("eval" if source == "toy" else None)
+    return train, load_data(source, kind, split, skip_invalid)
 
 
 def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -710,7 +973,8 @@ def toy_data(kind: str, split: str) -> list[dict]:
             ga, gb = gold_score(p, a), gold_score(p, b)
             if abs(ga - gb) >= 0.15:
                 chosen, rejected = (a, b) if ga > gb else (b, a)
-                records.append({"prompt": to_messages(p), "chosen": chosen, "rejected": rejected})
+                records.append({"prompt": to_messages(p), "chosen": [{"role": "assistant", "content": chosen}],
+                                "rejected": [{"role": "assistant", "content": rejected}]})
     return records
 
 

@@ -52,9 +52,16 @@ class Args:
     """allow a reward model whose tokenizer differs from the actor's: responses are decoded and re-tokenised for
     it (the critic then starts from the actor with a new value head)"""
     data: str = "toy"
-    """prompts: JSONL file(s) ({"prompt"} or {"messages"} ending with a user turn), an HF dataset, or `toy`"""
+    """prompts: JSONL or JSON file(s), comma-separated, a `datasets` folder or an HF dataset name (any layout of
+    README's "Data": the prompt field first, else the turns before the last answer), or `toy`"""
     eval_data: str | None = None
     """held-out prompts; default: --eval_fraction of --data (`toy`: the demo's eval prompts)"""
+    data_split: str = "train"
+    """split of a dataset folder or HF hub dataset that --data names"""
+    eval_split: str | None = None
+    """held-out split of --data (e.g. test_prefs); default: --eval_data, else --eval_fraction of --data"""
+    skip_invalid: bool = False
+    """drop (and count) records that do not fit a layout, instead of stopping at the first"""
     eval_fraction: float = 0.02
     """share of --data held out for evaluation when --eval_data is not given"""
     max_seq_len: int | None = None
@@ -133,7 +140,7 @@ class Args:
     ema_decay: float = 0.992
     """EMA decay per optimizer step"""
     ptx_data: str | None = None
-    """PPO-ptx (InstructGPT): SFT-format data whose language-modelling loss is added to the actor's loss"""
+    """PPO-ptx (InstructGPT): SFT-format or {"text"} data whose language-modelling loss is added to the actor's"""
     ptx_coef: float = 0.05
     """weight of the ptx loss"""
     # systems
@@ -293,10 +300,11 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tenso
     return -(logp.exp() * logp).sum(-1)
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
-    """Keep each response up to and including its first EOS; pad the rest. Returns the cleaned responses, the mask
-    of real tokens, the lengths and whether each row emitted EOS (looked for in the response only)."""
-    is_eos = responses == eos_id
+def truncate_after_eos(responses: torch.Tensor, eos_id: int | list[int], pad_id: int):
+    """Keep each response up to and including its first EOS (any of the ids `eos_id`: the EOS and the chat
+    template's end of turn, common.stop_token_ids); pad the rest. Returns the cleaned responses, the mask of real
+    tokens, the lengths and whether each row emitted EOS (looked for in the response only)."""
+    is_eos = torch.isin(responses, torch.tensor(eos_id, device=responses.device).reshape(-1))
     has_eos = is_eos.any(1)
     none = torch.full_like(has_eos, responses.shape[1], dtype=torch.long)
     first = torch.where(has_eos, is_eos.int().argmax(1), none)
@@ -447,7 +455,7 @@ def generation_config(args: Args, tokenizer, greedy: bool = False):
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=args.temperature)
     return GenerationConfig(**sampling, top_k=0, top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0,
                             no_repeat_ngram_size=0, num_beams=1, min_new_tokens=0,
-                            max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                            max_new_tokens=args.max_new_tokens, eos_token_id=common.stop_token_ids(tokenizer),
                             pad_token_id=tokenizer.pad_token_id, use_cache=True)
 
 
@@ -469,7 +477,7 @@ def generate(actor, prompt_ids: list[list[int]], tokenizer, gen_config, zero_sta
                               synced_gpus=zero_stage == 3 and sharded and common.world_size() > 1)
             responses += list(seq[:, prompts.shape[1]:])
     responses = torch.nn.utils.rnn.pad_sequence(responses, batch_first=True, padding_value=pad_id)
-    responses, mask, lengths, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, pad_id)
+    responses, mask, lengths, has_eos = truncate_after_eos(responses, gen_config.eos_token_id, pad_id)
     width = int(lengths.max())
     responses, mask = responses[:, :width], mask[:, :width]
     prompts = common.pad(prompt_ids, pad_id, side="left").to(device)
@@ -496,15 +504,19 @@ def reward_scores(reward, rollout: dict, n_prompt: int, micro: int, retok=None):
 
 
 def make_retokenizer(actor_tok, reward_tok, prompts: list, device):
-    """Rebuild prompt + response in the reward model's tokenizer (prompt formatting with its own template)."""
+    """Rebuild prompt + response in the reward model's tokenizer (its own template): an ended response as a whole
+    answer turn, scored at its end-of-turn token; an unfinished one as text after the prompt."""
 
     def retok(rollout: dict):
         rows = []
         for i, msgs in enumerate(prompts):
             n = int(rollout["lengths"][i]) - int(rollout["has_eos"][i])
             text = actor_tok.decode(rollout["seq"][i, -rollout["mask"].shape[1]:][:n], skip_special_tokens=True)
-            ids = common.encode_prompt(reward_tok, msgs) + reward_tok(text, add_special_tokens=False)["input_ids"]
-            rows.append(ids + [reward_tok.eos_token_id] * int(rollout["has_eos"][i]))
+            if rollout["has_eos"][i]:
+                rows.append(common.encode_scored(reward_tok, msgs + [{"role": "assistant", "content": text}]))
+            else:
+                rows.append(common.encode_prompt(reward_tok, msgs)
+                            + reward_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
         seq = common.pad(rows, reward_tok.pad_token_id).to(device)
         return seq, common.pad([[1] * len(r) for r in rows], 0).to(device)
 
@@ -569,18 +581,20 @@ def main(args: Args):
     if not same_tok and not args.reward_tokenizer:
         raise common.UserError(f"--reward {args.reward}: its tokenizer differs from the actor's ({args.actor}); pass "
                                "--reward_tokenizer to re-tokenise responses for it")
-    records = common.load_data(args.data, "prompts")
-    if args.eval_data or toy:
-        eval_records = common.load_data(args.eval_data or "toy", "prompts", split="eval")
-    else:
+    records, eval_records = common.load_splits(args.data, args.eval_data, args.data_split, args.eval_split,
+                                               "prompts", args.skip_invalid)
+    if eval_records is None:
         records, eval_records = common.split_eval(records, args.eval_fraction, args.seed)
     eval_records = eval_records[: args.num_eval_prompts]
     max_prompt = max_seq_len - args.max_new_tokens
     prompts, n_cut = encode_prompts(records, tokenizer, max_prompt, args.truncation, args.data)
     eval_prompts, _ = encode_prompts(eval_records, tokenizer, max_prompt, args.truncation, "eval data")
     ptx = None
+    common.print0("example prompt:\n" + tokenizer.decode(prompts[0]))
     if args.ptx_data:
-        ptx = [common.encode_conversation(tokenizer, r["messages"]) for r in common.load_data(args.ptx_data, "sft")]
+        ptx = [common.encode_record(tokenizer, r) for r in common.load_data(args.ptx_data, "sft", None,
+                                                                            args.skip_invalid)]
+        common.print0("example ptx (trained tokens in [[ ]]):\n" + common.show_example(tokenizer, *ptx[0]))
         ptx = [(common.truncate_left(i, max_seq_len)[0], common.truncate_left(m, max_seq_len)[0])
                for i, m in ptx]
     per_iter = args.rollout_batch_size * world

@@ -38,9 +38,16 @@ class Args:
     model: str = "./sft_ckpt"
     """causal LM (a new score head is made) or reward model (its head is kept): HF hub name or local folder"""
     data: str = "toy"
-    """JSONL file(s), comma-separated ({"prompt", "chosen", "rejected"[, "margin"]}), an HF dataset name, or `toy`"""
+    """pairs: JSONL or JSON file(s), comma-separated, a `datasets` folder or an HF dataset name (layouts: README,
+    "Data"), or `toy`"""
     eval_data: str | None = None
     """held-out pairs in the same format; default: hold out --eval_fraction of --data (`toy`: its eval prompts)"""
+    data_split: str = "train"
+    """split of a dataset folder or HF hub dataset that --data names"""
+    eval_split: str | None = None
+    """held-out split of --data (e.g. test_prefs); default: --eval_data, else --eval_fraction of --data"""
+    skip_invalid: bool = False
+    """drop (and count) records that do not fit a layout, instead of stopping at the first"""
     eval_fraction: float = 0.05
     """share of --data held out for evaluation when --eval_data is not given"""
     max_seq_len: int | None = None
@@ -102,16 +109,17 @@ class Args:
 
 
 def encode_pair(tokenizer, record: dict, max_seq_len: int, truncation: str, where: str):
-    """Token ids of prompt + chosen and prompt + rejected, each ending with the EOS id; a third flag says whether
-    either was cut from the left."""
+    """Token ids of prompt + chosen and prompt + rejected, each ending with the token that ends the answer's turn
+    (EOS, or the chat template's end of turn), where the score is read; a third flag says whether either was cut
+    from the left."""
     out, cut = [], False
     for side in ("chosen", "rejected"):
         answer = record[side]
         if isinstance(answer, str):
             answer = [{"role": "assistant", "content": answer}]
-        elif answer[-1]["role"] != "assistant":  # the score is read at the EOS that ends an assistant turn
+        elif answer[-1]["role"] != "assistant":  # the score is read at the token that ends an assistant turn
             raise common.UserError(f"{where}: field '{side}' must end with an assistant turn")
-        ids, _ = common.encode_conversation(tokenizer, record["prompt"] + answer)
+        ids = common.encode_scored(tokenizer, record["prompt"] + answer)
         if len(ids) > max_seq_len and truncation == "error":
             raise common.UserError(f"{where}: {side} has {len(ids)} tokens > --max_seq_len {max_seq_len} "
                                    "(pass --truncation left to cut it)")
@@ -225,20 +233,27 @@ def main(args: Args):
         return pairs, n_cut
 
     # encoded before the eval split, so that an error names pairs in the order of the file
-    train, n_cut = encode(common.load_data(args.data, "pairs"), args.data)
-    if args.eval_data or toy:
-        eval_records = common.load_data(args.eval_data or "toy", "pairs", split="eval")
-        evals, _ = encode(eval_records, args.eval_data or "toy")
+    train_records, eval_records = common.load_splits(args.data, args.eval_data, args.data_split, args.eval_split,
+                                                     "pairs", args.skip_invalid)
+    train, n_cut = encode(train_records, args.data)
+    if eval_records is not None:
+        evals, _ = encode(eval_records, args.eval_data or args.data)
     else:
         train, evals = common.split_eval(train, args.eval_fraction, args.seed)
     gold = None
     if toy and not args.eval_data:
-        gold = [common.gold_score(r["prompt"][-1]["content"], r[side]) for side in ("chosen", "rejected")
-                for r in eval_records]
+        gold = [common.gold_score(r["prompt"][-1]["content"], r[side][-1]["content"])
+                for side in ("chosen", "rejected") for r in eval_records]
+    r = train_records[0]
+    for side in ("chosen", "rejected"):  # the score is read at the last token
+        ids, mask = common.encode_conversation(tokenizer, r["prompt"] + r[side])
+        n = len(common.encode_scored(tokenizer, r["prompt"] + r[side]))
+        common.print0(f"example {side} (answer in [[ ]], scored at its last token):\n"
+                      + common.show_example(tokenizer, ids[:n], mask[:n]))
     # normalisation set: SFT-style responses (demo: held-out demonstrations; else both sides of the eval pairs)
     if toy:
         sft_eval = common.load_data("toy", "sft", split="eval")
-        norm_seqs = [common.encode_conversation(tokenizer, r["messages"])[0][-max_seq_len:] for r in sft_eval]
+        norm_seqs = [common.encode_scored(tokenizer, r["messages"])[-max_seq_len:] for r in sft_eval]
     else:
         norm_seqs = [p[0] for p in evals] + [p[1] for p in evals]
     micro = common.fit_micro_batch(args.per_device_batch_size, len(train), world * args.gradient_accumulation_steps,

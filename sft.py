@@ -30,9 +30,16 @@ class Args:
     model: str = "toy"
     """Hugging Face hub name or local folder of a causal LM; `toy` builds the demo model"""
     data: str = "toy"
-    """JSONL file(s), comma-separated ({"prompt", "response"} or {"messages"}), an HF dataset name, or `toy`"""
+    """JSONL or JSON file(s), comma-separated, a `datasets` folder or an HF dataset name (layouts: README, "Data"),
+    or `toy`"""
     eval_data: str | None = None
     """held-out data in the same format; default: hold out --eval_fraction of --data (`toy`: its eval prompts)"""
+    data_split: str = "train"
+    """split of a dataset folder or HF hub dataset that --data names"""
+    eval_split: str | None = None
+    """held-out split of --data (e.g. test_prefs); default: --eval_data, else --eval_fraction of --data"""
+    skip_invalid: bool = False
+    """drop (and count) records that do not fit a layout, instead of stopping at the first"""
     eval_fraction: float = 0.02
     """share of --data held out for evaluation when --eval_data is not given"""
     max_seq_len: int | None = None
@@ -95,10 +102,11 @@ class Args:
 
 
 def tokenize(records: list[dict], tokenizer, max_seq_len: int, truncation: str, source: str):
-    """Token ids and loss masks (True on assistant tokens, EOS included) for every record; counts left-truncations."""
+    """Token ids and loss masks (True on each answer and the token ending its turn; on every token of a {"text"}
+    record) for every record; counts left-truncations."""
     examples, n_truncated = [], 0
     for i, r in enumerate(records):
-        ids, mask = common.encode_conversation(tokenizer, r["messages"])
+        ids, mask = common.encode_record(tokenizer, r)
         if len(ids) > max_seq_len:
             if truncation == "error":
                 raise common.UserError(f"{source} record {i + 1}: {len(ids)} tokens > --max_seq_len {max_seq_len} "
@@ -162,15 +170,16 @@ def main(args: Args):
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
     max_seq_len = common.fit_max_seq_len(args.max_seq_len, common.model_context(args.model, args.trust_remote_code))
     # tokenised before the eval split, so that an error names records in the order of the file
-    train, n_cut = tokenize(common.load_data(args.data, "sft"), tokenizer, max_seq_len, args.truncation,
-                            args.data)
+    train_records, eval_records = common.load_splits(args.data, args.eval_data, args.data_split, args.eval_split,
+                                                     "sft", args.skip_invalid)
+    train, n_cut = tokenize(train_records, tokenizer, max_seq_len, args.truncation, args.data)
     n_cut_eval = 0
-    if args.eval_data or args.data == "toy":
-        eval_source = args.eval_data or "toy"
-        evals, n_cut_eval = tokenize(common.load_data(eval_source, "sft", split="eval"), tokenizer,
-                                     max_seq_len, args.truncation, eval_source)
+    if eval_records is not None:
+        evals, n_cut_eval = tokenize(eval_records, tokenizer, max_seq_len, args.truncation,
+                                     args.eval_data or args.data)
     else:
         train, evals = common.split_eval(train, args.eval_fraction, args.seed)
+    common.print0("example (trained tokens in [[ ]]):\n" + common.show_example(tokenizer, *train[0]))
     micro = common.fit_micro_batch(args.per_device_batch_size, len(train), world * args.gradient_accumulation_steps,
                                    "examples")
     global_batch = micro * world * args.gradient_accumulation_steps

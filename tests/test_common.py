@@ -17,7 +17,7 @@ MULTI = [{"role": "system", "content": "be kind"}, *SINGLE, {"role": "user", "co
 
 
 # a Llama-2-style template that writes the BOS itself, while the tokenizer adds one too
-BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}"
+BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}[assistant] {{ m['content'] }}"
                 "{{ eos_token }}{% else %}[{{ m['role'] }}] {{ m['content'] }} {% endif %}{% endfor %}"
                 "{% if add_generation_prompt %}[assistant] {% endif %}")
 
@@ -77,7 +77,8 @@ def test_encode_conversation_masks_answers_and_their_eos_only(name, template, ti
         context = tok.decode([i for i, m in zip(ids, mask) if not m])
         for m in msgs:  # every non-assistant turn is in the context, in order, and never in the loss
             assert m["content"] in context or m["role"] == "assistant"
-        assert ids[-1] == tok.eos_token_id and mask[-1]
+        last = max(i for i, m in enumerate(mask) if m)  # the template's markup after the last answer is context
+        assert ids[last] == tok.eos_token_id and not tok.decode(ids[last + 1:]).strip()
 
 
 @pytest.mark.parametrize("name,template", CASES)
@@ -87,8 +88,9 @@ def test_prompt_is_a_prefix_of_its_conversation(name, template, tiny_models):
     for msgs in (SINGLE, MULTI):
         ids, mask = common.encode_conversation(tok, msgs)
         prompt = common.encode_prompt(tok, msgs[:-1])
-        assert ids[: len(prompt)] == prompt and all(mask[len(prompt):]) and not mask[len(prompt) - 1]
-        assert len(ids) == len(prompt) + len(tok(msgs[-1]["content"], add_special_tokens=False)["input_ids"]) + 1
+        assert ids[: len(prompt)] == prompt and mask[len(prompt)] and not mask[len(prompt) - 1]
+        n_answer = len(tok(msgs[-1]["content"], add_special_tokens=False)["input_ids"]) + 1
+        assert sum(mask[len(prompt):]) == n_answer and not tok.decode(ids[len(prompt) + n_answer:]).strip()
         if tok.bos_token_id is not None and tok.bos_token_id != tok.eos_token_id:  # llama: BOS once, first
             assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
         if name == "opt":  # BOS == EOS: one at the start, the others are the answers' EOS

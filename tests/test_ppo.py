@@ -384,8 +384,7 @@ def test_bad_flags_give_one_line_errors(tiny_models, tiny_pair, tmp_path):
                    tmp_path / "o", check=False)
     assert_clean_error(p, tmp_path / "o", "--actor", "no such model folder")
     bad = tmp_path / "p.jsonl"
-    bad.write_text('{"prompt": "hi"}\n{"messages": [{"role": "user", "content": "a"}, '
-                   '{"role": "assistant", "content": "b"}]}\n')
+    bad.write_text('{"prompt": "hi"}\n{"messages": [{"role": "assistant", "content": "b"}]}\n')
     p = run_script("ppo.py", "--actor", tiny_models["llama"], "--reward", tiny_pair / "rm", "--data", bad,
                    "--output_dir", tmp_path / "o", check=False)
     assert_clean_error(p, tmp_path / "o", "p.jsonl:2", "messages", "user turn")
