@@ -5,6 +5,7 @@ Thin on purpose: no training loop, loss or RL math lives here (those stay in eac
 
 import atexit
 import errno
+import functools
 import json
 import math
 import os
@@ -30,7 +31,7 @@ class UserError(SystemExit):
         super().__init__(f"error: {message}")
 
 
-def _excepthook(kind, value, tb):
+def _excepthook(kind, value, tb, other_errors=sys.__excepthook__):
     """A full disk is one line, not a traceback (the newest checkpoint stays usable: DeepSpeed writes `latest`
     last, save_hf moves config.json in last). torch.save reports it as a RuntimeError, safetensors as its own."""
     chain, e = [], value
@@ -47,7 +48,7 @@ def _excepthook(kind, value, tb):
             print(f"error: the disk is full{where}: {first}; free some space, then --resume from the last "
                   "checkpoint", file=sys.stderr)
             return
-    sys.__excepthook__(kind, value, tb)
+    other_errors(kind, value, tb)
 
 
 sys.excepthook = _excepthook
@@ -83,6 +84,9 @@ def init_distributed() -> torch.device:
         # tear the process group down at exit while the interpreter is whole: left to the interpreter's own teardown,
         # gloo's threads can abort a finished rank ("terminate called without an active exception", pytorch#190489)
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        # torch prefixes every line of an uncaught error with "[rankN]: " (its hook wraps ours): keep that for
+        # tracebacks, and a full disk one plain line
+        sys.excepthook = functools.partial(_excepthook, other_errors=sys.excepthook)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
