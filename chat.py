@@ -43,7 +43,7 @@ class Args:
     """JSONL prompts ({"prompt"} or {"messages"}), or `toy` for the demo's held-out eval prompts"""
     output: str | None = None
     """write one JSON line per prompt here ({"prompt", "response", ...}) instead of printing the answers (checked
-    before anything is generated; never one of the inputs)"""
+    before anything is generated; never the --prompts file)"""
     system: str | None = None
     """a system message put before every conversation"""
     # sampling
@@ -73,14 +73,12 @@ RANGES = {"temperature": ">= 0", "top_p": "0 < x <= 1", "max_new_tokens": ">= 1"
 
 
 def check_output(args: Args):
-    """--output is checked before anything is generated: its folder exists and takes files, and it is not an input."""
+    """--output is checked before anything is generated: its folder exists and takes files, it is not --prompts."""
     out = Path(args.output)
     if out.is_dir():
         raise common.UserError(f"--output {args.output}: is a folder; expected a file name")
-    for flag in ("prompts", "model", "compare", "reward"):
-        value = getattr(args, flag)
-        if value and os.path.exists(value) and Path(value).resolve() in (out.resolve(), *out.resolve().parents):
-            raise common.UserError(f"--output {args.output}: would overwrite --{flag} {value}")
+    if args.prompts and os.path.exists(args.prompts) and Path(args.prompts).resolve() == out.resolve():
+        raise common.UserError(f"--output {args.output}: would overwrite --prompts {args.prompts}")
     folder = out.parent
     if not folder.is_dir():
         raise common.UserError(f"--output {args.output}: no such folder {folder}")
