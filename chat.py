@@ -11,8 +11,10 @@ rw_eval (a reward model scores every answer). No DeepSpeed here: plain transform
 """
 
 import json
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -45,29 +47,59 @@ class Args:
     skip_invalid: bool = False
     """drop (and count) --prompts records that do not fit a layout, instead of stopping at the first"""
     output: str | None = None
-    """write one JSON line per prompt here ({"prompt", "response", ...}) instead of printing the answers"""
+    """write one JSON line per prompt here ({"prompt", "response", ...}) instead of printing the answers (checked
+    before anything is generated; never the --prompts file)"""
     system: str | None = None
     """a system message put before every conversation"""
     # sampling
     temperature: float = 0.7
-    """sampling temperature (0: greedy)"""
+    """sampling temperature (>= 0; 0: greedy)"""
     top_p: float = 0.9
-    """nucleus sampling: sample from the smallest set of tokens whose probability reaches this"""
+    """nucleus sampling: sample from the smallest set of tokens whose probability reaches this (0 < x <= 1)"""
     max_new_tokens: int | None = None
-    """longest answer in tokens; default 128, or half the model's context when that is shorter than 256 tokens"""
+    """longest answer in tokens (>= 1); default 128, or half the model's context when that is shorter than 256"""
     greedy: bool = False
     """always pick the most likely token instead of sampling"""
     seed: int = 0
-    """sampling seed (each model of a comparison starts from it)"""
+    """sampling seed (each model of a comparison starts from it) (0 <= x <= 4294967295)"""
     # context and batching
     max_context: int = 0
-    """context length in tokens (prompt + answer); 0: the model's max_position_embeddings. Older whole turns of
+    """context length in tokens (prompt + answer; >= 0); 0: the model's max_position_embeddings. Older whole turns of
     the history are dropped to keep the prompt within max_context - max_new_tokens"""
     batch_size: int = 16
-    """prompts per generate call (left padding) and per reward-model forward"""
+    """prompts per generate call (left padding) and per reward-model forward (>= 1)"""
     # launcher
     local_rank: int = -1
     """set by the deepspeed launcher; do not pass by hand"""
+
+
+RANGES = {"temperature": ">= 0", "top_p": "0 < x <= 1", "max_new_tokens": ">= 1", "seed": "0 <= x <= 4294967295",
+          "max_context": ">= 0", "batch_size": ">= 1"}
+
+
+def check_output(args: Args):
+    """--output is checked before anything is generated: its folder exists and takes files, it is not --prompts."""
+    out = Path(args.output)
+    if out.is_dir():
+        raise common.UserError(f"--output {args.output}: is a folder; expected a file name")
+    if args.prompts and os.path.exists(args.prompts) and Path(args.prompts).resolve() == out.resolve():
+        raise common.UserError(f"--output {args.output}: would overwrite --prompts {args.prompts}")
+    folder = out.parent
+    if not folder.is_dir():
+        raise common.UserError(f"--output {args.output}: no such folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise common.UserError(f"--output {args.output}: cannot write into {folder}")
+
+
+def read_line(prompt: str) -> str:
+    """One line typed by the user. stdin is read as UTF-8 whatever the locale; bad bytes raise a ValueError that
+    says so (the line is skipped, the chat goes on)."""
+    line = input(prompt)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:  # the surrogates that stand for undecodable bytes
+        raise ValueError(f"(that line is not valid UTF-8 at character {e.start + 1}; it was ignored)")
+    return line
 
 
 def load(path: str, flag: str, args: Args, device: torch.device, reward: bool = False):
@@ -182,10 +214,13 @@ def chat_loop(model, tokenizer, args: Args, device):
     print(f"chat with {args.model}: /reset clears the history, /quit or Ctrl-D leaves", flush=True)
     while True:
         try:
-            line = input("you> ").strip()
+            line = read_line("you> ").strip()
         except (EOFError, KeyboardInterrupt):
             print()
             return
+        except ValueError as e:
+            print(e, file=sys.stderr, flush=True)
+            continue
         if line == "/quit":
             return
         if line == "/reset":
@@ -227,6 +262,17 @@ def main(args: Args):
         raise common.UserError("pass --prompt or --prompts, not both")
     if args.output and args.prompt is None and args.prompts is None:
         raise common.UserError("--output needs --prompt or --prompts (the interactive chat writes no file)")
+    common.check_numbers(args, RANGES)
+    if args.output:
+        check_output(args)
+    if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise common.UserError("--prompt is not valid UTF-8")
+    # stdin as UTF-8 whatever the locale; undecodable bytes become surrogates that read_line reports
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     common.seed_everything(args.seed)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -276,9 +322,11 @@ def main(args: Args):
                 row["gold" + suffix] = common.gold_score(c[-1]["content"], row["response" + suffix])
 
     # --- output: a JSONL file, or the answers side by side ---
-    if args.output:
-        with open(args.output, "w") as f:
+    if args.output:  # written whole, then renamed into place
+        tmp = f"{args.output}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
+        os.replace(tmp, args.output)
     else:
         width = max(len(p) for p in models.values())
         for n, (row, c) in enumerate(zip(rows, conversations), 1):

@@ -4,6 +4,8 @@ and prompt formatting, data loading, checkpoint I/O, logging, seeding and the bu
 Thin on purpose: no training loop, loss or RL math lives here (those stay in each stage's script)."""
 
 import atexit
+import errno
+import functools
 import json
 import math
 import os
@@ -12,6 +14,7 @@ import re
 import shutil
 import socket
 import sys
+import threading
 import time
 import weakref
 from collections import Counter
@@ -30,6 +33,29 @@ class UserError(SystemExit):
         super().__init__(f"error: {message}")
 
 
+def _excepthook(kind, value, tb, other_errors=sys.__excepthook__):
+    """A full disk is one line, not a traceback (the newest checkpoint stays usable: DeepSpeed writes `latest`
+    last, save_hf moves config.json in last). torch.save reports it as a RuntimeError, safetensors as its own."""
+    chain, e = [], value
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    full = ("No space left on device", "Disk quota exceeded", "File too large", "file write failed", "StorageFull",
+            "iostream error", "unexpected pos")  # the last two: torch.save's zip writer when a write fails
+    for e in chain:
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) or any(
+                m in str(e) for m in full):
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            print(f"error: the disk is full{where}: {first}; free some space, then --resume from the last "
+                  "checkpoint", file=sys.stderr)
+            return
+    other_errors(kind, value, tb)
+
+
+sys.excepthook = _excepthook
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # distributed set-up
 
@@ -39,16 +65,30 @@ def init_distributed() -> torch.device:
     world ourselves, because deepspeed.init_distributed would otherwise look for MPI."""
     import deepspeed
 
-    if "RANK" not in os.environ:
+    launched = "RANK" in os.environ
+    if not launched:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU backend compiles its shared-memory all-reduce op (deepspeed_shm_comm) at start-up, used
+        # only by inference_all_reduce (tensor-parallel inference), which these scripts never call. A run killed
+        # during that build leaves torch_extensions/.../deepspeed_shm_comm/lock behind and every later run waits on
+        # it forever, silently; so the op is not built (nor its build lock taken).
+        import deepspeed.comm.torch  # noqa: F401 (the module; `deepspeed.comm.torch` names torch itself)
+
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    if launched and not dist.is_initialized() and Path("/proc/self/stat").exists():
+        watch_launcher()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         # tear the process group down at exit while the interpreter is whole: left to the interpreter's own teardown,
         # gloo's threads can abort a finished rank ("terminate called without an active exception", pytorch#190489)
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        # torch prefixes every line of an uncaught error with "[rankN]: " (its hook wraps ours): keep that for
+        # tracebacks, and a full disk one plain line
+        sys.excepthook = functools.partial(_excepthook, other_errors=sys.excepthook)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -58,6 +98,33 @@ def init_distributed() -> torch.device:
     if local > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return torch.device("cpu")
+
+
+def watch_launcher(interval: float = 1.0):
+    """A rank stops when its launcher is gone: its parent (deepspeed's launch.py, torchrun) and, under the
+    `deepspeed` command, the runner above launch.py, which does not pass a SIGTERM on to its ranks (a killed
+    launcher would otherwise leave ranks training into the same folder as the next run)."""
+    parent = os.getppid()
+    watched = [parent]
+    try:
+        cmdline = Path(f"/proc/{parent}/cmdline").read_bytes().replace(b"\0", b" ")
+        grand = int(_proc_stat(parent)[1])
+        if b"deepspeed.launcher.launch" in cmdline and b"deepspeed" in Path(f"/proc/{grand}/cmdline").read_bytes():
+            watched.append(grand)
+    except (OSError, TypeError, ValueError):
+        pass
+    starts = {pid: (_proc_stat(pid) or [None] * 20)[19] for pid in watched}
+
+    def watch():
+        while all(_alive(pid, starts[pid]) for pid in watched) and os.getppid() == parent:
+            time.sleep(interval)
+        print(f"error: the launcher is gone (pid {' or '.join(map(str, watched))}); stopping rank {rank()}",
+              file=sys.stderr, flush=True)
+        for lock, pid in _held_locks:
+            _release_lock(lock, pid)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="watch-launcher").start()
 
 
 def rank() -> int:
@@ -104,6 +171,33 @@ def resolve_dtype(name: str) -> torch.dtype:
 def check_zero_stage(stage: int, flag: str = "--zero_stage"):
     if stage not in (0, 1, 2, 3):
         raise UserError(f"{flag} {stage}: expected 0, 1, 2 or 3")
+
+
+_COMPARE = {">=": float.__ge__, ">": float.__gt__, "<=": float.__le__, "<": float.__lt__}
+
+
+def in_range(x: float, spec: str) -> bool:
+    """Whether x meets a range written as in --help: `>= 1`, `> 0`, `0 <= x < 1`, `-1 or >= 1` (never NaN/inf)."""
+    x = float(x)
+    if not math.isfinite(x):
+        return False
+    for alt in spec.split(" or "):
+        t = alt.split()
+        if len(t) == 1 and x == float(t[0]):
+            return True
+        if len(t) == 2 and _COMPARE[t[0]](x, float(t[1])):
+            return True
+        if len(t) == 5 and _COMPARE[t[1]](float(t[0]), x) and _COMPARE[t[3]](x, float(t[4])):
+            return True
+    return False
+
+
+def check_numbers(args, ranges: dict[str, str]):
+    """Every numeric flag against its range (the same text is in its --help); None (a default) passes."""
+    for name, spec in ranges.items():
+        value = getattr(args, name)
+        if value is not None and not in_range(value, spec):
+            raise UserError(f"--{name} {value}: expected {spec.replace('x', name)}")
 
 
 def ds_config(zero_stage: int, micro_batch: int, grad_accum: int, dtype: torch.dtype, offload: bool = False,
@@ -733,30 +827,200 @@ def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
 # output folder, checkpoints, logging
 
 
-def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool):
-    """Refuse to mix two runs in one folder unless asked; call before anything is written."""
-    p = Path(output_dir)
+# what these scripts write into an output folder: --overwrite removes these and nothing else
+RUN_FILES = ("args.json", "metrics.jsonl", "checkpoints", "critic", "ema", "config.json", "generation_config.json",
+             "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt",
+             "tokenizer.model", "adapter_config.json", "adapter_model.safetensors")
+RUN_PATTERNS = ("model-*-of-*.safetensors", ".staging-*")
+LOCK = ".lock"
+_held_locks = []  # (lock file, pid) taken by this process
+
+
+def _run_of(folder: Path) -> dict | None:
+    """The `_run` record of a folder's args.json when one of these scripts wrote it, else None."""
+    try:
+        saved = json.loads((folder / "args.json").read_text())
+    except (OSError, ValueError):
+        return None
+    run = saved.get("_run") if isinstance(saved, dict) else None
+    return run if isinstance(run, dict) and "script" in run else None
+
+
+def _check_folder(p: Path, overwrite: bool, resume: bool, script: str):
+    """The rules of an output folder that depend on what is in it (checked again under the lock)."""
     if p.exists() and not p.is_dir():
-        raise UserError(f"--output_dir {output_dir}: exists and is not a folder")
-    if p.is_dir() and any(p.iterdir()) and not (overwrite or resume):
-        raise UserError(f"--output_dir {output_dir}: holds another run; pass --overwrite to replace it or --resume "
-                        "to continue it")
-    if overwrite and not resume and p.is_dir() and any(p.iterdir()) and not (p / "args.json").exists():
-        # --overwrite deletes the folder: never a folder these scripts did not write (say `.` or a home folder)
-        raise UserError(f"--output_dir {output_dir}: --overwrite only replaces a run of these scripts (this folder "
-                        "has no args.json); remove it yourself or choose another folder")
+        raise UserError(f"--output_dir {p}: exists and is not a folder")
+    if not p.is_dir() or not any(f.name != LOCK for f in p.iterdir()):
+        if resume:
+            raise UserError(f"--resume: --output_dir {p} holds no run to continue")
+        return
+    if not (overwrite or resume):
+        raise UserError(f"--output_dir {p}: holds another run; pass --overwrite to replace it or --resume to "
+                        "continue it")
+    run = _run_of(p)
+    if run is None:
+        why = "has no args.json" if not (p / "args.json").exists() else "has an args.json they did not write"
+        raise UserError(f"--output_dir {p}: --{'resume' if resume else 'overwrite'} only takes a run of these scripts "
+                        f"(this folder {why}); remove it yourself or choose another folder")
+    if resume and run["script"] != script:
+        raise UserError(f"--resume: --output_dir {p} holds a run of {run['script']}, not of {script}")
 
 
-def start_output_dir(output_dir: str, args, overwrite: bool, resume: bool):
-    """Rank 0 creates the folder (emptied with --overwrite) and writes args.json."""
+def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, script: str = "", inputs: dict | None = None,
+                       checkpoints: str = "checkpoints") -> str | None:
+    """Check an output folder before anything is read or written; returns the checkpoint tag to resume from.
+
+    Refused: a folder that is, or holds, one of the run's inputs (`inputs`: {flag: path or comma-separated paths});
+    a folder with files in it unless --overwrite (only a run of these scripts) or --resume (only a run of the same
+    script that has a complete checkpoint in `checkpoints`)."""
+    p = Path(output_dir)
+    if overwrite and resume:
+        raise UserError("pass --overwrite (start again) or --resume (continue), not both")
+    out = p.resolve()
+    for flag, value in (inputs or {}).items():
+        for path in str(value or "").split(","):
+            if path and path != "toy" and os.path.exists(path):
+                src = Path(path).resolve()
+                if src == out or out in src.parents:
+                    raise UserError(f"--output_dir {output_dir} holds {flag} {path}, an input of this run; choose "
+                                    "another --output_dir")
+    _check_folder(p, overwrite, resume, script)
+    if not resume:
+        return None
+    tag = latest_checkpoint(p / checkpoints)
+    if tag is None:
+        raise UserError(f"--resume: {p / checkpoints} has no checkpoint to continue from (it is written every "
+                        "--save_every steps); pass --overwrite to start the run again")
+    return tag
+
+
+def checkpoint_step(tag: str) -> int:
+    """The step (or iteration) in one of our tags, `step12` or `iter4`; -1 for a tag we did not write."""
+    digits = "".join(c for c in tag if c.isdigit())
+    return int(digits) if digits and tag.endswith(digits) else -1
+
+
+def check_resume(output_dir: str, args, tag: str, defining: tuple, run: dict, length: str, fixed: tuple = ()):
+    """A resumed run must be the run of its checkpoint. `defining`: flags that define the run; `run`: derived
+    figures saved beside them in args.json (global batch, ranks, run length...); `length` names the entry of `run`
+    that may grow (a longer run continues; one that ends before the checkpoint is refused); `fixed`: names without
+    which the checkpoint cannot be loaded (never accepted). Other differences are refused in one line unless named in
+    --resume_changes."""
+    saved = json.loads((Path(output_dir) / "args.json").read_text())
+    old = {**saved, **saved["_run"]}
+    new = {**json.loads(json.dumps(vars(args), default=str)), **json.loads(json.dumps(run, default=str))}
+    step = checkpoint_step(tag)
+    if step >= 0 and new[length] <= step:
+        raise UserError(f"--resume: the checkpoint is at {step}, this run ends at {new[length]} ({length}); a run "
+                        "that ends before its checkpoint would replace the model with an older one")
+    # ranks matter through the global batch (same global batch, same run), unless the checkpoint is partitioned
+    compared = dict.fromkeys(defining + tuple(k for k in run if k not in (length, "world_size")) + fixed)
+    differ = [k for k in compared if k in old and old[k] != new[k]]
+    if length in old and new[length] < old[length]:
+        differ.append(length)
+    hard = [k for k in differ if k in fixed]
+    if hard:
+        raise UserError("--resume: the checkpoint cannot be loaded with another " + ", ".join(
+            f"{k} ({old[k]} -> {new[k]})" for k in hard))
+    unaccepted = [k for k in differ if k not in getattr(args, "resume_changes", ())]
+    if unaccepted:
+        raise UserError("--resume: this is not the run of the checkpoint: " + ", ".join(
+            f"{k} {old[k]} -> {new[k]}" for k in unaccepted) + f"; pass --resume_changes {' '.join(unaccepted)} to "
+            "continue it so")
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, ..., start time at index 19); None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None = None) -> bool:
+    """Whether process `pid` runs (not a zombie; with `start`, the very process that had that start time)."""
+    if Path("/proc/self/stat").exists():
+        stat = _proc_stat(pid)
+        return stat is not None and stat[0] != "Z" and (start is None or stat[19] == start)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _release_lock(lock: Path, pid: int):
+    try:
+        if json.loads(lock.read_text()).get("pid") == pid:
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def take_lock(folder: Path):
+    """One run per folder: `folder/.lock` holds the owner's pid, host and start time; a lock whose process is gone
+    is stale and replaced. Released at exit."""
+    lock = folder / LOCK
+    stat = _proc_stat(os.getpid())
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": stat[19] if stat else None}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text())
+            except (OSError, ValueError):  # being written this instant, or torn by a crash long ago
+                owner = {} if time.time() - lock.stat().st_mtime > 10 else {"pid": "?", "host": me["host"]}
+            if owner and owner.get("host") != me["host"]:
+                raise UserError(f"--output_dir {folder}: in use by pid {owner.get('pid')} on {owner.get('host')} "
+                                f"({lock}); if no run is going there, remove that file")
+            if owner and (owner["pid"] == "?" or _alive(owner["pid"], owner.get("start"))):
+                raise UserError(f"--output_dir {folder}: in use by another run (pid {owner['pid']}, {lock}); wait "
+                                "for it to end or stop it")
+            print(f"note: removing the stale lock {lock} (pid {owner.get('pid')} is gone)", file=sys.stderr)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        atexit.register(_release_lock, lock, me["pid"])
+        _held_locks.append((lock, me["pid"]))
+        return
+    raise UserError(f"--output_dir {folder}: cannot take {lock}")
+
+
+def start_output_dir(output_dir: str, args, overwrite: bool, resume: bool, run: dict | None = None):
+    """Rank 0 creates the folder, takes its lock, checks it again (another run may have come and gone), removes the
+    files of the old run with --overwrite (RUN_FILES only) and writes args.json: the arguments and, under `_run`,
+    the script and derived figures (`run`) that --resume compares. Other ranks wait; an error stops every rank."""
+    error = None
     if is_rank0():
-        p = Path(output_dir)
-        if overwrite and not resume and p.is_dir():
-            shutil.rmtree(p)
-        p.mkdir(parents=True, exist_ok=True)
-        (p / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
-    if dist.is_initialized():
-        dist.barrier()
+        try:
+            p = Path(output_dir)
+            p.mkdir(parents=True, exist_ok=True)
+            take_lock(p)
+            _check_folder(p, overwrite, resume, (run or {}).get("script", ""))
+            if overwrite:
+                for f in p.iterdir():
+                    if f.name in RUN_FILES or any(f.match(pattern) for pattern in RUN_PATTERNS):
+                        if f.is_dir() and not f.is_symlink():
+                            shutil.rmtree(f)
+                        else:
+                            f.unlink()
+            saved = json.loads(json.dumps(vars(args), default=str)) | {"_run": run or {}}
+            (p / "args.json.tmp").write_text(json.dumps(saved, indent=2) + "\n")
+            os.replace(p / "args.json.tmp", p / "args.json")
+        except UserError as e:
+            error = e
+    if dist.is_initialized() and world_size() > 1:
+        message = [str(error.code) if error else None]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] and error is None:
+            raise UserError(f"rank 0 stopped: {message[0]}")
+    if error:
+        raise error
 
 
 def merged_state_dict(model) -> dict:
@@ -796,6 +1060,7 @@ def save_hf(model, tokenizer, output_dir: str, zero_stage: int, extra_config: di
             stage = out / f".staging-{os.getpid()}"
             shutil.rmtree(stage, ignore_errors=True)
             stage.mkdir(parents=True)
+            atexit.register(shutil.rmtree, stage, ignore_errors=True)  # a failed save (a full disk) leaves nothing
             if lora_adapter and hasattr(model, "peft_config"):
                 model.save_pretrained(stage, safe_serialization=True)
             else:
@@ -865,17 +1130,51 @@ class Logger:
 
 
 def truncate_log(output_dir: str, step: int):
-    """On resume, drop metric rows written after the checkpoint we continue from."""
+    """On resume, drop metric rows written after the checkpoint we continue from. A last line cut short by a crash
+    is dropped with a notice; a bad line before it is an error."""
     p = Path(output_dir) / "metrics.jsonl"
-    if is_rank0() and p.exists():
-        rows = [line for line in p.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        p.write_text("".join(r + "\n" for r in rows))
+    if not is_rank0() or not p.exists():
+        return
+    lines = [line for line in p.read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise UserError(f"{p}:{n}: not a JSON line; fix or remove it to resume")
+            print(f"note: {p}:{n}: dropped a line cut short by the interruption", file=sys.stderr)
+            continue
+        if row.get("step", 0) <= step:
+            rows.append(line)
+    p.write_text("".join(r + "\n" for r in rows))
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
-    """The tag of the newest complete DeepSpeed checkpoint: DeepSpeed writes `latest` only after the shards."""
-    p = Path(output_dir) / "checkpoints" / "latest"
-    return p.read_text().strip() if p.exists() else None
+def latest_checkpoint(folder) -> str | None:
+    """The tag of the newest complete DeepSpeed checkpoint in `folder` (DeepSpeed writes `latest` only after the
+    shards); a `latest` naming a missing tag is an error."""
+    latest = Path(folder) / "latest"
+    if not latest.exists():
+        return None
+    tag = latest.read_text().strip()
+    if not tag or not (Path(folder) / tag).is_dir():
+        raise UserError(f"{latest} names checkpoint {tag!r}, which is not there; write the tag of a checkpoint "
+                        f"folder of {folder} into it, or pass --overwrite to start again")
+    return tag
+
+
+def load_checkpoint(engine, folder: str, tag: str) -> dict:
+    """engine.load_checkpoint with one-line errors: a missing or corrupt shard (a truncated file, a failed copy)
+    fails inside torch.load in many ways. Returns the client state."""
+    try:
+        path, state = engine.load_checkpoint(folder, tag)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{folder}/{tag}: cannot load this checkpoint ({type(e).__name__}: {first}); it may be "
+                        "corrupt: point `latest` at an older tag, or pass --overwrite to start again")
+    if path is None:
+        raise UserError(f"{folder}/{tag}: checkpoint not found")
+    return state or {}
 
 
 def rng_state() -> dict:

@@ -42,12 +42,16 @@ class Args:
     actor: str = "./sft_ckpt"
     """the policy to train: an HF causal LM folder or hub name (usually sft.py's output)"""
     reward: str = "./reward_ckpt"
-    """the reward model: an AutoModelForSequenceClassification folder (reward.py's output)"""
+    """the reward model: an AutoModelForSequenceClassification folder (reward.py's output); a causal LM is refused
+    unless --new_value_head"""
     critic: str | None = None
-    """the critic's initial weights (a reward model or causal LM; a new value head is made if needed); default:
-    --reward, as DSC and N+ do"""
+    """the critic's initial weights (a reward model, or a causal LM with --new_value_head); default: --reward, as
+    DSC and N+ do"""
     ref: str | None = None
     """the reference policy of the KL penalty; default: --actor"""
+    new_value_head: bool = False
+    """accept a causal LM as --critic or --reward: it gets a new, randomly initialised score head (a reward model
+    that scores at random: for tests only)"""
     reward_tokenizer: bool = False
     """allow a reward model whose tokenizer differs from the actor's: responses are decoded and re-tokenised for
     it (the critic then starts from the actor with a new value head)"""
@@ -63,10 +67,10 @@ class Args:
     skip_invalid: bool = False
     """drop (and count) records that do not fit a layout, instead of stopping at the first"""
     eval_fraction: float = 0.02
-    """share of --data held out for evaluation when --eval_data is not given"""
+    """share of --data held out for evaluation when --eval_data is not given (0 <= x < 1; 0: no evaluation)"""
     max_seq_len: int | None = None
-    """prompt + response length in tokens; prompts keep their last max_seq_len - max_new_tokens tokens; default
-    512, or the actor's context (max_position_embeddings) when shorter"""
+    """prompt + response length in tokens (>= 2); prompts keep their last max_seq_len - max_new_tokens tokens;
+    default 512, or the actor's context (max_position_embeddings) when shorter"""
     truncation: Literal["left", "error"] = "left"
     """a prompt that is too long is cut from the left (and counted), or stops the run"""
     trust_remote_code: bool = False
@@ -75,55 +79,55 @@ class Args:
     """where the actor (HF format), args.json, metrics.jsonl and checkpoints/ go"""
     # rollout
     total_episodes: int | None = None
-    """prompts to roll out in all, over all ranks (the run's length); default: --num_epochs passes over --data"""
+    """prompts to roll out in all, over all ranks (>= 1; the run's length); default: --num_epochs passes over --data"""
     num_epochs: int = 1
-    """passes over the prompts when --total_episodes is not given"""
+    """passes over the prompts when --total_episodes is not given (>= 1)"""
     rollout_batch_size: int = 64
-    """prompts per rank per iteration"""
+    """prompts per rank per iteration (>= 1)"""
     max_new_tokens: int = 24
-    """longest response; a response that reaches it without EOS is truncated (see --missing_eos_penalty)"""
+    """longest response (>= 1); a response that reaches it without EOS is truncated (see --missing_eos_penalty)"""
     generation_batch_size: int = 0
-    """prompts per generate call (0: the whole --rollout_batch_size); smaller saves memory"""
+    """prompts per generate call (>= 0; 0: the whole --rollout_batch_size); smaller saves memory"""
     temperature: float = 1.0
-    """sampling temperature; logits are divided by it in every log-prob too (N+), top_k=0 and top_p=1 always"""
+    """sampling temperature (> 0); logits are divided by it in every log-prob too (N+); top_k=0, top_p=1 always"""
     # ppo
     ppo_epochs: int = 4
-    """passes over each rollout batch"""
+    """passes over each rollout batch (>= 1)"""
     mini_batch_size: int = 0
-    """samples per rank per optimizer step; 0: per_device_batch_size x gradient_accumulation_steps"""
+    """samples per rank per optimizer step (>= 0); 0: per_device_batch_size x gradient_accumulation_steps"""
     per_device_batch_size: int | None = None
-    """samples per rank per forward (micro-batch) in the update and in scoring; default 16, or the largest divisor
-    of the mini-batch (or of --rollout_batch_size) up to 16"""
+    """samples per rank per forward (micro-batch) in the update and in scoring (>= 1); default 16, or the largest
+    divisor of the mini-batch (or of --rollout_batch_size) up to 16"""
     gradient_accumulation_steps: int = 1
-    """micro-batches per optimizer step (ignored when --mini_batch_size is set)"""
+    """micro-batches per optimizer step (>= 1; ignored when --mini_batch_size is set)"""
     learning_rate: float | None = None
-    """actor learning rate; default 2e-4 for the demo's tiny models, 1e-6 otherwise"""
+    """actor learning rate (> 0); default 2e-4 for the demo's tiny models, 1e-6 otherwise"""
     critic_learning_rate: float | None = None
-    """critic learning rate; default 5e-4 for the demo, 5e-6 otherwise"""
+    """critic learning rate (> 0); default 5e-4 for the demo, 5e-6 otherwise"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "constant"
     """decay of both learning rates after warmup"""
     warmup_ratio: float = 0.0
-    """share of the optimizer steps spent warming up"""
+    """share of the optimizer steps spent warming up (0 <= x <= 1)"""
     weight_decay: float = 0.0
-    """AdamW weight decay"""
+    """AdamW weight decay (>= 0)"""
     grad_clip: float = 1.0
-    """clip each model's global gradient norm to this"""
+    """clip each model's global gradient norm to this (>= 0; 0: no clipping)"""
     kl_coef: float = 0.05
-    """beta of the per-token KL penalty -beta * (logp_actor - logp_ref) (N+ 0.05, DSC 0.1)"""
+    """beta of the per-token KL penalty -beta * (logp_actor - logp_ref) (>= 0; N+ 0.05, DSC 0.1)"""
     adaptive_kl: bool = False
     """adapt kl_coef towards --target_kl (Ziegler et al. 2019)"""
     target_kl: float = 6.0
-    """target KL per response in nats for --adaptive_kl"""
+    """target KL per response in nats for --adaptive_kl (> 0)"""
     kl_horizon: int = 10000
-    """horizon in episodes of the adaptive KL controller"""
+    """horizon in episodes of the adaptive KL controller (>= 1)"""
     cliprange: float = 0.2
-    """PPO's policy ratio clip"""
+    """PPO's policy ratio clip (> 0)"""
     cliprange_value: float = 0.2
-    """clip of the value update around the rollout's values"""
+    """clip of the value update around the rollout's values (> 0)"""
     gamma: float = 1.0
-    """discount"""
+    """discount (0 <= x <= 1)"""
     lam: float = 0.95
-    """GAE lambda"""
+    """GAE lambda (0 <= x <= 1)"""
     whiten_advantages: bool = True
     """normalise advantages to mean 0, std 1 over the batch's real tokens (N+, TRL; DSC does not)"""
     whiten_rewards: bool = False
@@ -131,25 +135,25 @@ class Args:
     normalize_reward: bool = True
     """subtract the reward model's reward_mean and divide by reward_std (stored by reward.py) before use"""
     clip_reward_value: float = 5.0
-    """clip the (normalised) score to +- this (DSC)"""
+    """clip the (normalised) score to +- this (> 0; DSC)"""
     missing_eos_penalty: float = 1.0
-    """subtracted from the score of a response that never emitted EOS (TRL); 0: off"""
+    """subtracted from the score of a response that never emitted EOS (>= 0; TRL); 0: off"""
     # DeepSpeed-Chat options
     ema: bool = False
     """keep an exponential moving average of the actor's weights, saved in output_dir/ema (DSC)"""
     ema_decay: float = 0.992
-    """EMA decay per optimizer step"""
+    """EMA decay per optimizer step (0 <= x <= 1)"""
     ptx_data: str | None = None
     """PPO-ptx (InstructGPT): SFT-format or {"text"} data whose language-modelling loss is added to the actor's"""
     ptx_coef: float = 0.05
-    """weight of the ptx loss"""
+    """weight of the ptx loss (>= 0)"""
     # systems
     zero_stage: int = 0
-    """ZeRO stage for every model unless the two flags below say otherwise"""
+    """ZeRO stage for every model unless the two flags below say otherwise (0 <= x <= 3)"""
     actor_zero_stage: int | None = None
-    """ZeRO stage of the actor (and the reference)"""
+    """ZeRO stage of the actor (and the reference) (0 <= x <= 3)"""
     critic_zero_stage: int | None = None
-    """ZeRO stage of the critic (and the reward model)"""
+    """ZeRO stage of the critic (and the reward model) (0 <= x <= 3)"""
     offload: bool = False
     """ZeRO-Offload optimizer states of actor and critic to CPU"""
     offload_reference: bool = False
@@ -165,34 +169,58 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass of actor and critic"""
     lora_rank: int = 0
-    """LoRA rank for the actor (0 = off); the reference then is the actor with the adapter switched off"""
+    """LoRA rank for the actor (>= 0; 0 = off); the reference then is the actor with the adapter switched off"""
     critic_lora_rank: int = 0
-    """LoRA rank for the critic's body (0 = off); the value head stays fully trained"""
+    """LoRA rank for the critic's body (>= 0; 0 = off); the value head stays fully trained"""
     lora_alpha: float = 16.0
-    """LoRA scaling numerator"""
+    """LoRA scaling numerator (> 0)"""
     seed: int = 42
-    """weights and data order use it on every rank; sampling uses (seed, rank, iteration)"""
+    """weights and data order use it on every rank; sampling uses (seed, rank, iteration) (0 <= x <= 4294967295)"""
     # logging & checkpoints
     eval_every: int = 10
-    """evaluate on held-out prompts every this many iterations (and at 0 and the end); 0: only at 0 and the end"""
+    """evaluate on held-out prompts every this many iterations (>= 0) and at 0 and the end; 0: only at 0 and the end"""
     eval_greedy: bool = False
     """evaluate greedy responses instead of samples at --temperature (eval/kl is then the log-ratio of those
     responses to the reference, not a KL estimate)"""
     num_eval_prompts: int = 128
-    """held-out prompts used per evaluation (over all ranks)"""
+    """held-out prompts used per evaluation (over all ranks) (>= 1)"""
     print_samples: int = 3
-    """prompt/response pairs printed at every evaluation"""
+    """prompt/response pairs printed at every evaluation (>= 0)"""
     save_every: int = 0
-    """write resumable DeepSpeed checkpoints of actor and critic every this many iterations; 0: never"""
+    """write resumable DeepSpeed checkpoints of actor and critic every this many iterations (>= 0); 0: never"""
     save_critic: bool = False
     """also save the critic (HF sequence classifier) in output_dir/critic"""
     resume: bool = False
-    """continue from the newest checkpoint in output_dir/checkpoints"""
+    """continue from the newest checkpoint in output_dir/checkpoints (the flags in RUN_FLAGS must match its run)"""
+    resume_changes: tuple[str, ...] = ()
+    """with --resume: names of run-defining flags allowed to differ from the checkpoint's run (the error lists them)"""
     overwrite: bool = False
-    """replace an --output_dir that holds another run"""
+    """replace an --output_dir that holds another run of these scripts (only the files they write are removed)"""
     # launcher
     local_rank: int = -1
     """set by the deepspeed launcher; do not pass by hand"""
+
+
+RANGES = {"eval_fraction": "0 <= x < 1", "max_seq_len": ">= 2", "total_episodes": ">= 1", "num_epochs": ">= 1",
+          "rollout_batch_size": ">= 1", "max_new_tokens": ">= 1", "generation_batch_size": ">= 0",
+          "temperature": "> 0", "ppo_epochs": ">= 1", "mini_batch_size": ">= 0", "per_device_batch_size": ">= 1",
+          "gradient_accumulation_steps": ">= 1", "learning_rate": "> 0", "critic_learning_rate": "> 0",
+          "warmup_ratio": "0 <= x <= 1", "weight_decay": ">= 0", "grad_clip": ">= 0", "kl_coef": ">= 0",
+          "target_kl": "> 0", "kl_horizon": ">= 1", "cliprange": "> 0", "cliprange_value": "> 0",
+          "gamma": "0 <= x <= 1", "lam": "0 <= x <= 1", "clip_reward_value": "> 0", "missing_eos_penalty": ">= 0",
+          "ema_decay": "0 <= x <= 1", "ptx_coef": ">= 0", "zero_stage": "0 <= x <= 3",
+          "actor_zero_stage": "0 <= x <= 3", "critic_zero_stage": "0 <= x <= 3", "lora_rank": ">= 0",
+          "critic_lora_rank": ">= 0", "lora_alpha": "> 0", "seed": "0 <= x <= 4294967295", "eval_every": ">= 0",
+          "num_eval_prompts": ">= 1", "print_samples": ">= 0", "save_every": ">= 0"}
+# what defines a run: --resume refuses to continue a checkpoint with other values (unless --resume_changes); ranks,
+# batch sizes and ZeRO stages are compared through the derived figures in main's `run`
+RUN_FLAGS = ("actor", "reward", "critic", "ref", "new_value_head", "reward_tokenizer", "data", "data_split", "eval_split", "skip_invalid", "eval_data",
+             "eval_fraction", "max_seq_len", "truncation", "max_new_tokens", "generation_batch_size", "temperature",
+             "ppo_epochs", "learning_rate", "critic_learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay",
+             "grad_clip", "kl_coef", "adaptive_kl", "target_kl", "kl_horizon", "cliprange", "cliprange_value",
+             "gamma", "lam", "whiten_advantages", "whiten_rewards", "normalize_reward", "clip_reward_value",
+             "missing_eos_penalty", "ema", "ema_decay", "ptx_data", "ptx_coef", "dtype", "lora_rank",
+             "critic_lora_rank", "lora_alpha", "seed")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,12 +253,16 @@ class ValueModel(torch.nn.Module):
         return inner.score(hidden.last_hidden_state).squeeze(-1).float()
 
 
-def load_value_model(name: str, dtype, tokenizer, trust_remote_code: bool, flag: str):
+def load_value_model(name: str, dtype, tokenizer, trust_remote_code: bool, flag: str, new_head: bool = False):
+    """A one-logit sequence classifier; a causal LM (whose score head would be random) only with `new_head`."""
     from transformers import AutoModelForSequenceClassification
 
     common.check_model_path(name, flag)
     model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, dtype=dtype,
                                                                trust_remote_code=trust_remote_code)
+    if not new_head and not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
+        raise common.UserError(f"{flag} {name}: not a sequence classifier (its score head would be random); train "
+                               "one with reward.py, or pass --new_value_head to start from a new head")
     common.resize_for_tokenizer(model, tokenizer)
     common.disable_dropout(model)
     return model.to(dtype)
@@ -546,10 +578,16 @@ def main(args: Args):
     # --- setup ---
     actor_stage = args.zero_stage if args.actor_zero_stage is None else args.actor_zero_stage
     critic_stage = args.zero_stage if args.critic_zero_stage is None else args.critic_zero_stage
+    common.check_numbers(args, RANGES)
     for stage, flag in ((args.zero_stage, "--zero_stage"), (actor_stage, "--actor_zero_stage"),
                         (critic_stage, "--critic_zero_stage")):
         common.check_zero_stage(stage, flag)
-    common.prepare_output_dir(args.output_dir, args.overwrite, args.resume)
+    inputs = {"--actor": args.actor, "--reward": args.reward, "--critic": args.critic, "--ref": args.ref,
+              "--data": args.data, "--eval_data": args.eval_data, "--ptx_data": args.ptx_data}
+    tag = common.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "ppo.py", inputs,
+                                    checkpoints="checkpoints/actor")
+    if tag:  # the critic's checkpoint is written first, so it is there whenever the actor's `latest` names it
+        common.latest_checkpoint(Path(args.output_dir) / "checkpoints" / "critic")
     for path, flag in ((args.actor, "--actor"), (args.reward, "--reward"), (args.critic, "--critic"),
                        (args.ref, "--ref")):
         if path is not None:
@@ -604,6 +642,12 @@ def main(args: Args):
         raise common.UserError(f"--total_episodes {total_episodes} is less than one iteration "
                                f"({per_iter} = rollout_batch_size x ranks)")
     steps_per_iter = args.ppo_epochs * (args.rollout_batch_size // mini)
+    run = {"script": "ppo.py", "world_size": world, "rollout_batch": per_iter, "mini_batch": mini * world,
+           "prompts": len(prompts), "actor_stage": actor_stage, "critic_stage": critic_stage, "iterations": n_iters}
+    if tag:
+        common.check_resume(args.output_dir, args, tag, RUN_FLAGS, run, "iterations",
+                            fixed=("actor_stage", "critic_stage", "lora_rank", "critic_lora_rank")
+                            + (("world_size",) if actor_stage or critic_stage else ()))
     common.print0(f"{len(prompts)} prompts ({n_cut} cut from the left), {n_iters} iterations of {per_iter} episodes, "
                   f"{steps_per_iter} optimizer steps each")
 
@@ -619,11 +663,13 @@ def main(args: Args):
     if args.lora_rank == 0 or args.ref not in (None, args.actor):
         ref = common.load_causal_lm(args.ref or args.actor, dtype, tokenizer, args.trust_remote_code, "--ref")
         common.disable_dropout(ref)
-    reward_model = load_value_model(args.reward, dtype, reward_tok, args.trust_remote_code, "--reward")
+    reward_model = load_value_model(args.reward, dtype, reward_tok, args.trust_remote_code, "--reward",
+                                    args.new_value_head)
     reward_mean = getattr(reward_model.config, "reward_mean", 0.0) if args.normalize_reward else 0.0
     reward_std = getattr(reward_model.config, "reward_std", 1.0) if args.normalize_reward else 1.0
     critic_path = args.critic or (args.reward if same_tok else args.actor)
-    critic = load_value_model(critic_path, dtype, tokenizer, args.trust_remote_code, "--critic")
+    critic = load_value_model(critic_path, dtype, tokenizer, args.trust_remote_code, "--critic",
+                              args.new_value_head or critic_path == args.actor)
     if args.critic_lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -658,20 +704,17 @@ def main(args: Args):
             return seq_logprobs(actor, seq, attn, n_prompt, args.temperature)
 
     # --- resume ---
-    common.start_output_dir(args.output_dir, args, args.overwrite, args.resume)
+    common.start_output_dir(args.output_dir, args, args.overwrite, args.resume, run)
     ckpt = Path(args.output_dir) / "checkpoints"
     start_iter, kl_coef = 0, args.kl_coef
-    tag = (ckpt / "actor" / "latest").read_text().strip() if args.resume and (ckpt / "actor" / "latest").exists() \
-        else None
     if tag:
-        critic.load_checkpoint(str(ckpt / "critic"), tag)
-        _, state = actor.load_checkpoint(str(ckpt / "actor"), tag)
+        common.load_checkpoint(critic, str(ckpt / "critic"), tag)
+        state = common.load_checkpoint(actor, str(ckpt / "actor"), tag)
         start_iter, kl_coef = state["iteration"], state["kl_coef"]
         if args.ema:
             ema = state.get("ema") if common.is_rank0() else None
         common.print0(f"resumed from {ckpt}/*/{tag} at iteration {start_iter}")
-    if args.resume:  # drop rows logged after the checkpoint (all of them when there is none yet)
-        common.truncate_log(args.output_dir, start_iter if tag else -1)
+        common.truncate_log(args.output_dir, start_iter)  # drop rows logged after the checkpoint
 
     # --- evaluation on held-out prompts (at iteration 0, every --eval_every, and at the end) ---
     def evaluate(iteration: int) -> dict:
@@ -712,7 +755,7 @@ def main(args: Args):
 
     # --- loop ---
     logger = common.Logger(args.output_dir, n_iters, "ppo", initial=start_iter)
-    if start_iter == 0:
+    if start_iter == 0 and eval_prompts:  # no held-out prompts (--eval_fraction 0): no eval rows
         logger.log(0, evaluate(0))
     for iteration in range(start_iter, n_iters):
         t_start = time.time()
@@ -850,7 +893,7 @@ def main(args: Args):
         common.check_finite(metrics, iteration + 1)
         if args.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, kl_s / n_s, args.target_kl, args.kl_horizon, int(n_s))
-        if (args.eval_every and (iteration + 1) % args.eval_every == 0) or iteration + 1 == n_iters:
+        if eval_prompts and ((args.eval_every and (iteration + 1) % args.eval_every == 0) or iteration + 1 == n_iters):
             metrics |= evaluate(iteration + 1)
         logger.log(iteration + 1, metrics, advance=1)
         if args.save_every and (iteration + 1) % args.save_every == 0 and iteration + 1 < n_iters:

@@ -49,9 +49,9 @@ class Args:
     skip_invalid: bool = False
     """drop (and count) records that do not fit a layout, instead of stopping at the first"""
     eval_fraction: float = 0.05
-    """share of --data held out for evaluation when --eval_data is not given"""
+    """share of --data held out for evaluation when --eval_data is not given (0 <= x < 1; 0: no evaluation)"""
     max_seq_len: int | None = None
-    """longest prompt + response in tokens; longer ones lose their oldest tokens (see --truncation);
+    """longest prompt + response in tokens (>= 2); longer ones lose their oldest tokens (see --truncation);
     default 512, or the model's context (max_position_embeddings) when shorter"""
     truncation: Literal["left", "error"] = "left"
     """what to do with a sequence longer than --max_seq_len: cut from the left (and count it), or stop"""
@@ -61,29 +61,29 @@ class Args:
     """where the reward model, tokenizer, args.json, metrics.jsonl and checkpoints/ go"""
     # optimisation
     per_device_batch_size: int | None = None
-    """pairs per rank per micro-batch (each forward holds 2x this many sequences); default 16, or fewer when the
-    data holds no global batch of 16"""
+    """pairs per rank per micro-batch (>= 1; each forward holds 2x this many sequences); default 16, or fewer when
+    the data holds no global batch of 16"""
     gradient_accumulation_steps: int = 1
-    """micro-batches per optimizer step; global batch = per_device_batch_size x ranks x this"""
+    """micro-batches per optimizer step (>= 1); global batch = per_device_batch_size x ranks x this"""
     learning_rate: float | None = None
-    """peak learning rate; default 5e-4 for --data toy, 1e-5 otherwise"""
+    """peak learning rate (> 0); default 5e-4 for --data toy, 1e-5 otherwise"""
     weight_decay: float = 0.0
-    """AdamW weight decay"""
+    """AdamW weight decay (>= 0)"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """decay after warmup"""
     warmup_ratio: float = 0.05
-    """share of the steps spent warming the learning rate up linearly"""
+    """share of the steps spent warming the learning rate up linearly (0 <= x <= 1)"""
     num_epochs: int = 1
-    """passes over the pairs (one is usually enough: preference data overfits quickly)"""
+    """passes over the pairs (>= 1; one is usually enough: preference data overfits quickly)"""
     max_steps: int = -1
-    """stop after this many optimizer steps; -1: run the epochs"""
+    """stop after this many optimizer steps (-1 or >= 1); -1: run the epochs"""
     grad_clip: float = 1.0
-    """clip the global gradient norm to this"""
+    """clip the global gradient norm to this (>= 0; 0: no clipping)"""
     seed: int = 42
-    """same on every rank: weights, data order"""
+    """same on every rank: weights, data order (0 <= x <= 4294967295)"""
     # systems
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage, 0-3"""
+    """DeepSpeed ZeRO stage (0 <= x <= 3)"""
     offload: bool = False
     """ZeRO-Offload: optimizer states (and with stage 3 the parameters) in CPU memory"""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -91,21 +91,34 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     lora_rank: int = 0
-    """LoRA rank on the body (0 = train all weights); the score head is always fully trained"""
+    """LoRA rank on the body (>= 0; 0 = train all weights); the score head is always fully trained"""
     lora_alpha: float = 16.0
-    """LoRA scaling numerator"""
+    """LoRA scaling numerator (> 0)"""
     # logging & checkpoints
     eval_every: int = 50
-    """evaluate every this many steps (and at 0 and the end); 0: only at 0 and the end"""
+    """evaluate every this many steps (>= 0) and at 0 and the end; 0: only at 0 and the end"""
     save_every: int = 0
-    """write a resumable DeepSpeed checkpoint every this many steps; 0: never"""
+    """write a resumable DeepSpeed checkpoint every this many steps (>= 0); 0: never"""
     resume: bool = False
-    """continue from the newest checkpoint in --output_dir/checkpoints"""
+    """continue from the newest checkpoint in --output_dir/checkpoints (the flags in RUN_FLAGS must match its run)"""
+    resume_changes: tuple[str, ...] = ()
+    """with --resume: names of run-defining flags allowed to differ from the checkpoint's run (the error lists them)"""
     overwrite: bool = False
-    """replace an --output_dir that holds another run"""
+    """replace an --output_dir that holds another run of these scripts (only the files they write are removed)"""
     # launcher
     local_rank: int = -1
     """set by the deepspeed launcher; do not pass by hand"""
+
+
+RANGES = {"eval_fraction": "0 <= x < 1", "max_seq_len": ">= 2", "per_device_batch_size": ">= 1",
+          "gradient_accumulation_steps": ">= 1", "learning_rate": "> 0", "weight_decay": ">= 0",
+          "warmup_ratio": "0 <= x <= 1", "num_epochs": ">= 1", "max_steps": "-1 or >= 1", "grad_clip": ">= 0",
+          "seed": "0 <= x <= 4294967295", "zero_stage": "0 <= x <= 3", "lora_rank": ">= 0", "lora_alpha": "> 0",
+          "eval_every": ">= 0", "save_every": ">= 0"}
+# what defines a run: --resume refuses to continue a checkpoint with other values (unless --resume_changes)
+RUN_FLAGS = ("model", "data", "data_split", "eval_split", "skip_invalid", "eval_data", "eval_fraction", "max_seq_len", "truncation", "learning_rate",
+             "weight_decay", "lr_scheduler", "warmup_ratio", "grad_clip", "seed", "zero_stage", "dtype", "lora_rank",
+             "lora_alpha")
 
 
 def encode_pair(tokenizer, record: dict, max_seq_len: int, truncation: str, where: str):
@@ -203,15 +216,18 @@ def normalisation(engine, seqs: list[list[int]], batch_size: int, pad_id: int, d
     """Mean and std of the scores of SFT-style responses; ppo.py subtracts the mean and divides by the std, so that
     the policy it starts from scores about 0 +- 1 (Stiennon et al. 2020; N+ details)."""
     engine.eval()
-    s = torch.tensor(score_all(engine, seqs, batch_size, pad_id, device))
+    s = torch.tensor(score_all(engine, seqs, batch_size, pad_id, device), dtype=torch.float64)
     engine.train()
-    return {"eval/reward_mean": s.mean().item(), "eval/reward_std": max(s.std().item(), 1e-6)}
+    std = s.std().item() if len(s) > 1 else 1.0  # one score has no spread: leave the scale alone
+    return {"eval/reward_mean": s.mean().item(), "eval/reward_std": max(std, 1e-6)}
 
 
 def main(args: Args):
     # --- setup ---
+    common.check_numbers(args, RANGES)
     common.check_zero_stage(args.zero_stage)
-    common.prepare_output_dir(args.output_dir, args.overwrite, args.resume)
+    tag = common.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "reward.py",
+                                    {"--model": args.model, "--data": args.data, "--eval_data": args.eval_data})
     common.check_model_path(args.model, "--model")
     device = common.init_distributed()
     world, rank = common.world_size(), common.rank()
@@ -250,12 +266,14 @@ def main(args: Args):
         n = len(common.encode_scored(tokenizer, r["prompt"] + r[side]))
         common.print0(f"example {side} (answer in [[ ]], scored at its last token):\n"
                       + common.show_example(tokenizer, ids[:n], mask[:n]))
-    # normalisation set: SFT-style responses (demo: held-out demonstrations; else both sides of the eval pairs)
+    # normalisation set: SFT-style responses (demo: held-out demonstrations; else both sides of the eval pairs, or
+    # of up to 512 training pairs when nothing is held out)
     if toy:
         sft_eval = common.load_data("toy", "sft", split="eval")
         norm_seqs = [common.encode_scored(tokenizer, r["messages"])[-max_seq_len:] for r in sft_eval]
     else:
-        norm_seqs = [p[0] for p in evals] + [p[1] for p in evals]
+        norm_pairs = evals or random.Random(args.seed).sample(train, min(len(train), 512))
+        norm_seqs = [p[0] for p in norm_pairs] + [p[1] for p in norm_pairs]
     micro = common.fit_micro_batch(args.per_device_batch_size, len(train), world * args.gradient_accumulation_steps,
                                    "pairs")
     global_batch = micro * world * args.gradient_accumulation_steps
@@ -266,6 +284,11 @@ def main(args: Args):
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_epochs
     common.print0(f"{len(train)} train / {len(evals)} eval pairs, {total_steps} steps of {global_batch}; "
                   f"{n_cut} pairs truncated from the left to {max_seq_len} tokens")
+    run = {"script": "reward.py", "world_size": world, "global_batch": global_batch, "train_examples": len(train),
+           "total_steps": total_steps}
+    if tag:
+        common.check_resume(args.output_dir, args, tag, RUN_FLAGS, run, "total_steps",
+                            fixed=("zero_stage", "lora_rank") + (("world_size",) if args.zero_stage else ()))
 
     # --- model ---
     from transformers import AutoModelForSequenceClassification
@@ -303,24 +326,20 @@ def main(args: Args):
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
 
     # --- resume ---
-    common.start_output_dir(args.output_dir, args, args.overwrite, args.resume)
+    common.start_output_dir(args.output_dir, args, args.overwrite, args.resume, run)
     ckpt_dir = os.path.join(args.output_dir, "checkpoints")
     start_step = 0
-    tag = common.latest_checkpoint(args.output_dir) if args.resume else None
     if tag:
-        _, state = engine.load_checkpoint(ckpt_dir, tag)
+        state = common.load_checkpoint(engine, ckpt_dir, tag)
         start_step = state["step"]
         common.set_rng_state(state["rng"])
         common.print0(f"resumed from {ckpt_dir}/{tag} at step {start_step}")
-    if start_step >= total_steps:
-        raise common.UserError(f"--resume: the checkpoint is at step {start_step}, the run has {total_steps} steps")
-    if args.resume:
-        common.truncate_log(args.output_dir, start_step if tag else -1)
+        common.truncate_log(args.output_dir, start_step)  # drop rows logged after the checkpoint
 
     # --- loop ---
     logger = common.Logger(args.output_dir, total_steps, "reward", initial=start_step)
     pad_id = tokenizer.pad_token_id
-    if start_step == 0:
+    if start_step == 0 and evals:  # no eval set (--eval_fraction 0): no eval rows
         logger.log(0, evaluate(engine, evals, gold, micro, pad_id, device))
     t0 = time.time()
     for step in range(start_step, total_steps):
@@ -347,10 +366,11 @@ def main(args: Args):
                    "train/lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch,
                    "throughput/pairs_per_s": (step + 1 - start_step) * global_batch / (time.time() - t0)}
         common.check_finite(metrics, step + 1)
-        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == total_steps:
+        if evals and ((args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == total_steps):
             metrics |= evaluate(engine, evals, gold, micro, pad_id, device)
         if step + 1 == total_steps:
             metrics |= normalisation(engine, norm_seqs, micro * 2, pad_id, device)
+            common.check_finite(metrics, step + 1)
         logger.log(step + 1, metrics, advance=1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             engine.save_checkpoint(ckpt_dir, tag=f"step{step + 1}",

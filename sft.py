@@ -41,10 +41,10 @@ class Args:
     skip_invalid: bool = False
     """drop (and count) records that do not fit a layout, instead of stopping at the first"""
     eval_fraction: float = 0.02
-    """share of --data held out for evaluation when --eval_data is not given"""
+    """share of --data held out for evaluation when --eval_data is not given (0 <= x < 1; 0: no evaluation)"""
     max_seq_len: int | None = None
-    """longest sequence in tokens; longer examples lose their oldest tokens (see --truncation);
-    default 512, or the model's context (max_position_embeddings) when shorter"""
+    """longest sequence in tokens (>= 2); longer examples lose their oldest tokens (see --truncation); default 512,
+    or the model's context (max_position_embeddings) when shorter"""
     truncation: Literal["left", "error"] = "left"
     """what to do with an example longer than --max_seq_len: cut from the left (and count it), or stop"""
     trust_remote_code: bool = False
@@ -53,28 +53,28 @@ class Args:
     """where the model, tokenizer, args.json, metrics.jsonl and checkpoints/ go"""
     # optimisation
     per_device_batch_size: int | None = None
-    """sequences per rank per micro-batch; default 16, or fewer when the data holds no global batch of 16"""
+    """sequences per rank per micro-batch (>= 1); default 16, or fewer when the data holds no global batch of 16"""
     gradient_accumulation_steps: int = 1
-    """micro-batches per optimizer step; global batch = per_device_batch_size x ranks x this"""
+    """micro-batches per optimizer step (>= 1); global batch = per_device_batch_size x ranks x this"""
     learning_rate: float | None = None
-    """peak learning rate; default 1e-3 for --model toy, 2e-5 otherwise"""
+    """peak learning rate (> 0); default 1e-3 for --model toy, 2e-5 otherwise"""
     weight_decay: float = 0.0
-    """AdamW weight decay"""
+    """AdamW weight decay (>= 0)"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """decay after warmup"""
     warmup_ratio: float = 0.05
-    """share of the steps spent warming the learning rate up linearly"""
+    """share of the steps spent warming the learning rate up linearly (0 <= x <= 1)"""
     num_epochs: int = 2
-    """passes over the training data"""
+    """passes over the training data (>= 1)"""
     max_steps: int = -1
-    """stop after this many optimizer steps; -1: run the epochs"""
+    """stop after this many optimizer steps (-1 or >= 1); -1: run the epochs"""
     grad_clip: float = 1.0
-    """clip the global gradient norm to this"""
+    """clip the global gradient norm to this (>= 0; 0: no clipping)"""
     seed: int = 42
-    """same on every rank: weights, data order"""
+    """same on every rank: weights, data order (0 <= x <= 4294967295)"""
     # systems
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage, 0-3"""
+    """DeepSpeed ZeRO stage (0 <= x <= 3)"""
     offload: bool = False
     """ZeRO-Offload: optimizer states (and with stage 3 the parameters) in CPU memory"""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -82,23 +82,36 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     lora_rank: int = 0
-    """LoRA rank (0 = train all weights); needs peft"""
+    """LoRA rank (>= 0; 0 = train all weights); needs peft"""
     lora_alpha: float = 16.0
-    """LoRA scaling numerator"""
+    """LoRA scaling numerator (> 0)"""
     lora_save_adapter: bool = False
     """save only the LoRA adapter (peft format) instead of weights with the adapter merged in"""
     # logging & checkpoints
     eval_every: int = 100
-    """evaluate every this many steps (and at the end); 0: only at the end"""
+    """evaluate every this many steps (>= 0) and at 0 and the end; 0: only at 0 and the end"""
     save_every: int = 0
-    """write a resumable DeepSpeed checkpoint every this many steps; 0: never"""
+    """write a resumable DeepSpeed checkpoint every this many steps (>= 0); 0: never"""
     resume: bool = False
-    """continue from the newest checkpoint in --output_dir/checkpoints"""
+    """continue from the newest checkpoint in --output_dir/checkpoints (the flags in RUN_FLAGS must match its run)"""
+    resume_changes: tuple[str, ...] = ()
+    """with --resume: names of run-defining flags allowed to differ from the checkpoint's run (the error lists them)"""
     overwrite: bool = False
-    """replace an --output_dir that holds another run"""
+    """replace an --output_dir that holds another run of these scripts (only the files they write are removed)"""
     # launcher
     local_rank: int = -1
     """set by the deepspeed launcher; do not pass by hand"""
+
+
+RANGES = {"eval_fraction": "0 <= x < 1", "max_seq_len": ">= 2", "per_device_batch_size": ">= 1",
+          "gradient_accumulation_steps": ">= 1", "learning_rate": "> 0", "weight_decay": ">= 0",
+          "warmup_ratio": "0 <= x <= 1", "num_epochs": ">= 1", "max_steps": "-1 or >= 1", "grad_clip": ">= 0",
+          "seed": "0 <= x <= 4294967295", "zero_stage": "0 <= x <= 3", "lora_rank": ">= 0", "lora_alpha": "> 0",
+          "eval_every": ">= 0", "save_every": ">= 0"}
+# what defines a run: --resume refuses to continue a checkpoint with other values (unless --resume_changes)
+RUN_FLAGS = ("model", "data", "data_split", "eval_split", "skip_invalid", "eval_data", "eval_fraction", "max_seq_len", "truncation", "learning_rate",
+             "weight_decay", "lr_scheduler", "warmup_ratio", "grad_clip", "seed", "zero_stage", "dtype", "lora_rank",
+             "lora_alpha")
 
 
 def tokenize(records: list[dict], tokenizer, max_seq_len: int, truncation: str, source: str):
@@ -157,13 +170,15 @@ def evaluate(engine, examples: list, batch_size: int, pad_id: int, device) -> di
 
 def main(args: Args):
     # --- setup ---
+    common.check_numbers(args, RANGES)
     common.check_zero_stage(args.zero_stage)
-    common.prepare_output_dir(args.output_dir, args.overwrite, args.resume)
+    tag = common.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "sft.py",
+                                    {"--model": args.model, "--data": args.data, "--eval_data": args.eval_data})
     device = common.init_distributed()
     world, rank = common.world_size(), common.rank()
     dtype = common.resolve_dtype(args.dtype)
     common.seed_everything(args.seed)
-    lr = args.learning_rate or (1e-3 if args.model == "toy" else 2e-5)
+    lr = args.learning_rate if args.learning_rate is not None else (1e-3 if args.model == "toy" else 2e-5)
 
     # --- data ---
     common.check_model_path(args.model, "--model")
@@ -190,6 +205,11 @@ def main(args: Args):
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_epochs
     common.print0(f"{len(train)} train / {len(evals)} eval examples, {total_steps} steps of {global_batch}; "
                   f"{n_cut + n_cut_eval} examples truncated from the left to {max_seq_len} tokens")
+    run = {"script": "sft.py", "world_size": world, "global_batch": global_batch, "train_examples": len(train),
+           "total_steps": total_steps}
+    if tag:
+        common.check_resume(args.output_dir, args, tag, RUN_FLAGS, run, "total_steps",
+                            fixed=("zero_stage", "lora_rank") + (("world_size",) if args.zero_stage else ()))
 
     # --- model ---
     model = common.load_causal_lm(args.model, dtype, tokenizer, args.trust_remote_code)
@@ -213,21 +233,19 @@ def main(args: Args):
     engine.train()  # from_pretrained returns eval mode: dropout would stay off until the first evaluation
 
     # --- resume ---
-    common.start_output_dir(args.output_dir, args, args.overwrite, args.resume)
+    common.start_output_dir(args.output_dir, args, args.overwrite, args.resume, run)
     ckpt_dir = os.path.join(args.output_dir, "checkpoints")
     start_step = 0
-    tag = common.latest_checkpoint(args.output_dir) if args.resume else None
     if tag:
-        _, state = engine.load_checkpoint(ckpt_dir, tag)
+        state = common.load_checkpoint(engine, ckpt_dir, tag)
         start_step = state["step"]
         common.set_rng_state(state["rng"])
         common.print0(f"resumed from {ckpt_dir}/{tag} at step {start_step}")
-    if args.resume:  # drop rows logged after the checkpoint (all of them when there is none yet)
-        common.truncate_log(args.output_dir, start_step if tag else -1)
+        common.truncate_log(args.output_dir, start_step)  # drop rows logged after the checkpoint
 
     # --- loop ---
     logger = common.Logger(args.output_dir, total_steps, "sft", initial=start_step)
-    if start_step == 0:
+    if start_step == 0 and evals:  # no eval set (--eval_fraction 0): no eval rows
         logger.log(0, evaluate(engine, evals, micro, tokenizer.pad_token_id, device))
     t0, n_tokens = time.time(), 0
     for step in range(start_step, total_steps):
@@ -254,7 +272,7 @@ def main(args: Args):
                    "train/epoch": step / steps_per_epoch,
                    "throughput/tokens_per_s": n_tokens * world / (time.time() - t0)}
         common.check_finite(metrics, step + 1)
-        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == total_steps:
+        if evals and ((args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == total_steps):
             metrics |= evaluate(engine, evals, micro, tokenizer.pad_token_id, device)
         logger.log(step + 1, metrics, advance=1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:

@@ -325,7 +325,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_models, tmp_path
 
 def test_non_finite_loss_stops_the_run_and_saves_nothing(tmp_path):
     """A learning rate of 1e30 blows the weights up within a few steps: the run stops with the step in a one-line
-    error, writes no model and does not log the bad step. Resuming it (no checkpoint yet) starts a clean log."""
+    error, writes no model and does not log the bad step. It has no checkpoint to resume: --resume says so,
+    --overwrite starts a clean log."""
     out = tmp_path / "out"
     flags = ["--max_steps", "8", "--per_device_batch_size", "4", "--eval_every", "0", "--output_dir", out]
     p = run_script("sft.py", *flags, "--learning_rate", "1e30", check=False)
@@ -335,5 +336,7 @@ def test_non_finite_loss_stops_the_run_and_saves_nothing(tmp_path):
     step = int(line.split()[2].rstrip(":"))
     assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
     assert read_metrics(out)[-1]["step"] == step - 1 > 0  # the bad step is not logged
-    run_script("sft.py", *flags, "--resume")
+    p = run_script("sft.py", *flags, "--resume", check=False)
+    assert p.returncode == 1 and "has no checkpoint to continue from" in p.stderr
+    run_script("sft.py", *flags, "--overwrite")
     assert [r["step"] for r in read_metrics(out)] == list(range(9))
