@@ -214,13 +214,14 @@ RANGES = {"eval_fraction": "0 <= x < 1", "max_seq_len": ">= 2", "total_episodes"
           "num_eval_prompts": ">= 1", "print_samples": ">= 0", "save_every": ">= 0"}
 # what defines a run: --resume refuses to continue a checkpoint with other values (unless --resume_changes); ranks,
 # batch sizes and ZeRO stages are compared through the derived figures in main's `run`
-RUN_FLAGS = ("actor", "reward", "critic", "ref", "new_value_head", "reward_tokenizer", "data", "data_split", "eval_split", "skip_invalid", "eval_data",
-             "eval_fraction", "max_seq_len", "truncation", "max_new_tokens", "generation_batch_size", "temperature",
-             "ppo_epochs", "learning_rate", "critic_learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay",
-             "grad_clip", "kl_coef", "adaptive_kl", "target_kl", "kl_horizon", "cliprange", "cliprange_value",
-             "gamma", "lam", "whiten_advantages", "whiten_rewards", "normalize_reward", "clip_reward_value",
-             "missing_eos_penalty", "ema", "ema_decay", "ptx_data", "ptx_coef", "dtype", "lora_rank",
-             "critic_lora_rank", "lora_alpha", "seed")
+RUN_FLAGS = ("actor", "reward", "critic", "ref", "new_value_head", "reward_tokenizer", "data", "data_split",
+             "eval_split", "skip_invalid", "eval_data", "eval_fraction", "max_seq_len", "truncation",
+             "max_new_tokens", "generation_batch_size", "temperature", "ppo_epochs", "learning_rate",
+             "critic_learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "grad_clip", "kl_coef",
+             "adaptive_kl", "target_kl", "kl_horizon", "cliprange", "cliprange_value", "gamma", "lam",
+             "whiten_advantages", "whiten_rewards", "normalize_reward", "clip_reward_value", "missing_eos_penalty",
+             "ema", "ema_decay", "ptx_data", "ptx_coef", "dtype", "lora_rank", "critic_lora_rank", "lora_alpha",
+             "seed")
 
 
 # ----------------------------------------------------------------------------------------------------------------

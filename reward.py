@@ -116,9 +116,9 @@ RANGES = {"eval_fraction": "0 <= x < 1", "max_seq_len": ">= 2", "per_device_batc
           "seed": "0 <= x <= 4294967295", "zero_stage": "0 <= x <= 3", "lora_rank": ">= 0", "lora_alpha": "> 0",
           "eval_every": ">= 0", "save_every": ">= 0"}
 # what defines a run: --resume refuses to continue a checkpoint with other values (unless --resume_changes)
-RUN_FLAGS = ("model", "data", "data_split", "eval_split", "skip_invalid", "eval_data", "eval_fraction", "max_seq_len", "truncation", "learning_rate",
-             "weight_decay", "lr_scheduler", "warmup_ratio", "grad_clip", "seed", "zero_stage", "dtype", "lora_rank",
-             "lora_alpha")
+RUN_FLAGS = ("model", "data", "data_split", "eval_split", "skip_invalid", "eval_data", "eval_fraction",
+             "max_seq_len", "truncation", "learning_rate", "weight_decay", "lr_scheduler", "warmup_ratio",
+             "grad_clip", "seed", "zero_stage", "dtype", "lora_rank", "lora_alpha")
 
 
 def encode_pair(tokenizer, record: dict, max_seq_len: int, truncation: str, where: str):
