@@ -308,13 +308,15 @@ def fit_max_seq_len(max_seq_len: int | None, context: int | None, default: int =
     return default
 
 
-def fit_micro_batch(per_device: int | None, n_examples: int, ranks_x_accum: int, what: str, default: int = 16) -> int:
+def fit_micro_batch(per_device: int | None, n_examples: int, ranks_x_accum: int, what: str,
+                    default: int = 16) -> int:
     """--per_device_batch_size: the user's value, else `default`, shrunk so that the data holds one global batch."""
     if per_device is not None:
         return per_device
     fit = max(1, min(default, n_examples // ranks_x_accum))
     if fit < default:
-        note(f"--per_device_batch_size {fit}: {n_examples} training {what} hold no global batch of the default {default}")
+        note(f"--per_device_batch_size {fit}: {n_examples} training {what} hold no global batch of the default "
+             f"{default}")
     return fit
 
 

@@ -101,9 +101,10 @@ class Args:
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step (>= 1; ignored when --mini_batch_size is set)"""
     learning_rate: float | None = None
-    """actor learning rate (> 0); default 2e-4 for the demo's tiny models, 1e-6 otherwise"""
+    """actor learning rate (>= 0; 0 freezes the weights: the first ratio must then be 1); default 2e-4 for the demo's
+    tiny models, 1e-6 otherwise"""
     critic_learning_rate: float | None = None
-    """critic learning rate (> 0); default 5e-4 for the demo, 5e-6 otherwise"""
+    """critic learning rate (>= 0); default 5e-4 for the demo, 5e-6 otherwise"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "constant"
     """decay of both learning rates after warmup"""
     warmup_ratio: float = 0.0
@@ -204,7 +205,7 @@ class Args:
 RANGES = {"eval_fraction": "0 <= x < 1", "max_seq_len": ">= 2", "total_episodes": ">= 1", "num_epochs": ">= 1",
           "rollout_batch_size": ">= 1", "max_new_tokens": ">= 1", "generation_batch_size": ">= 0",
           "temperature": "> 0", "ppo_epochs": ">= 1", "mini_batch_size": ">= 0", "per_device_batch_size": ">= 1",
-          "gradient_accumulation_steps": ">= 1", "learning_rate": "> 0", "critic_learning_rate": "> 0",
+          "gradient_accumulation_steps": ">= 1", "learning_rate": ">= 0", "critic_learning_rate": ">= 0",
           "warmup_ratio": "0 <= x <= 1", "weight_decay": ">= 0", "grad_clip": ">= 0", "kl_coef": ">= 0",
           "target_kl": "> 0", "kl_horizon": ">= 1", "cliprange": "> 0", "cliprange_value": "> 0",
           "gamma": "0 <= x <= 1", "lam": "0 <= x <= 1", "clip_reward_value": "> 0", "missing_eos_penalty": ">= 0",

@@ -47,7 +47,7 @@ def test_bf16_pipeline_end_to_end(tiny_models, tmp_path):
         return tmp_path / name
 
     sft_data = write("sft.jsonl", common.toy_data("sft", "train")[:40])
-    pairs = write("pairs.jsonl", [dict(r, prompt=r["prompt"][-1]["content"]) for r in common.toy_data("pairs", "train")[:40]])
+    pairs = write("pairs.jsonl", common.toy_data("pairs", "train")[:40])
     prompts = write("prompts.jsonl", common.toy_data("prompts", "train")[:24])
     bf16 = ["--dtype", "bf16", "--eval_every", "0", "--per_device_batch_size", "8"]
     run_script("sft.py", *bf16, "--model", tiny_models["llama"], "--data", sft_data, "--eval_fraction", "0.2",
@@ -59,8 +59,8 @@ def test_bf16_pipeline_end_to_end(tiny_models, tmp_path):
     # learning rate 0: the training forward must see exactly the distribution that scored the rollout
     run_script("ppo.py", *bf16, "--actor", tmp_path / "sft", "--reward", tmp_path / "rm", "--data", prompts,
                "--eval_fraction", "0.34", "--output_dir", tmp_path / "ppo", "--total_episodes", "16",
-               "--rollout_batch_size", "16", "--ppo_epochs", "2", "--learning_rate", "0", "--critic_learning_rate", "0",
-               "--max_new_tokens", "12")
+               "--rollout_batch_size", "16", "--ppo_epochs", "2", "--learning_rate", "0",
+               "--critic_learning_rate", "0", "--max_new_tokens", "12")
     rows = read_metrics(tmp_path / "ppo")
     (train,) = [r for r in rows if "train/ratio" in r]
     assert train["train/ratio"] == pytest.approx(1.0, abs=1e-3), train
