@@ -330,6 +330,32 @@ def _chunk_logprobs(head, h: torch.Tensor, tokens: torch.Tensor, temperature: fl
     return torch.stack([logp, lse - p.sum(-1)], -1)  # H = log Z - sum_v p_v z_v
 
 
+class _LinearLogprobs(torch.autograd.Function):
+    """log p(token) at a chunk of positions for a plain linear head, in training: the forward keeps the chunk's
+    inputs and its log-sum-exp, the backward recomputes the logits and turns them into the gradient in place
+    (d logp / d z = onehot - softmax(z)), so a chunk costs about two V-wide fp32 buffers where autograd through
+    a recomputed log-softmax would hold five."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, tokens, temperature):
+        z = torch.nn.functional.linear(h, weight, bias).float().div_(temperature)  # a new tensor either way
+        lse = torch.logsumexp(z, -1)
+        ctx.save_for_backward(h, weight, bias, tokens, lse)
+        ctx.temperature = temperature
+        return z.gather(-1, tokens[:, None]).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, bias, tokens, lse = ctx.saved_tensors
+        z = torch.nn.functional.linear(h, weight, bias).float().div_(ctx.temperature)
+        g = z.sub_(lse[:, None]).exp_()  # softmax
+        g.scatter_add_(1, tokens[:, None], torch.full_like(lse[:, None], -1.0))  # softmax - onehot
+        g = g.mul_(grad[:, None] / -ctx.temperature).to(h.dtype)  # d loss / d (h W^T + b)
+        need = ctx.needs_input_grad
+        return (g @ weight if need[0] else None, g.t() @ h if need[1] else None,
+                g.sum(0) if bias is not None and need[2] else None, None, None)
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: int | torch.Tensor,
                    temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False):
     """log p(token | the tokens before it) under softmax(logits / temperature), from one forward, with the LM head
@@ -358,8 +384,11 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     def chunk(head, h, t):
         args = (head, h, t, temperature, with_entropy)
-        return checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled() \
-            else _chunk_logprobs(*args)
+        if not torch.is_grad_enabled():
+            return _chunk_logprobs(*args)
+        if linear is not None and not with_entropy:  # inside the head's forward: ZeRO-3 has gathered its weights
+            return _LinearLogprobs.apply(h, linear.weight, linear.bias, t, temperature)
+        return checkpoint(_chunk_logprobs, *args, use_reentrant=False)  # any other head: recomputed by autograd
 
     def scored(head, x):
         assert x.shape[1] == input_ids.shape[1], "the LM head did not get every position"
@@ -372,9 +401,11 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     inner = model.module if isinstance(model, DeepSpeedEngine) else model
     inner = inner.get_base_model() if hasattr(inner, "peft_config") else inner
     head = inner.get_output_embeddings()
+    linear = head if type(head) is torch.nn.Linear else None  # not a peft layer, nor a subclass with its own forward
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                   use_cache=False)
     if head is None or any(getattr(inner.config, k, None) for k in LOGIT_TRANSFORMS):
+        linear = None
         out = scored(lambda z: z, model(**kwargs).logits)
     else:
         own, original = head.__dict__.get("forward"), head.forward

@@ -155,6 +155,25 @@ def test_lora_with_adapter_on_the_head_and_disabled(models):
     assert (off - lp).abs().max() > 1e-3  # the adapter mattered
 
 
+def test_head_with_bias_and_frozen_head(models):
+    """The linear-head autograd Function with a bias, and with a frozen head (only the body trained)."""
+    import copy
+
+    base, pad = models["llama"]
+    model = copy.deepcopy(base)
+    torch.manual_seed(4)
+    model.lm_head = torch.nn.Linear(64, base.config.vocab_size, bias=True)
+    seq, attn = rollout_batch(base.config.vocab_size, pad)
+    weights = torch.randn(3, 7, generator=torch.Generator().manual_seed(5))
+    for frozen in (False, True):
+        model.lm_head.requires_grad_(not frozen)
+        (ref_seq_logprobs(model, seq, attn, 6, 0.9) * weights).sum().backward()
+        want = grads(model)
+        assert ("lm_head.bias" in want) != frozen
+        (ppo.seq_logprobs(model, seq, attn, 6, 0.9, chunk_size=4) * weights).sum().backward()
+        assert_grads_close(grads(model), want)
+
+
 def test_models_that_transform_logits_take_the_plain_path():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
