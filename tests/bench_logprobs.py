@@ -5,7 +5,8 @@ response positions alone, chunked, each chunk recomputed in backward).
 A random Qwen2-shaped model (hidden 64, 2 layers) isolates the head: at real vocabularies it is most of the memory.
 Each case runs in a fresh subprocess; its peak is the process's peak resident memory (VmHWM, reset just before the
 pass) minus its resident memory just before, i.e. what the pass adds to the model and the batch. Time: the best of
---repeats passes after that first one. Prints one JSON line per case.
+the first pass and --repeats more, as wall-clock seconds and as CPU seconds of the process (all threads; steadier
+than wall-clock on a shared machine). Prints one JSON line per case.
 
     python tests/bench_logprobs.py                                   # vocab 151936 and 32000, new path only
     python tests/bench_logprobs.py --paths old new --vocabs 151936   # the old path needs ~12 GiB here: run it alone
@@ -103,17 +104,19 @@ def run_case(b: Bench):
     one_pass()  # gradient buffers allocated, lazy initialisation done
     base = rss()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     one_pass()
-    times = [time.perf_counter() - t0]
+    times, cpu = [time.perf_counter() - t0], [time.process_time() - c0]
     peak = peak_rss() - base
     for _ in range(b.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         one_pass()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     n_params = sum(p.numel() for p in model.parameters())
     print(json.dumps({"path": path, "vocab": vocab, "pass": pass_, "chunk": chunk if path == "new" else None,
                       "peak_above_model_gib": round(peak / 2**30, 3), "time_s": round(min(times), 3),
+                      "cpu_s": round(min(cpu), 3),
                       "model_gib": round(n_params * 4 / 2**30, 3), "threads": torch.get_num_threads()}), flush=True)
 
 
