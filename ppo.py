@@ -503,6 +503,8 @@ def main(args: Args):
     for stage, flag in ((args.zero_stage, "--zero_stage"), (actor_stage, "--actor_zero_stage"),
                         (critic_stage, "--critic_zero_stage")):
         common.check_zero_stage(stage, flag)
+    if args.logprob_chunk_size < 1:
+        raise common.UserError(f"--logprob_chunk_size must be at least 1, got {args.logprob_chunk_size}")
     common.prepare_output_dir(args.output_dir, args.overwrite, args.resume)
     for path, flag in ((args.actor, "--actor"), (args.reward, "--reward"), (args.critic, "--critic"),
                        (args.ref, "--ref")):
@@ -528,8 +530,6 @@ def main(args: Args):
                                f"({mini}), itself a multiple of --per_device_batch_size {micro}")
     gas = mini // micro
     gen_chunk = args.generation_batch_size or args.rollout_batch_size
-    if args.logprob_chunk_size < 1:
-        raise common.UserError(f"--logprob_chunk_size must be at least 1, got {args.logprob_chunk_size}")
     lp_chunk = args.logprob_chunk_size
 
     # --- data ---

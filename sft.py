@@ -149,14 +149,14 @@ def evaluate(engine, examples: list, batch_size: int, pad_id: int, device, chunk
 def main(args: Args):
     # --- setup ---
     common.check_zero_stage(args.zero_stage)
+    if args.logprob_chunk_size < 1:
+        raise common.UserError(f"--logprob_chunk_size must be at least 1, got {args.logprob_chunk_size}")
     common.prepare_output_dir(args.output_dir, args.overwrite, args.resume)
     device = common.init_distributed()
     world, rank = common.world_size(), common.rank()
     dtype = common.resolve_dtype(args.dtype)
     common.seed_everything(args.seed)
     lr = args.learning_rate or (1e-3 if args.model == "toy" else 2e-5)
-    if args.logprob_chunk_size < 1:
-        raise common.UserError(f"--logprob_chunk_size must be at least 1, got {args.logprob_chunk_size}")
 
     # --- data ---
     common.check_model_path(args.model, "--model")

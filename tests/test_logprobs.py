@@ -118,6 +118,13 @@ def test_no_trained_token_gives_zero_loss_that_backpropagates(models):
     nll.backward()  # what engine.backward needs: a scalar with a graph
 
 
+@pytest.mark.parametrize("script", [sft, ppo])
+def test_bad_chunk_size_is_a_one_line_error_that_writes_nothing(script, tmp_path):
+    with pytest.raises(SystemExit, match="--logprob_chunk_size must be at least 1, got 0"):
+        script.main(script.Args(logprob_chunk_size=0, output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
 def test_head_forward_restored(models):
     model, pad = models["gpt2"]
     seq, attn = rollout_batch(model.config.vocab_size, pad)
