@@ -1,5 +1,6 @@
 """Shared plumbing for sft.py, reward.py, ppo.py and chat.py: distributed set-up, the DeepSpeed config, tokenizer
-and prompt formatting, data loading, checkpoint I/O, logging, seeding and the built-in demo task ("toy").
+and prompt formatting, token log-probs without the B x T x V logits, data loading, checkpoint I/O, logging, seeding
+and the built-in demo task ("toy").
 
 Thin on purpose: no training loop, loss or RL math lives here (those stay in each stage's script)."""
 
