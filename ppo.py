@@ -169,6 +169,9 @@ class Args:
     """auto: bf16 on a GPU that has it, else fp32"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass of actor and critic"""
+    logprob_chunk_size: int = 1024
+    """positions per chunk of the LM head and its fp32 log-softmax (the head runs on response positions only);
+    the chunk costs about 2 x this x vocabulary x 4 bytes (1.2 GB at 1024 x 152k)"""
     lora_rank: int = 0
     """LoRA rank for the actor (>= 0; 0 = off); the reference then is the actor with the adapter switched off"""
     critic_lora_rank: int = 0
@@ -212,7 +215,7 @@ RANGES = {"eval_fraction": "0 <= x < 1", "max_seq_len": ">= 2", "total_episodes"
           "ema_decay": "0 <= x <= 1", "ptx_coef": ">= 0", "zero_stage": "0 <= x <= 3",
           "actor_zero_stage": "0 <= x <= 3", "critic_zero_stage": "0 <= x <= 3", "lora_rank": ">= 0",
           "critic_lora_rank": ">= 0", "lora_alpha": "> 0", "seed": "0 <= x <= 4294967295", "eval_every": ">= 0",
-          "num_eval_prompts": ">= 1", "print_samples": ">= 0", "save_every": ">= 0"}
+          "num_eval_prompts": ">= 1", "print_samples": ">= 0", "save_every": ">= 0", "logprob_chunk_size": ">= 1"}
 # what defines a run: --resume refuses to continue a checkpoint with other values (unless --resume_changes); ranks,
 # batch sizes and ZeRO stages are compared through the derived figures in main's `run`
 RUN_FLAGS = ("actor", "reward", "critic", "ref", "new_value_head", "reward_tokenizer", "data", "data_split",
@@ -424,12 +427,10 @@ def adaptive_kl_coef(kl_coef: float, current_kl: float, target: float, horizon: 
 
 
 def seq_logprobs(model, seq: torch.Tensor, attn: torch.Tensor, n_prompt: int, temperature: float,
-                 with_entropy: bool = False):
-    """Log-probs of the response tokens seq[:, n_prompt:] from one forward over prompt + response."""
-    logits = model(input_ids=seq, attention_mask=attn, position_ids=common.position_ids(attn), use_cache=False).logits
-    logits = logits[:, n_prompt - 1: -1]
-    logp = logprobs_from_logits(logits, seq[:, n_prompt:], temperature)
-    return (logp, entropy_from_logits(logits, temperature)) if with_entropy else logp
+                 with_entropy: bool = False, chunk_size: int = 1024):
+    """Log-probs of the response tokens seq[:, n_prompt:] (and their entropies) from one forward over prompt +
+    response; the LM head runs on the response positions alone, chunk_size at a time (common.token_logprobs)."""
+    return common.token_logprobs(model, seq, attn, n_prompt, temperature, chunk_size, with_entropy)
 
 
 def micro_slices(n: int, size: int):
@@ -454,14 +455,13 @@ def ptx_batch(ptx: list, key: tuple, n_global: int, rank: int, n_local: int):
     return [ptx[i] for i in idx[rank * n_local: (rank + 1) * n_local]], max(n_tokens, 1)
 
 
-def ptx_nll(actor, rows: list, pad_id: int, device) -> torch.Tensor:
-    """Summed next-token NLL of the trained (assistant) tokens of SFT-format rows (ids, mask)."""
+def ptx_nll(actor, rows: list, pad_id: int, device, chunk_size: int = 1024) -> torch.Tensor:
+    """Summed next-token NLL of the trained (assistant) tokens of SFT-format rows (ids, mask); the LM head runs on
+    those tokens' positions alone."""
     ids = common.pad([r[0] for r in rows], pad_id).to(device)
-    mask = common.pad([[int(x) for x in r[1]] for r in rows], 0).to(device)[:, 1:]
+    mask = common.pad([[int(x) for x in r[1]] for r in rows], 0).to(device).bool()
     attn = common.pad([[1] * len(r[0]) for r in rows], 0).to(device)
-    logits = actor(input_ids=ids, attention_mask=attn, position_ids=common.position_ids(attn), use_cache=False).logits
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
-    return (nll * mask).sum()
+    return -common.token_logprobs(actor, ids, attn, mask, chunk_size=chunk_size).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -613,6 +613,7 @@ def main(args: Args):
                                f"({mini}), itself a multiple of --per_device_batch_size {micro}")
     gas = mini // micro
     gen_chunk = args.generation_batch_size or args.rollout_batch_size
+    lp_chunk = args.logprob_chunk_size
 
     # --- data ---
     tokenizer = common.load_tokenizer(args.actor, args.trust_remote_code)
@@ -701,9 +702,9 @@ def main(args: Args):
 
     def ref_logprobs(seq, attn, n_prompt):
         if ref is not None:
-            return seq_logprobs(ref, seq, attn, n_prompt, args.temperature)
+            return seq_logprobs(ref, seq, attn, n_prompt, args.temperature, chunk_size=lp_chunk)
         with actor.module.disable_adapter():  # LoRA: the reference is the base model under the adapter
-            return seq_logprobs(actor, seq, attn, n_prompt, args.temperature)
+            return seq_logprobs(actor, seq, attn, n_prompt, args.temperature, chunk_size=lp_chunk)
 
     # --- resume ---
     common.start_output_dir(args.output_dir, args, args.overwrite, args.resume, run)
@@ -738,7 +739,8 @@ def main(args: Args):
                 score = reward_scores(reward, rollout, n_prompt, micro, local_retok)
                 slices = micro_slices(size, micro)
                 seq, attn = rollout["seq"], rollout["attn"]
-                logp = torch.cat([seq_logprobs(actor, seq[m], attn[m], n_prompt, args.temperature) for m in slices])
+                logp = torch.cat([seq_logprobs(actor, seq[m], attn[m], n_prompt, args.temperature,
+                                               chunk_size=lp_chunk) for m in slices])
                 ref_lp = torch.cat([ref_logprobs(seq[m], attn[m], n_prompt) for m in slices])
             kl = ((logp - ref_lp) * rollout["mask"]).sum(1)
             texts = tokenizer.batch_decode(seq[:, n_prompt:], skip_special_tokens=True)
@@ -783,7 +785,7 @@ def main(args: Args):
         with torch.no_grad():
             actor.module.eval()
             critic.module.eval()
-            parts = [seq_logprobs(actor, seq[s], attn[s], n_prompt, args.temperature, with_entropy=True)
+            parts = [seq_logprobs(actor, seq[s], attn[s], n_prompt, args.temperature, True, lp_chunk)
                      for s in micro_slices(B, micro)]
             old_logp = torch.cat([p[0] for p in parts])
             entropy = torch.cat([p[1] for p in parts])
@@ -835,13 +837,13 @@ def main(args: Args):
                 mseq, mattn, np_, width = trim(mb["seq"], mb["attn"], n_prompt, [prompt_lens[i] for i in r],
                                                [resp_lens[i] for i in r])
                 mmask = mb["mask"][:, :width]
-                logp = seq_logprobs(actor, mseq, mattn, np_, args.temperature)
+                logp = seq_logprobs(actor, mseq, mattn, np_, args.temperature, chunk_size=lp_chunk)
                 pg, clipped, ratio = policy_loss(logp, mb["old_logp"][:, :width], mb["advantages"][:, :width],
                                                  args.cliprange)
                 actor_loss = masked_sum(pg, mmask) * scale
                 ptx_sum = torch.zeros((), device=device)
                 if ptx is not None:  # PPO-ptx (InstructGPT): a token-mean LM loss over the global ptx batch
-                    ptx_sum = ptx_nll(actor, ptx_rows[s], tokenizer.pad_token_id, device)
+                    ptx_sum = ptx_nll(actor, ptx_rows[s], tokenizer.pad_token_id, device, lp_chunk)
                     actor_loss = actor_loss + args.ptx_coef * ptx_sum * world * gas / ptx_tokens
                 actor.backward(actor_loss)
                 actor.step()
