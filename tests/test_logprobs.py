@@ -120,7 +120,7 @@ def test_no_trained_token_gives_zero_loss_that_backpropagates(models):
 
 @pytest.mark.parametrize("script", [sft, ppo])
 def test_bad_chunk_size_is_a_one_line_error_that_writes_nothing(script, tmp_path):
-    with pytest.raises(SystemExit, match="--logprob_chunk_size 0: expected logprob_chunk_size >= 1"):
+    with pytest.raises(SystemExit, match="--logprob_chunk_size 0: expected >= 1"):
         script.main(script.Args(logprob_chunk_size=0, output_dir=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
 
