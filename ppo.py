@@ -68,7 +68,7 @@ class Args:
     """where the actor (HF format), args.json, metrics.jsonl and checkpoints/ go"""
     # rollout
     total_episodes: int | None = None
-    """prompts to roll out in all, over all ranks (the run's length); default: --num_epochs passes over --data"""
+    """answers to sample in all, over all ranks (the run's length); default: --num_epochs passes over --data"""
     num_epochs: int = 1
     """passes over the prompts when --total_episodes is not given"""
     rollout_batch_size: int = 64
@@ -79,11 +79,22 @@ class Args:
     """prompts per generate call (0: the whole --rollout_batch_size); smaller saves memory"""
     temperature: float = 1.0
     """sampling temperature; logits are divided by it in every log-prob too (N+), top_k=0 and top_p=1 always"""
+    # advantages
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
+    """gae: PPO with a critic; critic-free (no critic is loaded, trained or saved), on each answer's score: grpo
+    (score - group mean) / group std, dr_grpo score - group mean, rloo score - mean of the group's other answers,
+    reinforce_pp returns whitened over the global batch (README: Estimators)"""
+    samples_per_prompt: int = 1
+    """answers sampled per prompt, in the same generate call: the group of grpo, dr_grpo and rloo (which need >= 2)"""
+    loss_agg: Literal["auto", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "auto"
+    """policy loss over a mini-batch: a mean over its tokens; the mean over answers of each answer's token-mean
+    (GRPO's); or of its token-sum / --max_new_tokens (Dr. GRPO's); auto: seq_mean_token_mean for grpo,
+    seq_mean_token_sum_norm for dr_grpo, token_mean otherwise"""
     # ppo
     ppo_epochs: int = 4
     """passes over each rollout batch"""
     mini_batch_size: int = 0
-    """samples per rank per optimizer step; 0: per_device_batch_size x gradient_accumulation_steps"""
+    """answers per rank per optimizer step; 0: per_device_batch_size x gradient_accumulation_steps"""
     per_device_batch_size: int = 16
     """samples per rank per forward (micro-batch) in the update and in scoring"""
     gradient_accumulation_steps: int = 1
@@ -101,7 +112,12 @@ class Args:
     grad_clip: float = 1.0
     """clip each model's global gradient norm to this"""
     kl_coef: float = 0.05
-    """beta of the per-token KL penalty -beta * (logp_actor - logp_ref) (N+ 0.05, DSC 0.1)"""
+    """beta of the per-token KL penalty -beta * KL in the reward (N+ 0.05, DSC 0.1), or of +beta * KL in the loss"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """per-token estimate of KL(pi || ref) (joschu.net/blog/kl-approx.html): k1 log pi - log ref (N+, TRL PPO), k2
+    k1^2 / 2, k3 exp(-k1) - 1 + k1 (GRPO)"""
+    kl_in_loss: bool = False
+    """add kl_coef x KL to the actor's per-token loss (GRPO) instead of -kl_coef x KL to the per-token reward (PPO)"""
     adaptive_kl: bool = False
     """adapt kl_coef towards --target_kl (Ziegler et al. 2019)"""
     target_kl: float = 6.0
@@ -117,7 +133,7 @@ class Args:
     lam: float = 0.95
     """GAE lambda"""
     whiten_advantages: bool = True
-    """normalise advantages to mean 0, std 1 over the batch's real tokens (N+, TRL; DSC does not)"""
+    """gae: normalise advantages to mean 0, std 1 over the batch's real tokens (N+, TRL; DSC does not)"""
     whiten_rewards: bool = False
     """whiten per-token rewards before GAE (an N+ option)"""
     normalize_reward: bool = True
@@ -315,12 +331,45 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     return out * mask
 
 
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from samples of pi (joschu.net/blog/kl-approx.html): k1 = log pi - log ref
+    (unbiased), k2 = k1^2 / 2, k3 = exp(-k1) - 1 + k1 (unbiased and never negative; GRPO's)."""
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    return 0.5 * log_ratio**2 if estimator == "k2" else torch.expm1(-log_ratio) + log_ratio
+
+
+def group_baseline(score: torch.Tensor, estimator: str, group: int) -> torch.Tensor:
+    """Each answer's score less its estimator's baseline, a prompt's answers being `group` consecutive rows: grpo
+    (s - mean) / (std + 1e-4) (Shao et al. 2024; unbiased std and 1e-4 as TRL), dr_grpo s - mean (Liu et al. 2025),
+    rloo s - mean of the others = (s - mean) k / (k - 1) (Ahmadian et al. 2024); gae and reinforce_pp: s (their
+    baselines are the critic and the batch)."""
+    if estimator in ("gae", "reinforce_pp"):
+        return score
+    scores = score.view(-1, group)
+    centred = scores - scores.mean(1, keepdim=True)
+    if estimator == "grpo":
+        centred = centred / (scores.std(1, keepdim=True) + 1e-4)
+    return (centred * group / (group - 1) if estimator == "rloo" else centred).reshape(-1)
+
+
+def loss_weights(lengths: torch.Tensor, loss_agg: str, max_new_tokens: int) -> torch.Tensor:
+    """Each response token's weight in the policy loss (one per row, [B, 1]); the weighted sum is then divided by the
+    global mini-batch's token count (token_mean) or answer count (the others): token_mean 1 (N+, DAPO),
+    seq_mean_token_mean 1 / length (GRPO), seq_mean_token_sum_norm 1 / max_new_tokens (Dr. GRPO)."""
+    if loss_agg == "token_mean":
+        return torch.ones_like(lengths, dtype=torch.float)[:, None]
+    return 1.0 / (lengths.clamp(min=1).float() if loss_agg == "seq_mean_token_mean"
+                  else torch.full_like(lengths, max_new_tokens, dtype=torch.float))[:, None]
+
+
 def compute_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
-                    lengths: torch.Tensor, kl_coef: float):
-    """Per-token reward: -kl_coef * (logp - ref_logp) on every response token (the k1 estimator), plus the
-    sequence's score on its last real token, the EOS when there is one (index length - 1; N+ and TRL put it one
+                    lengths: torch.Tensor, kl_coef: float, kl_estimator: str = "k1"):
+    """Per-token reward: -kl_coef * KL on every response token (kl_estimate; k1 = logp - ref_logp by default), plus
+    the sequence's score on its last real token, the EOS when there is one (index length - 1; N+ and TRL put it one
     slot after EOS, DSC PR 672 and TRL issue 3750 were off-by-one bugs here)."""
-    kl = (logp - ref_logp) * mask
+    kl = torch.where(mask, kl_estimate(logp, ref_logp, kl_estimator), 0.0)
     rewards = -kl_coef * kl
     rows = torch.arange(score.shape[0], device=score.device)
     rewards[rows, lengths - 1] += score
@@ -570,6 +619,14 @@ def main(args: Args):
     for stage, flag in ((args.zero_stage, "--zero_stage"), (actor_stage, "--actor_zero_stage"),
                         (critic_stage, "--critic_zero_stage")):
         common.check_zero_stage(stage, flag)
+    samples_per_prompt, critic_free = args.samples_per_prompt, args.advantage_estimator != "gae"
+    least = 2 if args.advantage_estimator in ("grpo", "dr_grpo", "rloo") else 1  # a group needs two answers
+    if samples_per_prompt < least:
+        raise common.UserError(f"--samples_per_prompt {samples_per_prompt}: --advantage_estimator "
+                               f"{args.advantage_estimator} needs at least {least}")
+    if critic_free and (args.critic is not None or args.save_critic):
+        raise common.UserError(f"--advantage_estimator {args.advantage_estimator} has no critic: drop --critic and "
+                               "--save_critic")
     common.prepare_output_dir(args.output_dir, args.overwrite, args.resume)
     for path, flag in ((args.actor, "--actor"), (args.reward, "--reward"), (args.critic, "--critic"),
                        (args.ref, "--ref")):
@@ -588,12 +645,14 @@ def main(args: Args):
     if args.hybrid_engine and (device.type != "cuda" or args.lora_rank > 0):
         raise common.UserError("--hybrid_engine needs GPUs (DeepSpeed's inference kernels) and no --lora_rank (its "
                                "kernels would read peft's wrapped layers wrongly)")
-    samples_per_prompt = 1  # answers sampled per prompt; rows = prompts x samples_per_prompt
+    own_agg = {"grpo": "seq_mean_token_mean", "dr_grpo": "seq_mean_token_sum_norm"}  # each paper's aggregation
+    loss_agg = own_agg.get(args.advantage_estimator, "token_mean") if args.loss_agg == "auto" else args.loss_agg
     micro = args.per_device_batch_size
     mini = args.mini_batch_size or micro * args.gradient_accumulation_steps
     if mini % micro or args.rollout_batch_size * samples_per_prompt % mini:
-        raise common.UserError(f"--rollout_batch_size {args.rollout_batch_size} must be a multiple of the mini-batch "
-                               f"({mini}), itself a multiple of --per_device_batch_size {micro}")
+        raise common.UserError(f"--rollout_batch_size {args.rollout_batch_size} x --samples_per_prompt "
+                               f"{samples_per_prompt} must be a multiple of the mini-batch ({mini}), itself a "
+                               f"multiple of --per_device_batch_size {micro}")
     gas = mini // micro
     gen_chunk = args.generation_batch_size or args.rollout_batch_size
 
@@ -618,13 +677,16 @@ def main(args: Args):
         ptx = [common.encode_conversation(tokenizer, r["messages"]) for r in common.load_data(args.ptx_data, "sft")]
         ptx = [(common.truncate_left(i, args.max_seq_len)[0], common.truncate_left(m, args.max_seq_len)[0])
                for i, m in ptx]
-    per_iter = args.rollout_batch_size * world
-    total_episodes = args.total_episodes or args.num_epochs * len(prompt_ids)
+    per_iter = args.rollout_batch_size * world * samples_per_prompt  # episodes (answers) per iteration
+    total_episodes = args.total_episodes or args.num_epochs * len(prompt_ids) * samples_per_prompt
     n_iters = total_episodes // per_iter
     if n_iters == 0:
         raise common.UserError(f"--total_episodes {total_episodes} is less than one iteration "
-                               f"({per_iter} = rollout_batch_size x ranks)")
+                               f"({per_iter} = rollout_batch_size x ranks x samples_per_prompt)")
     steps_per_iter = args.ppo_epochs * (args.rollout_batch_size * samples_per_prompt // mini)
+    # one optimizer step on fresh samples: the old log-probs are the training forward's own (ratio 1), so the scoring
+    # forward is skipped (as TRL's GRPO does), unless the reward needs them for its KL penalty
+    reuse_logprobs = steps_per_iter == 1 and (args.kl_in_loss or args.kl_coef == 0)
     common.print0(f"{len(prompt_ids)} prompts ({n_cut} cut from the left), {n_iters} iterations of {per_iter} "
                   f"episodes, {steps_per_iter} optimizer steps each")
 
@@ -644,25 +706,28 @@ def main(args: Args):
     reward_mean = getattr(reward_model.config, "reward_mean", 0.0) if args.normalize_reward else 0.0
     reward_std = getattr(reward_model.config, "reward_std", 1.0) if args.normalize_reward else 1.0
     critic_path = args.critic or (args.reward if same_tok else args.actor)
-    critic = load_value_model(critic_path, dtype, tokenizer, args.trust_remote_code, "--critic")
-    if args.critic_lora_rank > 0:
+    critic = None if critic_free else load_value_model(critic_path, dtype, tokenizer, args.trust_remote_code,
+                                                       "--critic")
+    if args.critic_lora_rank > 0 and not critic_free:
         from peft import LoraConfig, get_peft_model
 
         critic = get_peft_model(critic, LoraConfig(r=args.critic_lora_rank, lora_alpha=args.lora_alpha,
                                                    lora_dropout=0.0, target_modules="all-linear", task_type="SEQ_CLS"))
     if args.gradient_checkpointing:
-        for m in (actor, critic):
+        for m in (actor, critic) if critic is not None else (actor,):
             m.gradient_checkpointing_enable()
             if hasattr(m, "enable_input_require_grads"):
                 m.enable_input_require_grads()
     ema = copy.deepcopy(common.merged_state_dict(actor)) if args.ema and common.is_rank0() else None
     total_steps = n_iters * steps_per_iter
     actor = trained_engine(actor, actor_lr, args, actor_stage, gas, total_steps, dtype, args.hybrid_engine)
-    critic = trained_engine(ValueModel(critic), critic_lr, args, critic_stage, gas, total_steps, dtype)
+    if critic is not None:
+        critic = trained_engine(ValueModel(critic), critic_lr, args, critic_stage, gas, total_steps, dtype)
     ref = frozen_engine(ref, actor_stage, args.offload_reference, dtype) if ref is not None else None
     reward = frozen_engine(ValueModel(reward_model), critic_stage, args.offload_reference, dtype)
-    n_params = {name: sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters())  # ZeRO-3 partitions whole
+    n_params = {name: sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) if m is not None else 0
                 for name, m in (("actor", actor), ("critic", critic), ("reward", reward), ("ref", ref or actor))}
+    common.print0(f"parameters (ZeRO-3 partitions counted whole): {n_params}" + (" (critic-free)" * critic_free))
     gen_config = generation_config(args, tokenizer)
     eval_config = generation_config(args, tokenizer, greedy=args.eval_greedy)
     eval_inputs = (actor, ref, reward, tokenizer, None if same_tok else reward_tok, eval_records, eval_prompt_ids,
@@ -675,7 +740,8 @@ def main(args: Args):
     tag = (ckpt / "actor" / "latest").read_text().strip() if args.resume and (ckpt / "actor" / "latest").exists() \
         else None
     if tag:
-        critic.load_checkpoint(str(ckpt / "critic"), tag)
+        if critic is not None:
+            critic.load_checkpoint(str(ckpt / "critic"), tag)
         _, state = actor.load_checkpoint(str(ckpt / "actor"), tag)
         start_iter, kl_coef = state["iteration"], state["kl_coef"]
         if args.ema:
@@ -711,35 +777,42 @@ def main(args: Args):
         retok = None if same_tok else make_retokenizer(tokenizer, reward_tok, messages, device)
         with torch.no_grad():
             actor.module.eval()
-            critic.module.eval()
             slices = micro_slices(len(rows), micro)
-            old_logp, entropy = map(torch.cat, zip(*[seq_logprobs(actor, seq[s], attn[s], n_prompt, args.temperature,
-                                                                  True) for s in slices]))
+            old_logp, entropy = torch.zeros(mask.shape, device=device), torch.zeros(mask.shape, device=device)
+            if not reuse_logprobs:  # else filled in by the update's forward
+                old_logp, entropy = map(torch.cat, zip(*[seq_logprobs(actor, seq[s], attn[s], n_prompt,
+                                                                      args.temperature, True) for s in slices]))
             ref_logp = torch.cat([ref_logprobs(ref, actor, seq[s], attn[s], n_prompt, args.temperature)
                                   for s in slices])
-            old_values = torch.cat([critic(seq[s], attn[s])[:, n_prompt - 1: -1] for s in slices]) * mask
+            old_values = torch.zeros(mask.shape, device=device)
+            if critic is not None:
+                critic.module.eval()
+                old_values = torch.cat([critic(seq[s], attn[s])[:, n_prompt - 1: -1] for s in slices]) * mask
+                critic.module.train()
             raw_score = reward_scores(reward, rollout, n_prompt, micro, retok)
             actor.module.train()
-            critic.module.train()
         t_score = time.time()
         # before any update, so nothing new is saved; summed over ranks, so that every rank stops (none hangs)
         finite = common.all_reduce_sum([float(raw_score.sum()), float(torch.where(mask, ref_logp, 0).sum())], device)
         common.check_finite({"reward": finite[0], "ref_logp": finite[1]}, iteration + 1)
-        sums.update(responses=len(rows), reward=raw_score.sum(), kl=kl_per_response(old_logp, ref_logp, mask).sum(),
-                    entropy=masked_sum(entropy, mask), response_tokens=mask.sum(), eos=rollout["has_eos"].sum())
+        sums.update(responses=len(rows), reward=raw_score.sum(), response_tokens=mask.sum(),
+                    eos=rollout["has_eos"].sum())
 
         # 4. rewards: score normalised, penalised without EOS, clipped, on the last token; KL penalty on every token
         score = (raw_score - reward_mean) / reward_std
         score = score - args.missing_eos_penalty * (~rollout["has_eos"]).float()
         score = score.clamp(-args.clip_reward_value, args.clip_reward_value)
         sums.update(score=score.sum())  # train/score: what a baseline subtracted below leaves unchanged
-        rewards, _ = compute_rewards(score, old_logp, ref_logp, mask, lengths, kl_coef)
+        score = group_baseline(score, args.advantage_estimator, samples_per_prompt)
+        rewards, _ = compute_rewards(score, old_logp, ref_logp, mask, lengths, 0.0 if args.kl_in_loss else kl_coef,
+                                     args.kl_estimator)
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
 
-        # 5. advantages and returns (GAE), advantages whitened over the global batch
-        advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
-        if args.whiten_advantages:
+        # 5. advantages and returns: GAE with the critic's values, whitened over the global batch; critic-free, the
+        #    reward-to-go (GAE with no values and lam 1), whitened over the global batch for reinforce_pp
+        advantages, returns = gae(rewards, old_values, mask, args.gamma, 1.0 if critic_free else args.lam)
+        if args.advantage_estimator == "reinforce_pp" or (args.whiten_advantages and not critic_free):
             advantages = masked_whiten(advantages, mask)
         residual = returns - old_values  # for train/explained_variance
         sums.update(returns=masked_sum(returns, mask), returns_sq=masked_sum(returns**2, mask),
@@ -753,9 +826,11 @@ def main(args: Args):
         steps = [(epoch, start // mini, order[start: start + mini].tolist()) for epoch in range(args.ppo_epochs)
                  for order in [torch.randperm(len(rows), generator=shuffle)] for start in range(0, len(rows), mini)]
         step_tokens = common.all_reduce_sum([sum(response_lens[i] for i in batch) for *_, batch in steps], device)
+        token_weight = loss_weights(lengths, loss_agg, args.max_new_tokens)
         ptx_tokens_total = 0.0
         for (epoch, step, batch), n_tokens in zip(steps, step_tokens):
             scale = world * gas / n_tokens  # undo DeepSpeed's 1/gas and rank averaging: a global token-mean
+            policy_scale = scale if loss_agg == "token_mean" else gas / mini  # / the global mini-batch's answers
             if ptx is not None:
                 ptx_rows, ptx_tokens = ptx_batch(ptx, (args.seed, iteration, epoch, step), mini * world, rank, mini)
             for s in micro_slices(len(batch), micro):
@@ -763,31 +838,42 @@ def main(args: Args):
                 micro_seq, micro_attn, micro_n_prompt, width = trim(seq[index], attn[index], n_prompt, [
                     prompt_lens[i] for i in batch[s]], [response_lens[i] for i in batch[s]])
                 micro_mask, micro_old_logp = mask[index, :width], old_logp[index, :width]
-                logp = seq_logprobs(actor, micro_seq, micro_attn, micro_n_prompt, args.temperature)
+                logp = seq_logprobs(actor, micro_seq, micro_attn, micro_n_prompt, args.temperature,
+                                    with_entropy=reuse_logprobs)
+                if reuse_logprobs:  # the one step's forward is the rollout's: old log-probs and entropy from it
+                    logp, micro_entropy = logp[0], logp[1].detach()
+                    micro_old_logp = old_logp[index, :width] = logp.detach()
+                    entropy[index, :width] = micro_entropy
                 pg, clipped, ratio = policy_loss(logp, micro_old_logp, advantages[index, :width], args.cliprange)
-                actor_loss = masked_sum(pg, micro_mask) * scale
+                loss = pg
+                if args.kl_in_loss:  # GRPO: + beta * KL(pi || ref) per token, through the current log-probs
+                    loss = pg + kl_coef * kl_estimate(logp, ref_logp[index, :width], args.kl_estimator)
+                actor_loss = masked_sum(loss * token_weight[index], micro_mask) * policy_scale
                 ptx_loss = torch.zeros((), device=device)
                 if ptx is not None:  # PPO-ptx (InstructGPT): a token-mean LM loss over the global ptx batch
                     ptx_loss = ptx_nll(actor, ptx_rows[s], tokenizer.pad_token_id, device)
                     actor_loss = actor_loss + args.ptx_coef * ptx_loss * world * gas / ptx_tokens
                 actor.backward(actor_loss)
                 actor.step()
-                values = critic(micro_seq, micro_attn)[:, micro_n_prompt - 1: -1]
-                vl, value_clipped = value_loss(values, old_values[index, :width], returns[index, :width],
-                                               args.cliprange_value)
-                critic.backward(masked_sum(vl, micro_mask) * scale)
-                critic.step()
                 with torch.no_grad():
                     approx_kl = 0.5 * (logp - micro_old_logp) ** 2  # k2, joschu.net/blog/kl-approx.html
                     sums.update({name: masked_sum(x, micro_mask) for name, x in (
-                        ("policy_loss", pg), ("value_loss", vl), ("clipfrac", clipped), ("approx_kl", approx_kl),
-                        ("value_clipfrac", value_clipped), ("ratio", ratio))}, trained_tokens=micro_mask.sum(),
-                                ptx_loss=ptx_loss.detach())
+                        ("policy_loss", pg), ("clipfrac", clipped), ("approx_kl", approx_kl), ("ratio", ratio))},
+                        trained_tokens=micro_mask.sum(), ptx_loss=ptx_loss.detach())
+                if critic is not None:
+                    values = critic(micro_seq, micro_attn)[:, micro_n_prompt - 1: -1]
+                    vl, value_clipped = value_loss(values, old_values[index, :width], returns[index, :width],
+                                                   args.cliprange_value)
+                    critic.backward(masked_sum(vl, micro_mask) * scale)
+                    critic.step()
+                    sums.update(value_loss=masked_sum(vl.detach(), micro_mask),
+                                value_clipfrac=masked_sum(value_clipped, micro_mask))
             if ptx is not None:
                 ptx_tokens_total += ptx_tokens
             if ema is not None or (args.ema and actor_stage == 3):
                 update_ema(ema, actor.module, args.ema_decay, actor_stage)
         t_train = time.time()
+        sums.update(kl=kl_per_response(old_logp, ref_logp, mask).sum(), entropy=masked_sum(entropy, mask))
 
         # 7. log (sums over all ranks, one collective), adapt the KL coefficient, evaluate, checkpoint
         total = reduce_sums(sums, device)
@@ -799,8 +885,9 @@ def main(args: Args):
             **{f"train/{name}": total[name] / n for name in ("reward", "score", "kl")},
             "train/entropy": total["entropy"] / tokens,
             **{f"train/{name}": total[name] / trained for name in ("policy_loss", "value_loss", "clipfrac",
-                                                                  "value_clipfrac", "approx_kl", "ratio")},
-            "train/explained_variance": 1.0 - var_residual / max(var_returns, 1e-8),
+                                                                  "value_clipfrac", "approx_kl", "ratio")
+               if name in total},  # no value_* without a critic
+            **({} if critic_free else {"train/explained_variance": 1.0 - var_residual / max(var_returns, 1e-8)}),
             "train/response_len": tokens / n, "train/eos_frac": total["eos"] / n, "train/kl_coef": kl_coef,
             **({"train/ptx_loss": total["ptx_loss"] / ptx_tokens_total} if ptx is not None else {}),
             "time/generate_s": t_gen - t_start, "time/score_s": t_score - t_gen, "time/rollout_s": t_rollout - t_start,
@@ -822,7 +909,8 @@ def main(args: Args):
         logger.log(iteration + 1, metrics, advance=1)
         if args.save_every and (iteration + 1) % args.save_every == 0 and iteration + 1 < n_iters:
             tag = f"iter{iteration + 1}"
-            critic.save_checkpoint(str(ckpt / "critic"), tag=tag)  # the actor's `latest` is written last
+            if critic is not None:
+                critic.save_checkpoint(str(ckpt / "critic"), tag=tag)  # the actor's `latest` is written last
             actor.save_checkpoint(str(ckpt / "actor"), tag=tag, client_state={
                 "iteration": iteration + 1, "kl_coef": kl_coef, "ema": ema})
 
