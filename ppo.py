@@ -83,7 +83,7 @@ class Args:
     advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
     """gae: PPO with a critic; critic-free (no critic is loaded, trained or saved), on each answer's score: grpo
     (score - group mean) / group std, dr_grpo score - group mean, rloo score - mean of the group's other answers,
-    reinforce_pp returns whitened over the global batch (README: Estimators)"""
+    reinforce_pp returns whitened over the global batch (README: "Critic-free estimators")"""
     samples_per_prompt: int = 1
     """answers sampled per prompt, in the same generate call: the group of grpo, dr_grpo and rloo (which need >= 2)"""
     loss_agg: Literal["auto", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "auto"
