@@ -3,11 +3,13 @@
 Four models: the actor (trained), the critic (trained; initialised from the reward model), the reference (a frozen
 copy of the initial actor) and the reward model (frozen). Every iteration samples responses to a batch of prompts,
 scores them, turns scores and the KL to the reference into per-token rewards, estimates advantages with GAE, then
-runs a few epochs of clipped PPO updates on actor and critic.
+runs a few epochs of clipped PPO updates on actor and critic. --advantage_estimator grpo|dr_grpo|rloo|reinforce_pp
+leaves the critic out and takes the baseline from several answers per prompt (--samples_per_prompt) or the batch.
 
 References: Ziegler et al. 2019 and OpenAI's lm-human-preferences (KL-penalised reward, adaptive KL); Stiennon et al.
 2020; InstructGPT (Ouyang et al. 2022; PPO-ptx); Huang et al., "The N+ Implementation Details of RLHF with PPO" (2024,
-"N+" below); DeepSpeed-Chat step 3 ("DSC"). README.md cites the source of every detail.
+"N+" below); DeepSpeed-Chat step 3 ("DSC"); GRPO (Shao et al. 2024), Dr. GRPO (Liu et al. 2025), RLOO (Ahmadian et
+al. 2024), REINFORCE++ (Hu 2025). README.md cites the source of every detail.
 
     python ppo.py                                           # the demo: ./sft_ckpt + ./reward_ckpt, on a CPU
     deepspeed ppo.py --actor ./sft_ckpt --reward ./reward_ckpt --data prompts.jsonl
