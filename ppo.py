@@ -3,11 +3,13 @@
 Four models: the actor (trained), the critic (trained; initialised from the reward model), the reference (a frozen
 copy of the initial actor) and the reward model (frozen). Every iteration samples responses to a batch of prompts,
 scores them, turns scores and the KL to the reference into per-token rewards, estimates advantages with GAE, then
-runs a few epochs of clipped PPO updates on actor and critic.
+runs a few epochs of clipped PPO updates on actor and critic. --advantage_estimator grpo|dr_grpo|rloo|reinforce_pp
+leaves the critic out and takes the baseline from several answers per prompt (--samples_per_prompt) or the batch.
 
 References: Ziegler et al. 2019 and OpenAI's lm-human-preferences (KL-penalised reward, adaptive KL); Stiennon et al.
 2020; InstructGPT (Ouyang et al. 2022; PPO-ptx); Huang et al., "The N+ Implementation Details of RLHF with PPO" (2024,
-"N+" below); DeepSpeed-Chat step 3 ("DSC"). README.md cites the source of every detail.
+"N+" below); DeepSpeed-Chat step 3 ("DSC"); GRPO (Shao et al. 2024), Dr. GRPO (Liu et al. 2025), RLOO (Ahmadian et
+al. 2024), REINFORCE++ (Hu 2025). README.md cites the source of every detail.
 
     python ppo.py                                           # the demo: ./sft_ckpt + ./reward_ckpt, on a CPU
     deepspeed ppo.py --actor ./sft_ckpt --reward ./reward_ckpt --data prompts.jsonl
@@ -21,6 +23,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +82,7 @@ class Args:
     """where the actor (HF format), args.json, metrics.jsonl and checkpoints/ go"""
     # rollout
     total_episodes: int | None = None
-    """prompts to roll out in all, over all ranks (>= 1; the run's length); default: --num_epochs passes over --data"""
+    """answers to sample in all, over all ranks (>= 1; the run's length); default: --num_epochs passes over --data"""
     num_epochs: int = 1
     """passes over the prompts when --total_episodes is not given (>= 1)"""
     rollout_batch_size: int = 64
@@ -90,14 +93,25 @@ class Args:
     """prompts per generate call (>= 0; 0: the whole --rollout_batch_size); smaller saves memory"""
     temperature: float = 1.0
     """sampling temperature (> 0); logits are divided by it in every log-prob too (N+); top_k=0, top_p=1 always"""
+    # advantages
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
+    """gae: PPO with a critic; critic-free (no critic is loaded, trained or saved), on each answer's score: grpo
+    (score - group mean) / group std, dr_grpo score - group mean, rloo score - mean of the group's other answers,
+    reinforce_pp returns whitened over the global batch (README: "Critic-free estimators")"""
+    samples_per_prompt: int = 1
+    """answers sampled per prompt, in the same generate call: the group of grpo, dr_grpo and rloo (which need >= 2)"""
+    loss_agg: Literal["auto", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "auto"
+    """policy loss over a mini-batch: a mean over its tokens; the mean over answers of each answer's token-mean
+    (GRPO's); or of its token-sum / --max_new_tokens (Dr. GRPO's); auto: seq_mean_token_mean for grpo,
+    seq_mean_token_sum_norm for dr_grpo, token_mean otherwise"""
     # ppo
     ppo_epochs: int = 4
     """passes over each rollout batch (>= 1)"""
     mini_batch_size: int = 0
-    """samples per rank per optimizer step (>= 0); 0: per_device_batch_size x gradient_accumulation_steps"""
+    """answers per rank per optimizer step (>= 0); 0: per_device_batch_size x gradient_accumulation_steps"""
     per_device_batch_size: int | None = None
-    """samples per rank per forward (micro-batch) in the update and in scoring (>= 1); default 16, or the largest
-    divisor of the mini-batch (or of --rollout_batch_size) up to 16"""
+    """answers per rank per forward (micro-batch) in the update and in scoring (>= 1); default 16, or the largest
+    divisor of the mini-batch (or of the rollout's answers per rank) up to 16"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step (>= 1; ignored when --mini_batch_size is set)"""
     learning_rate: float | None = None
@@ -114,7 +128,13 @@ class Args:
     grad_clip: float = 1.0
     """clip each model's global gradient norm to this (>= 0; 0: no clipping)"""
     kl_coef: float = 0.05
-    """beta of the per-token KL penalty -beta * (logp_actor - logp_ref) (>= 0; N+ 0.05, DSC 0.1)"""
+    """beta of the per-token KL penalty -beta * KL in the reward (>= 0; N+ 0.05, DSC 0.1), or of +beta * KL in the
+    loss"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """per-token estimate of KL(pi || ref) (joschu.net/blog/kl-approx.html): k1 log pi - log ref (N+, TRL PPO), k2
+    k1^2 / 2, k3 exp(-k1) - 1 + k1 (GRPO)"""
+    kl_in_loss: bool = False
+    """add kl_coef x KL to the actor's per-token loss (GRPO) instead of -kl_coef x KL to the per-token reward (PPO)"""
     adaptive_kl: bool = False
     """adapt kl_coef towards --target_kl (Ziegler et al. 2019)"""
     target_kl: float = 6.0
@@ -130,7 +150,7 @@ class Args:
     lam: float = 0.95
     """GAE lambda (0 <= x <= 1)"""
     whiten_advantages: bool = True
-    """normalise advantages to mean 0, std 1 over the batch's real tokens (N+, TRL; DSC does not)"""
+    """gae: normalise advantages to mean 0, std 1 over the batch's real tokens (N+, TRL; DSC does not)"""
     whiten_rewards: bool = False
     """whiten per-token rewards before GAE (an N+ option)"""
     normalize_reward: bool = True
@@ -376,13 +396,46 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     return torch.where(mask, out, 0.0).to(torch.promote_types(x.dtype, torch.float32))
 
 
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from samples of pi (joschu.net/blog/kl-approx.html): k1 = log pi - log ref
+    (unbiased), k2 = k1^2 / 2, k3 = exp(-k1) - 1 + k1 (unbiased and never negative; GRPO's)."""
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    return 0.5 * log_ratio**2 if estimator == "k2" else torch.expm1(-log_ratio) + log_ratio
+
+
+def group_baseline(score: torch.Tensor, estimator: str, group: int) -> torch.Tensor:
+    """Each answer's score less its estimator's baseline, a prompt's answers being `group` consecutive rows: grpo
+    (s - mean) / (std + 1e-4) (Shao et al. 2024; unbiased std and 1e-4 as TRL), dr_grpo s - mean (Liu et al. 2025),
+    rloo s - mean of the others = (s - mean) k / (k - 1) (Ahmadian et al. 2024); gae and reinforce_pp: s (their
+    baselines are the critic and the batch)."""
+    if estimator in ("gae", "reinforce_pp"):
+        return score
+    scores = score.view(-1, group)
+    centred = scores - scores.mean(1, keepdim=True)
+    if estimator == "grpo":
+        centred = centred / (scores.std(1, keepdim=True) + 1e-4)
+    return (centred * group / (group - 1) if estimator == "rloo" else centred).reshape(-1)
+
+
+def loss_weights(lengths: torch.Tensor, loss_agg: str, max_new_tokens: int) -> torch.Tensor:
+    """Each response token's weight in the policy loss (one per row, [B, 1]); the weighted sum is then divided by the
+    global mini-batch's token count (token_mean) or answer count (the others): token_mean 1 (N+, DAPO),
+    seq_mean_token_mean 1 / length (GRPO), seq_mean_token_sum_norm 1 / max_new_tokens (Dr. GRPO)."""
+    if loss_agg == "token_mean":
+        return torch.ones_like(lengths, dtype=torch.float)[:, None]
+    return 1.0 / (lengths.clamp(min=1).float() if loss_agg == "seq_mean_token_mean"
+                  else torch.full_like(lengths, max_new_tokens, dtype=torch.float))[:, None]
+
+
 def compute_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
-                    lengths: torch.Tensor, kl_coef: float):
-    """Per-token reward: -kl_coef * (logp - ref_logp) on every response token (the k1 estimator), plus the
-    sequence's score on its last real token, the EOS when there is one (index length - 1; N+ and TRL put it one
+                    lengths: torch.Tensor, kl_coef: float, kl_estimator: str = "k1"):
+    """Per-token reward: -kl_coef * KL on every response token (kl_estimate; k1 = logp - ref_logp by default), plus
+    the sequence's score on its last real token, the EOS when there is one (index length - 1; N+ and TRL put it one
     slot after EOS, DSC PR 672 and TRL issue 3750 were off-by-one bugs here). Padding positions are 0 whatever the
     log-probs hold there (`where`, not a product: 0 * inf is NaN)."""
-    kl = torch.where(mask, logp.float() - ref_logp.float(), 0.0)
+    kl = torch.where(mask, kl_estimate(logp.float(), ref_logp.float(), kl_estimator), 0.0)
     rewards = -kl_coef * kl
     rows = torch.arange(score.shape[0], device=score.device)
     rewards[rows, lengths - 1] += score.float()
@@ -561,7 +614,7 @@ def fit_batch_sizes(args: Args) -> tuple[int, int]:
     """The micro-batch and the mini-batch (samples per rank). A size the user left unset adapts to the sizes that
     were set (said once on stderr): --rollout_batch_size 8 alone gives micro = mini = 8. Sizes the user set that
     conflict stay an error (in main)."""
-    rollout, gas = args.rollout_batch_size, args.gradient_accumulation_steps
+    rollout, gas = args.rollout_batch_size * args.samples_per_prompt, args.gradient_accumulation_steps
     micro = args.per_device_batch_size
     if micro is None:
         whole = args.mini_batch_size or (rollout // gas if rollout % gas == 0 else rollout)
@@ -576,6 +629,75 @@ def fit_batch_sizes(args: Args) -> tuple[int, int]:
 # main
 
 
+def rollout_prompts(n_prompts: int, iteration: int, rank: int, per_rank: int, world: int, seed: int,
+                    samples_per_prompt: int) -> list[int]:
+    """This rank's prompts at `iteration` (indices), each `samples_per_prompt` times in a row: epoch e walks the
+    prompts shuffled by seed + e, an iteration takes the next per_rank x world of them, rank r the r-th share."""
+    per_iter = per_rank * world
+    epoch, position = divmod(iteration, max(1, n_prompts // per_iter))
+    order = list(range(n_prompts))
+    random.Random(seed + epoch).shuffle(order)
+    first = position * per_iter + rank * per_rank
+    return [order[(first + j) % n_prompts] for j in range(per_rank) for _ in range(samples_per_prompt)]
+
+
+def kl_per_response(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """train/kl and eval/kl, whatever the penalty estimates: sum of log pi - log ref over the response (k1)."""
+    return torch.where(mask, logp - ref_logp, 0.0).sum(1)
+
+
+def ref_logprobs(ref, actor, seq: torch.Tensor, attn: torch.Tensor, n_prompt: int, temperature: float,
+                 chunk_size: int = 1024):
+    """The reference's log-probs; with --lora_rank and no --ref, the actor with its adapter switched off."""
+    if ref is not None:
+        return seq_logprobs(ref, seq, attn, n_prompt, temperature, chunk_size=chunk_size)
+    with actor.module.disable_adapter():
+        return seq_logprobs(actor, seq, attn, n_prompt, temperature, chunk_size=chunk_size)
+
+
+def reduce_sums(sums: dict, device) -> dict:
+    """The sums by name, added over ranks: one host sync and one collective for all of them."""
+    names = sorted(sums)
+    values = torch.stack([torch.as_tensor(sums[k], device=device).double() for k in names]).tolist()
+    return dict(zip(names, common.all_reduce_sum(values, device)))
+
+
+@torch.no_grad()
+def evaluate(args: Args, iteration: int, actor, ref, reward, tokenizer, reward_tok, records: list[dict],
+             prompt_ids: list[list[int]], gen_config, actor_stage: int, call_size: int, micro: int, device) -> dict:
+    """eval/reward, eval/kl (demo: eval/gold) on held-out prompts, in generate calls numbered over the eval set and
+    seeded by that number: the same samples on any number of ranks and at every evaluation. Every rank runs as many
+    full calls (ZeRO-3 needs every rank in every forward); rows past the end have weight 0."""
+    world, rank, toy, chunk = common.world_size(), common.rank(), args.data == "toy", args.logprob_chunk_size
+    n, size = len(prompt_ids), min(call_size, len(prompt_ids))
+    calls_per_rank = math.ceil(math.ceil(n / size) / world)
+    sums = Counter(reward=0.0, kl=0.0, gold=0.0)
+    for call in range(rank * calls_per_rank, (rank + 1) * calls_per_rank):
+        rows = [call * size + i for i in range(size)]
+        weight = torch.tensor([float(i < n) for i in rows], device=device)
+        messages = [records[i % n]["prompt"] for i in rows]
+        rollout, n_prompt = generate(actor, [prompt_ids[i % n] for i in rows], tokenizer, gen_config, actor_stage,
+                                     args.generate_sharded, device, seeds=[args.seed + 7919 * call + 1])
+        retok = None if reward_tok is None else make_retokenizer(tokenizer, reward_tok, messages, device)
+        score = reward_scores(reward, rollout, n_prompt, micro, retok)
+        seq, attn, slices = rollout["seq"], rollout["attn"], micro_slices(size, micro)
+        logp = torch.cat([seq_logprobs(actor, seq[s], attn[s], n_prompt, args.temperature, chunk_size=chunk)
+                          for s in slices])
+        ref_logp = torch.cat([ref_logprobs(ref, actor, seq[s], attn[s], n_prompt, args.temperature, chunk)
+                              for s in slices])
+        texts = tokenizer.batch_decode(seq[:, n_prompt:], skip_special_tokens=True)
+        gold = torch.tensor([common.gold_score(m[-1]["content"], t) if toy else 0.0 for m, t in zip(messages, texts)],
+                            device=device)
+        sums.update(reward=(score * weight).sum(), gold=(gold * weight).sum(),
+                    kl=(kl_per_response(logp, ref_logp, rollout["mask"]) * weight).sum())
+        if call == 0:  # on rank 0
+            for j in range(min(args.print_samples, size)):
+                print(f"  [{iteration}] {messages[j][-1]['content']!r} -> {texts[j]!r} (score {float(score[j]):.2f})",
+                      flush=True)
+    total = {k: v / n for k, v in reduce_sums(sums, device).items()}
+    return {"eval/reward": total["reward"], "eval/kl": total["kl"]} | ({"eval/gold": total["gold"]} if toy else {})
+
+
 def main(args: Args):
     # --- setup ---
     actor_stage = args.zero_stage if args.actor_zero_stage is None else args.actor_zero_stage
@@ -584,6 +706,14 @@ def main(args: Args):
     for stage, flag in ((args.zero_stage, "--zero_stage"), (actor_stage, "--actor_zero_stage"),
                         (critic_stage, "--critic_zero_stage")):
         common.check_zero_stage(stage, flag)
+    samples_per_prompt, critic_free = args.samples_per_prompt, args.advantage_estimator != "gae"
+    least = 2 if args.advantage_estimator in ("grpo", "dr_grpo", "rloo") else 1  # a group needs two answers
+    if samples_per_prompt < least:
+        raise common.UserError(f"--samples_per_prompt {samples_per_prompt}: --advantage_estimator "
+                               f"{args.advantage_estimator} needs at least {least}")
+    if critic_free and (args.critic is not None or args.save_critic):
+        raise common.UserError(f"--advantage_estimator {args.advantage_estimator} has no critic: drop --critic and "
+                               "--save_critic")
     inputs = {"--actor": args.actor, "--reward": args.reward, "--critic": args.critic, "--ref": args.ref,
               "--data": args.data, "--eval_data": args.eval_data, "--ptx_data": args.ptx_data}
     tag = common.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "ppo.py", inputs,
@@ -607,10 +737,13 @@ def main(args: Args):
     if args.hybrid_engine and (device.type != "cuda" or args.lora_rank > 0):
         raise common.UserError("--hybrid_engine needs GPUs (DeepSpeed's inference kernels) and no --lora_rank (its "
                                "kernels would read peft's wrapped layers wrongly)")
+    own_agg = {"grpo": "seq_mean_token_mean", "dr_grpo": "seq_mean_token_sum_norm"}  # each paper's aggregation
+    loss_agg = own_agg.get(args.advantage_estimator, "token_mean") if args.loss_agg == "auto" else args.loss_agg
     micro, mini = fit_batch_sizes(args)
-    if mini % micro or args.rollout_batch_size % mini:
-        raise common.UserError(f"--rollout_batch_size {args.rollout_batch_size} must be a multiple of the mini-batch "
-                               f"({mini}), itself a multiple of --per_device_batch_size {micro}")
+    if mini % micro or args.rollout_batch_size * samples_per_prompt % mini:
+        raise common.UserError(f"--rollout_batch_size {args.rollout_batch_size} x --samples_per_prompt "
+                               f"{samples_per_prompt} must be a multiple of the mini-batch ({mini}), itself a "
+                               f"multiple of --per_device_batch_size {micro}")
     gas = mini // micro
     gen_chunk = args.generation_batch_size or args.rollout_batch_size
     lp_chunk = args.logprob_chunk_size
@@ -628,8 +761,8 @@ def main(args: Args):
         records, eval_records = common.split_eval(records, args.eval_fraction, args.seed)
     eval_records = eval_records[: args.num_eval_prompts]
     max_prompt = max_seq_len - args.max_new_tokens
-    prompts, n_cut = encode_prompts(records, tokenizer, max_prompt, args.truncation, args.data)
-    eval_prompts, _ = encode_prompts(eval_records, tokenizer, max_prompt, args.truncation, "eval data")
+    prompt_ids, n_cut = encode_prompts(records, tokenizer, max_prompt, args.truncation, args.data)
+    eval_prompt_ids, _ = encode_prompts(eval_records, tokenizer, max_prompt, args.truncation, "eval data")
     ptx = None
     common.print0("example prompt:\n" + tokenizer.decode(prompts[0]))
     if args.ptx_data:
@@ -638,21 +771,24 @@ def main(args: Args):
         common.print0("example ptx (trained tokens in [[ ]]):\n" + common.show_example(tokenizer, *ptx[0]))
         ptx = [(common.truncate_left(i, max_seq_len)[0], common.truncate_left(m, max_seq_len)[0])
                for i, m in ptx]
-    per_iter = args.rollout_batch_size * world
-    total_episodes = args.total_episodes or args.num_epochs * len(prompts)
+    per_iter = args.rollout_batch_size * world * samples_per_prompt  # episodes (answers) per iteration
+    total_episodes = args.total_episodes or args.num_epochs * len(prompt_ids) * samples_per_prompt
     n_iters = total_episodes // per_iter
     if n_iters == 0:
         raise common.UserError(f"--total_episodes {total_episodes} is less than one iteration "
-                               f"({per_iter} = rollout_batch_size x ranks)")
-    steps_per_iter = args.ppo_epochs * (args.rollout_batch_size // mini)
+                               f"({per_iter} = rollout_batch_size x ranks x samples_per_prompt)")
+    steps_per_iter = args.ppo_epochs * (args.rollout_batch_size * samples_per_prompt // mini)
+    # one optimizer step on fresh samples: the old log-probs are the training forward's own (ratio 1), so the scoring
+    # forward is skipped (as TRL's GRPO does), unless the reward needs them for its KL penalty
+    reuse_logprobs = steps_per_iter == 1 and (args.kl_in_loss or args.kl_coef == 0)
     run = {"script": "ppo.py", "world_size": world, "rollout_batch": per_iter, "mini_batch": mini * world,
-           "prompts": len(prompts), "actor_stage": actor_stage, "critic_stage": critic_stage, "iterations": n_iters}
+           "prompts": len(prompt_ids), "actor_stage": actor_stage, "critic_stage": critic_stage, "iterations": n_iters}
     if tag:
         common.check_resume(args.output_dir, args, tag, RUN_FLAGS, run, "iterations",
                             fixed=("actor_stage", "critic_stage", "lora_rank", "critic_lora_rank")
                             + (("world_size",) if actor_stage or critic_stage else ()))
-    common.print0(f"{len(prompts)} prompts ({n_cut} cut from the left), {n_iters} iterations of {per_iter} episodes, "
-                  f"{steps_per_iter} optimizer steps each")
+    common.print0(f"{len(prompt_ids)} prompts ({n_cut} cut from the left), {n_iters} iterations of {per_iter} "
+                  f"episodes, {steps_per_iter} optimizer steps each")
 
     # --- models ---
     actor = common.load_causal_lm(args.actor, dtype, tokenizer, args.trust_remote_code, "--actor")
@@ -671,15 +807,15 @@ def main(args: Args):
     reward_mean = getattr(reward_model.config, "reward_mean", 0.0) if args.normalize_reward else 0.0
     reward_std = getattr(reward_model.config, "reward_std", 1.0) if args.normalize_reward else 1.0
     critic_path = args.critic or (args.reward if same_tok else args.actor)
-    critic = load_value_model(critic_path, dtype, tokenizer, args.trust_remote_code, "--critic",
-                              args.new_value_head or critic_path == args.actor)
-    if args.critic_lora_rank > 0:
+    critic = None if critic_free else load_value_model(critic_path, dtype, tokenizer, args.trust_remote_code,
+                                                       "--critic", args.new_value_head or critic_path == args.actor)
+    if args.critic_lora_rank > 0 and not critic_free:
         from peft import LoraConfig, get_peft_model
 
         critic = get_peft_model(critic, LoraConfig(r=args.critic_lora_rank, lora_alpha=args.lora_alpha,
                                                    lora_dropout=0.0, target_modules="all-linear", task_type="SEQ_CLS"))
     if args.gradient_checkpointing:
-        for m in (actor, critic):
+        for m in (actor, critic) if critic is not None else (actor,):
             m.gradient_checkpointing_enable()
             if hasattr(m, "enable_input_require_grads"):
                 m.enable_input_require_grads()
@@ -687,31 +823,25 @@ def main(args: Args):
     total_steps = n_iters * steps_per_iter
     actor = trained_engine(actor, actor_lr, args, actor_stage, micro, gas, total_steps, dtype, args.hybrid_engine,
                            max_seq_len)
-    critic = trained_engine(ValueModel(critic), critic_lr, args, critic_stage, micro, gas, total_steps, dtype)
+    if critic is not None:
+        critic = trained_engine(ValueModel(critic), critic_lr, args, critic_stage, micro, gas, total_steps, dtype)
     ref = frozen_engine(ref, actor_stage, args.offload_reference, dtype) if ref is not None else None
     reward = frozen_engine(ValueModel(reward_model), critic_stage, args.offload_reference, dtype)
-
-    def count(m) -> int:  # parameters, ZeRO-3 partitions counted whole
-        return sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) if m is not None else 0
-
-    n_params = {"actor": count(actor), "critic": count(critic), "reward": count(reward),
-                "ref": count(ref) if ref is not None else count(actor)}
-    retok = None
+    n_params = {name: sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) if m is not None else 0
+                for name, m in (("actor", actor), ("critic", critic), ("reward", reward), ("ref", ref or actor))}
+    common.print0(f"parameters (ZeRO-3 partitions counted whole): {n_params}" + (" (critic-free)" * critic_free))
     gen_config = generation_config(args, tokenizer)
     eval_config = generation_config(args, tokenizer, greedy=args.eval_greedy)
-
-    def ref_logprobs(seq, attn, n_prompt):
-        if ref is not None:
-            return seq_logprobs(ref, seq, attn, n_prompt, args.temperature, chunk_size=lp_chunk)
-        with actor.module.disable_adapter():  # LoRA: the reference is the base model under the adapter
-            return seq_logprobs(actor, seq, attn, n_prompt, args.temperature, chunk_size=lp_chunk)
+    eval_inputs = (actor, ref, reward, tokenizer, None if same_tok else reward_tok, eval_records, eval_prompt_ids,
+                   eval_config, actor_stage, gen_chunk, micro, device)  # evaluate(args, iteration, *eval_inputs)
 
     # --- resume ---
     common.start_output_dir(args.output_dir, args, args.overwrite, args.resume, run)
     ckpt = Path(args.output_dir) / "checkpoints"
     start_iter, kl_coef = 0, args.kl_coef
     if tag:
-        common.load_checkpoint(critic, str(ckpt / "critic"), tag)
+        if critic is not None:
+            common.load_checkpoint(critic, str(ckpt / "critic"), tag)
         state = common.load_checkpoint(actor, str(ckpt / "actor"), tag)
         start_iter, kl_coef = state["iteration"], state["kl_coef"]
         if args.ema:
@@ -719,190 +849,170 @@ def main(args: Args):
         common.print0(f"resumed from {ckpt}/*/{tag} at iteration {start_iter}")
         common.truncate_log(args.output_dir, start_iter)  # drop rows logged after the checkpoint
 
-    # --- evaluation on held-out prompts (at iteration 0, every --eval_every, and at the end) ---
-    def evaluate(iteration: int) -> dict:
-        """Held-out prompts in generate calls of `size`, numbered over the whole eval set and seeded by that number:
-        the same calls draw the same samples on any number of ranks and at every evaluation. Every rank runs the
-        same number of full calls (ZeRO-3 needs every rank in every forward): rows past the end have weight 0."""
-        n, size = len(eval_prompts), min(gen_chunk, len(eval_prompts))
-        per_rank = math.ceil(math.ceil(n / size) / world)
-        sums = [0.0, 0.0, 0.0]
-        for call in range(rank * per_rank, (rank + 1) * per_rank):
-            idx = [call * size + i for i in range(size)]
-            w = torch.tensor([float(i < n) for i in idx], device=device)
-            msgs = [eval_records[i % n]["prompt"] for i in idx]
-            seed = args.seed + 7919 * call + 1
-            rollout, n_prompt = generate(actor, [eval_prompts[i % n] for i in idx], tokenizer, eval_config,
-                                         actor_stage, args.generate_sharded, device, seeds=[seed])
-            local_retok = None if same_tok else make_retokenizer(tokenizer, reward_tok, msgs, device)
-            with torch.no_grad():
-                score = reward_scores(reward, rollout, n_prompt, micro, local_retok)
-                slices = micro_slices(size, micro)
-                seq, attn = rollout["seq"], rollout["attn"]
-                logp = torch.cat([seq_logprobs(actor, seq[m], attn[m], n_prompt, args.temperature,
-                                               chunk_size=lp_chunk) for m in slices])
-                ref_lp = torch.cat([ref_logprobs(seq[m], attn[m], n_prompt) for m in slices])
-            kl = ((logp - ref_lp) * rollout["mask"]).sum(1)
-            texts = tokenizer.batch_decode(seq[:, n_prompt:], skip_special_tokens=True)
-            gold = torch.tensor([common.gold_score(m[-1]["content"], t) if toy else 0.0 for m, t in zip(msgs, texts)],
-                                device=device)
-            sums = [total + float((x * w).sum()) for total, x in zip(sums, (score, kl, gold))]
-            if call == 0:  # on rank 0
-                for j in range(min(args.print_samples, size)):
-                    print(f"  [{iteration}] {msgs[j][-1]['content']!r} -> {texts[j]!r} (score {float(score[j]):.2f})",
-                          flush=True)
-        total = common.all_reduce_sum(sums, device)
-        out = {"eval/reward": total[0] / n, "eval/kl": total[1] / n}
-        if toy:
-            out["eval/gold"] = total[2] / n
-        return out
-
     # --- loop ---
     logger = common.Logger(args.output_dir, n_iters, "ppo", initial=start_iter)
-    if start_iter == 0 and eval_prompts:  # no held-out prompts (--eval_fraction 0): no eval rows
-        logger.log(0, evaluate(0))
+    if start_iter == 0 and eval_prompt_ids:  # no held-out prompts (--eval_fraction 0): no eval rows
+        logger.log(0, evaluate(args, 0, *eval_inputs))
     for iteration in range(start_iter, n_iters):
         t_start = time.time()
-        epoch, k = divmod(iteration, max(1, len(prompts) // per_iter))
-        order = list(range(len(prompts)))
-        random.Random(args.seed + epoch).shuffle(order)
-        chunk = [order[(k * per_iter + j) % len(order)] for j in range(rank * args.rollout_batch_size,
-                                                                       (rank + 1) * args.rollout_batch_size)]
-        # 1. generate; every generate call is seeded from (seed, iteration, its place in the global batch): ranks
-        #    draw different samples, and a resumed run or another split over ranks draws the same ones
+        sums = Counter()  # every logged figure as a sum over this rank's responses or tokens, by name
+
+        # 1. prompts: this rank's share of the iteration's prompts, each samples_per_prompt times (the rollout's rows)
+        rows = rollout_prompts(len(prompt_ids), iteration, rank, args.rollout_batch_size, world, args.seed,
+                               samples_per_prompt)
+
+        # 2. generate, cut after EOS; each generate call seeded from (seed, iteration, its place in the global batch):
+        #    ranks draw different samples; a resumed run or another split over ranks draws the same ones
         calls = math.ceil(args.rollout_batch_size / gen_chunk)  # generate calls per rank
         seeds = [args.seed + 104729 * (iteration + 1) + 7919 * (rank * calls + i) for i in range(calls)]
-        rollout, n_prompt = generate(actor, [prompts[i] for i in chunk], tokenizer, gen_config, actor_stage,
-                                     args.generate_sharded, device, gen_chunk, seeds)
+        rollout, n_prompt = generate(actor, [prompt_ids[i] for i in rows], tokenizer, gen_config, actor_stage,
+                                     args.generate_sharded, device, gen_chunk * samples_per_prompt, seeds)
+        seq, attn, mask, lengths = rollout["seq"], rollout["attn"], rollout["mask"], rollout["lengths"]
         t_gen = time.time()
-        if not same_tok:
-            retok = make_retokenizer(tokenizer, reward_tok, [records[i]["prompt"] for i in chunk], device)
 
-        # 2. score: old log-probs and entropy (actor), reference log-probs, values (critic), reward (RM), batched
-        #    in micro-batches and without autograd
-        mask, lengths, B = rollout["mask"], rollout["lengths"], rollout["mask"].shape[0]
-        seq, attn = rollout["seq"], rollout["attn"]
+        # 3. score without autograd, in micro-batches: old log-probs and entropy (actor), reference log-probs, values
+        #    (critic), reward (RM; through `retok` when its tokenizer differs)
+        messages = [records[i]["prompt"] for i in rows]
+        retok = None if same_tok else make_retokenizer(tokenizer, reward_tok, messages, device)
         with torch.no_grad():
             actor.module.eval()
-            critic.module.eval()
-            parts = [seq_logprobs(actor, seq[s], attn[s], n_prompt, args.temperature, True, lp_chunk)
-                     for s in micro_slices(B, micro)]
-            old_logp = torch.cat([p[0] for p in parts])
-            entropy = torch.cat([p[1] for p in parts])
-            ref_logp = torch.cat([ref_logprobs(seq[s], attn[s], n_prompt) for s in micro_slices(B, micro)])
-            old_values = torch.cat([critic(seq[s], attn[s])[:, n_prompt - 1: -1] for s in micro_slices(B, micro)])
+            slices = micro_slices(len(rows), micro)
+            old_logp, entropy = torch.zeros(mask.shape, device=device), torch.zeros(mask.shape, device=device)
+            if not reuse_logprobs:  # else filled in by the update's forward
+                old_logp, entropy = map(torch.cat, zip(*[seq_logprobs(actor, seq[s], attn[s], n_prompt,
+                                                                      args.temperature, True, lp_chunk)
+                                                           for s in slices]))
+            ref_logp = torch.cat([ref_logprobs(ref, actor, seq[s], attn[s], n_prompt, args.temperature, lp_chunk)
+                                  for s in slices])
+            old_values = torch.zeros(mask.shape, device=device)
+            if critic is not None:
+                critic.module.eval()
+                old_values = torch.cat([critic(seq[s], attn[s])[:, n_prompt - 1: -1] for s in slices])
+                old_values = torch.where(mask, old_values, 0.0)
+                critic.module.train()
             raw_score = reward_scores(reward, rollout, n_prompt, micro, retok)
             actor.module.train()
-            critic.module.train()
         t_score = time.time()
-
         # before any update, so nothing new is saved; summed over ranks, so that every rank stops (none hangs)
         finite = common.all_reduce_sum([float(raw_score.sum()), float(torch.where(mask, ref_logp, 0).sum())], device)
         common.check_finite({"reward": finite[0], "ref_logp": finite[1]}, iteration + 1)
+        sums.update(responses=len(rows), reward=raw_score.sum(), response_tokens=mask.sum(),
+                    eos=rollout["has_eos"].sum())
 
-        # 3. rewards: normalised, penalised when EOS is missing, clipped; KL penalty on every token
+        # 4. rewards: score normalised, penalised without EOS, clipped, on the last token; KL penalty on every token
         score = (raw_score - reward_mean) / reward_std
         score = score - args.missing_eos_penalty * (~rollout["has_eos"]).float()
         score = score.clamp(-args.clip_reward_value, args.clip_reward_value)
-        old_values = old_values * mask
-        rewards, kl = compute_rewards(score, old_logp, ref_logp, mask, lengths, kl_coef)
+        sums.update(score=score.sum())  # train/score: what a baseline subtracted below leaves unchanged
+        score = group_baseline(score, args.advantage_estimator, samples_per_prompt)
+        rewards, _ = compute_rewards(score, old_logp, ref_logp, mask, lengths, 0.0 if args.kl_in_loss else kl_coef,
+                                     args.kl_estimator)
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
 
-        # 4. advantages and returns (GAE), advantages whitened over the global batch
-        advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
-        if args.whiten_advantages:
+        # 5. advantages and returns: GAE with the critic's values, whitened over the global batch; critic-free, the
+        #    reward-to-go (GAE with no values and lam 1), whitened over the global batch for reinforce_pp
+        advantages, returns = gae(rewards, old_values, mask, args.gamma, 1.0 if critic_free else args.lam)
+        if args.advantage_estimator == "reinforce_pp" or (args.whiten_advantages and not critic_free):
             advantages = masked_whiten(advantages, mask)
+        residual = returns - old_values  # for train/explained_variance
+        sums.update(returns=masked_sum(returns, mask), returns_sq=masked_sum(returns**2, mask),
+                    residual=masked_sum(residual, mask), residual_sq=masked_sum(residual**2, mask))
         t_rollout = time.time()
 
-        # 5. PPO epochs over shuffled mini-batches; each loss is a token-mean over the global mini-batch. Shuffles,
-        #    micro-batch widths and token counts are worked out on the host first, with one collective for all the
-        #    counts, so the loop never waits for the device between steps.
-        data = {"seq": seq, "attn": attn, "mask": mask, "old_logp": old_logp, "old_values": old_values,
-                "advantages": advantages, "returns": returns}
-        prompt_lens, resp_lens = [len(prompts[i]) for i in chunk], lengths.tolist()
-        gen = torch.Generator().manual_seed(args.seed + 31 * iteration + rank)
-        steps = [(e, m0 // mini, perm[m0: m0 + mini].tolist()) for e in range(args.ppo_epochs)
-                 for perm in [torch.randperm(B, generator=gen)] for m0 in range(0, B, mini)]
-        step_tokens = common.all_reduce_sum([sum(resp_lens[i] for i in rows) for *_, rows in steps], device)
-        stats = torch.zeros(8, device=device)  # pg loss, v loss, clipfrac, vf clipfrac, approx kl, ratio, tokens, ptx
+        # 6. update: PPO epochs over shuffled mini-batches, each loss a token-mean over the global mini-batch;
+        #    shuffles, widths and token counts are set on the host first (one collective): no step waits for the device
+        prompt_lens, response_lens = [len(prompt_ids[i]) for i in rows], lengths.tolist()
+        shuffle = torch.Generator().manual_seed(args.seed + 31 * iteration + rank)
+        steps = [(epoch, start // mini, order[start: start + mini].tolist()) for epoch in range(args.ppo_epochs)
+                 for order in [torch.randperm(len(rows), generator=shuffle)] for start in range(0, len(rows), mini)]
+        step_tokens = common.all_reduce_sum([sum(response_lens[i] for i in batch) for *_, batch in steps], device)
+        token_weight = loss_weights(lengths, loss_agg, args.max_new_tokens)
         ptx_tokens_total = 0.0
-        for (e, k, rows), n_tokens in zip(steps, step_tokens):
+        for (epoch, step, batch), n_tokens in zip(steps, step_tokens):
             scale = world * gas / n_tokens  # undo DeepSpeed's 1/gas and rank averaging: a global token-mean
+            policy_scale = scale if loss_agg == "token_mean" else gas / mini  # / the global mini-batch's answers
             if ptx is not None:
-                ptx_rows, ptx_tokens = ptx_batch(ptx, (args.seed, iteration, e, k), mini * world, rank, mini)
-            for s in micro_slices(len(rows), micro):
-                r = rows[s]
-                mb = {key: v[torch.tensor(r, device=device)] for key, v in data.items()}
-                mseq, mattn, np_, width = trim(mb["seq"], mb["attn"], n_prompt, [prompt_lens[i] for i in r],
-                                               [resp_lens[i] for i in r])
-                mmask = mb["mask"][:, :width]
-                logp = seq_logprobs(actor, mseq, mattn, np_, args.temperature, chunk_size=lp_chunk)
-                pg, clipped, ratio = policy_loss(logp, mb["old_logp"][:, :width], mb["advantages"][:, :width],
-                                                 args.cliprange)
-                actor_loss = masked_sum(pg, mmask) * scale
-                ptx_sum = torch.zeros((), device=device)
+                ptx_rows, ptx_tokens = ptx_batch(ptx, (args.seed, iteration, epoch, step), mini * world, rank, mini)
+            for s in micro_slices(len(batch), micro):
+                index = torch.tensor(batch[s], device=device)
+                micro_seq, micro_attn, micro_n_prompt, width = trim(seq[index], attn[index], n_prompt, [
+                    prompt_lens[i] for i in batch[s]], [response_lens[i] for i in batch[s]])
+                micro_mask, micro_old_logp = mask[index, :width], old_logp[index, :width]
+                logp = seq_logprobs(actor, micro_seq, micro_attn, micro_n_prompt, args.temperature,
+                                    with_entropy=reuse_logprobs, chunk_size=lp_chunk)
+                if reuse_logprobs:  # the one step's forward is the rollout's: old log-probs and entropy from it
+                    logp, micro_entropy = logp[0], logp[1].detach()
+                    micro_old_logp = old_logp[index, :width] = logp.detach()
+                    entropy[index, :width] = micro_entropy
+                pg, clipped, ratio = policy_loss(logp, micro_old_logp, advantages[index, :width], args.cliprange)
+                loss = pg
+                if args.kl_in_loss:  # GRPO: + beta * KL(pi || ref) per token, through the current log-probs
+                    loss = pg + kl_coef * kl_estimate(logp, ref_logp[index, :width], args.kl_estimator)
+                actor_loss = masked_sum(loss * token_weight[index], micro_mask) * policy_scale
+                ptx_loss = torch.zeros((), device=device)
                 if ptx is not None:  # PPO-ptx (InstructGPT): a token-mean LM loss over the global ptx batch
-                    ptx_sum = ptx_nll(actor, ptx_rows[s], tokenizer.pad_token_id, device, lp_chunk)
-                    actor_loss = actor_loss + args.ptx_coef * ptx_sum * world * gas / ptx_tokens
+                    ptx_loss = ptx_nll(actor, ptx_rows[s], tokenizer.pad_token_id, device, lp_chunk)
+                    actor_loss = actor_loss + args.ptx_coef * ptx_loss * world * gas / ptx_tokens
                 actor.backward(actor_loss)
                 actor.step()
-                values = critic(mseq, mattn)[:, np_ - 1: -1]
-                vl, vclipped = value_loss(values, mb["old_values"][:, :width], mb["returns"][:, :width],
-                                          args.cliprange_value)
-                critic.backward(masked_sum(vl, mmask) * scale)
-                critic.step()
                 with torch.no_grad():
-                    approx_kl = 0.5 * (logp - mb["old_logp"][:, :width]) ** 2  # k2, joschu.net/blog/kl-approx.html
-                    stats += torch.stack([masked_sum(x, mmask) for x in (pg, vl, clipped, vclipped, approx_kl, ratio,
-                                                                         torch.ones_like(pg))] + [ptx_sum.detach()])
+                    approx_kl = 0.5 * (logp - micro_old_logp) ** 2  # k2, joschu.net/blog/kl-approx.html
+                    sums.update({name: masked_sum(x, micro_mask) for name, x in (
+                        ("policy_loss", pg), ("clipfrac", clipped), ("approx_kl", approx_kl), ("ratio", ratio))},
+                        trained_tokens=micro_mask.sum(), ptx_loss=ptx_loss.detach())
+                if critic is not None:
+                    values = critic(micro_seq, micro_attn)[:, micro_n_prompt - 1: -1]
+                    vl, value_clipped = value_loss(values, old_values[index, :width], returns[index, :width],
+                                                   args.cliprange_value)
+                    critic.backward(masked_sum(vl, micro_mask) * scale)
+                    critic.step()
+                    sums.update(value_loss=masked_sum(vl.detach(), micro_mask),
+                                value_clipfrac=masked_sum(value_clipped, micro_mask))
             if ptx is not None:
                 ptx_tokens_total += ptx_tokens
             if ema is not None or (args.ema and actor_stage == 3):
                 update_ema(ema, actor.module, args.ema_decay, actor_stage)
         t_train = time.time()
+        sums.update(kl=kl_per_response(old_logp, ref_logp, mask).sum(), entropy=masked_sum(entropy, mask))
 
-        # 6. log (metrics averaged over ranks), adapt the KL coefficient, checkpoint
-        sums = torch.stack([x.float() for x in (raw_score.sum(), kl.sum(), (entropy * mask).sum(), lengths.sum(),
-                                                 rollout["has_eos"].sum(), score.sum(),
-                                                 ((returns - old_values) * mask).sum(),
-                                                 ((returns - old_values) ** 2 * mask).sum(), (returns * mask).sum(),
-                                                 (returns**2 * mask).sum(), mask.sum())])
-        g = common.all_reduce_sum(torch.cat([stats, sums]).tolist() + [float(B)], device)  # one sync, one collective
-        (pg_s, vl_s, cf_s, vcf_s, akl_s, ratio_s, tok_s, ptx_s, rm_s, kl_s, ent_s, len_s, eos_s, sc_s, res_s, res2_s,
-         r_s, r2_s, m_s, n_s) = g
-        var_returns, var_residual = r2_s / m_s - (r_s / m_s) ** 2, res2_s / m_s - (res_s / m_s) ** 2
-        n_gen = len_s
+        # 7. log (sums over all ranks, one collective), adapt the KL coefficient, evaluate, checkpoint
+        total = reduce_sums(sums, device)
+        n, tokens, trained = total["responses"], total["response_tokens"], total["trained_tokens"]
+        var_returns, var_residual = (total[f"{x}_sq"] / tokens - (total[x] / tokens) ** 2
+                                     for x in ("returns", "residual"))
         elapsed = t_train - t_start
         metrics = {
-            "train/reward": rm_s / n_s, "train/score": sc_s / n_s, "train/kl": kl_s / n_s,
-            "train/entropy": ent_s / m_s, "train/policy_loss": pg_s / tok_s,
-            "train/value_loss": vl_s / tok_s, "train/clipfrac": cf_s / tok_s, "train/value_clipfrac": vcf_s / tok_s,
-            "train/approx_kl": akl_s / tok_s, "train/ratio": ratio_s / tok_s,
-            "train/explained_variance": 1.0 - var_residual / max(var_returns, 1e-8),
-            "train/response_len": len_s / n_s, "train/eos_frac": eos_s / n_s, "train/kl_coef": kl_coef,
-            **({"train/ptx_loss": ptx_s / ptx_tokens_total} if ptx is not None else {}),
+            **{f"train/{name}": total[name] / n for name in ("reward", "score", "kl")},
+            "train/entropy": total["entropy"] / tokens,
+            **{f"train/{name}": total[name] / trained for name in ("policy_loss", "value_loss", "clipfrac",
+                                                                  "value_clipfrac", "approx_kl", "ratio")
+               if name in total},  # no value_* without a critic
+            **({} if critic_free else {"train/explained_variance": 1.0 - var_residual / max(var_returns, 1e-8)}),
+            "train/response_len": tokens / n, "train/eos_frac": total["eos"] / n, "train/kl_coef": kl_coef,
+            **({"train/ptx_loss": total["ptx_loss"] / ptx_tokens_total} if ptx is not None else {}),
             "time/generate_s": t_gen - t_start, "time/score_s": t_score - t_gen, "time/rollout_s": t_rollout - t_start,
-            "time/train_s": t_train - t_rollout, "throughput/episodes_per_s": n_s / elapsed,
-            "throughput/tokens_per_s": n_gen / elapsed,
+            "time/train_s": t_train - t_rollout, "throughput/episodes_per_s": n / elapsed,
+            "throughput/tokens_per_s": tokens / elapsed,
         }
         if torch.cuda.is_available():  # as DSC prints them: peak memory, and achieved TFLOP/s per GPU estimated
             # with 2 x params FLOPs per token for a forward and 6 x params for forward + backward
-            tokens = float(attn.sum()) * 1.0
-            flops = 2 * tokens * (2 * n_params["actor"] + n_params["ref"] + n_params["critic"] + n_params["reward"])
-            flops += 6 * tokens * args.ppo_epochs * (n_params["actor"] + n_params["critic"])
+            flops = 2 * float(attn.sum()) * (n_params["actor"] + sum(n_params.values()))  # actor twice: old logp
+            flops += 6 * float(attn.sum()) * args.ppo_epochs * (n_params["actor"] + n_params["critic"])
             metrics["throughput/tflops"] = flops / elapsed / 1e12
             metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
         metrics["time/iteration_s"] = time.time() - t_start
         common.check_finite(metrics, iteration + 1)
         if args.adaptive_kl:
-            kl_coef = adaptive_kl_coef(kl_coef, kl_s / n_s, args.target_kl, args.kl_horizon, int(n_s))
-        if eval_prompts and ((args.eval_every and (iteration + 1) % args.eval_every == 0) or iteration + 1 == n_iters):
-            metrics |= evaluate(iteration + 1)
+            kl_coef = adaptive_kl_coef(kl_coef, metrics["train/kl"], args.target_kl, args.kl_horizon, int(n))
+        if eval_prompt_ids and ((args.eval_every and (iteration + 1) % args.eval_every == 0)
+                                or iteration + 1 == n_iters):
+            metrics |= evaluate(args, iteration + 1, *eval_inputs)
         logger.log(iteration + 1, metrics, advance=1)
         if args.save_every and (iteration + 1) % args.save_every == 0 and iteration + 1 < n_iters:
             tag = f"iter{iteration + 1}"
-            critic.save_checkpoint(str(ckpt / "critic"), tag=tag)  # the actor's `latest` is written last
+            if critic is not None:
+                critic.save_checkpoint(str(ckpt / "critic"), tag=tag)  # the actor's `latest` is written last
             actor.save_checkpoint(str(ckpt / "actor"), tag=tag, client_state={
                 "iteration": iteration + 1, "kl_coef": kl_coef, "ema": ema})
 
@@ -918,7 +1028,6 @@ def main(args: Args):
         base.save_pretrained(ema_dir, state_dict=ema, safe_serialization=True)
         tokenizer.save_pretrained(ema_dir)
     common.print0(f"saved {args.output_dir}")
-
 
 @torch.no_grad()
 def update_ema(ema: dict | None, model, decay: float, zero_stage: int):

@@ -14,6 +14,44 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+STAGES = ("sft", "reward", "ppo")
+FORKS = {}  # stage -> path of a forked script given with --script, tested in place of ROOT / "<stage>.py"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--script", action="append", default=[], metavar="[STAGE=]PATH",
+                     help="test a fork in place of its stage's script: `--script ppo_mine.py` (the stage is the "
+                          "name's prefix: sft, reward or ppo) or `--script ppo=path/to/fork.py`; may be repeated")
+
+
+def pytest_configure(config):
+    for spec in config.getoption("--script"):
+        stage, _, path = spec.rpartition("=")
+        stage = stage or next((s for s in STAGES if Path(path).name.startswith(s)), "")
+        if stage not in STAGES or not Path(path).is_file():
+            raise pytest.UsageError(f"--script {spec}: expected [sft|reward|ppo=]PATH of an existing file whose "
+                                    "name starts with its stage")
+        FORKS[stage] = Path(path).resolve()
+
+
+def script_path(script: str) -> Path:
+    """The file that runs for `script` ("ppo.py"): the fork given with --script, else the repo's own."""
+    return FORKS.get(Path(script).stem, ROOT / script)
+
+
+def stage_module(stage: str):
+    """The stage script imported as a module (the fork given with --script, if any), as `import ppo` would: the
+    reference tests call its functions, so a fork's math is checked against the same slow references."""
+    import importlib.util
+
+    if stage not in sys.modules:
+        spec = importlib.util.spec_from_file_location(stage, script_path(f"{stage}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[stage] = module  # before running it: dataclasses and pickling look the module up by name
+        spec.loader.exec_module(module)
+    return sys.modules[stage]
+
+
 FAMILIES = ["gpt2", "llama", "opt", "qwen2", "neox"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -107,7 +145,8 @@ def free_port() -> int:
 
 def script_env(ranks: int = 1, env_extra=None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(TQDM_DISABLE="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])]),  # common.py for a fork
+               TQDM_DISABLE="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"
                if ranks > 1 else env.get("OMP_NUM_THREADS", "2"), **(env_extra or {}))
     return env
 
@@ -116,10 +155,10 @@ def run_script(script: str, *args, ranks: int = 1, timeout: int = 600, check: bo
     """Run a stage script as a subprocess (1 rank: plain python; N ranks: the deepspeed launcher on CPU/gloo)."""
     env = script_env(ranks, env_extra)
     if ranks == 1:
-        cmd = [sys.executable, str(ROOT / script), *map(str, args)]
+        cmd = [sys.executable, str(script_path(script)), *map(str, args)]
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-               str(free_port()), str(ROOT / script), *map(str, args)]
+               str(free_port()), str(script_path(script)), *map(str, args)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
@@ -132,7 +171,7 @@ def kill_when(script: str, *args, ready, timeout: int = 300):
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=script_env(),
+    proc = subprocess.Popen([sys.executable, str(script_path(script)), *map(str, args)], cwd=ROOT, env=script_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline and not ready():

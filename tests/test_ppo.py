@@ -5,10 +5,11 @@ import random
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, read_metrics, run_script
+from conftest import make_model, make_tokenizer, read_metrics, run_script, stage_module
 
 import common
-import ppo
+
+ppo = stage_module("ppo")  # the repo's, or a fork given with --script (conftest.py)
 
 
 def rand_mask(B, T, seed=0):

@@ -8,10 +8,11 @@ import math
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, read_metrics, run_script
+from conftest import make_model, make_tokenizer, read_metrics, run_script, stage_module
 
 import common
-import reward
+
+reward = stage_module("reward")  # the repo's, or a fork given with --script (conftest.py)
 
 
 @pytest.fixture(autouse=True)

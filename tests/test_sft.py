@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, kill_when, read_metrics, run_script
+from conftest import kill_when, read_metrics, run_script, script_path, stage_module
 
 import common
-import sft
+
+sft = stage_module("sft")  # the repo's, or a fork given with --script (conftest.py)
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +93,7 @@ def test_long_examples_are_cut_from_the_left_and_counted(tiny_models):
 
 
 def test_help_lists_every_flag_with_its_doc():
-    tree = ast.parse((ROOT / "sft.py").read_text())
+    tree = ast.parse(script_path("sft.py").read_text())
     args = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
     docs = {}
     for a, b in zip(args.body, args.body[1:]):
@@ -100,8 +101,8 @@ def test_help_lists_every_flag_with_its_doc():
             docs[a.target.id] = " ".join(b.value.value.split())
     fields = [a.target.id for a in args.body if isinstance(a, ast.AnnAssign)]
     assert sorted(docs) == sorted(fields)  # every field has a docstring
-    p = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--help"], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "COLUMNS": "200"})
+    p = subprocess.run([sys.executable, str(script_path("sft.py")), "--help"], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert p.returncode == 0
     text = " ".join(p.stdout.replace("│", " ").split())
     for name, doc in docs.items():
