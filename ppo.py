@@ -235,7 +235,8 @@ RANGES = {"eval_fraction": "0 <= x < 1", "max_seq_len": ">= 2", "total_episodes"
           "ema_decay": "0 <= x <= 1", "ptx_coef": ">= 0", "zero_stage": "0 <= x <= 3",
           "actor_zero_stage": "0 <= x <= 3", "critic_zero_stage": "0 <= x <= 3", "lora_rank": ">= 0",
           "critic_lora_rank": ">= 0", "lora_alpha": "> 0", "seed": "0 <= x <= 4294967295", "eval_every": ">= 0",
-          "num_eval_prompts": ">= 1", "print_samples": ">= 0", "save_every": ">= 0", "logprob_chunk_size": ">= 1"}
+          "num_eval_prompts": ">= 1", "print_samples": ">= 0", "save_every": ">= 0",
+          "logprob_chunk_size": ">= 1", "samples_per_prompt": ">= 1"}
 # what defines a run: --resume refuses to continue a checkpoint with other values (unless --resume_changes); ranks,
 # batch sizes and ZeRO stages are compared through the derived figures in main's `run`
 RUN_FLAGS = ("actor", "reward", "critic", "ref", "new_value_head", "reward_tokenizer", "data", "data_split",
@@ -245,7 +246,7 @@ RUN_FLAGS = ("actor", "reward", "critic", "ref", "new_value_head", "reward_token
              "adaptive_kl", "target_kl", "kl_horizon", "cliprange", "cliprange_value", "gamma", "lam",
              "whiten_advantages", "whiten_rewards", "normalize_reward", "clip_reward_value", "missing_eos_penalty",
              "ema", "ema_decay", "ptx_data", "ptx_coef", "dtype", "lora_rank", "critic_lora_rank", "lora_alpha",
-             "seed")
+             "seed", "advantage_estimator", "samples_per_prompt", "kl_estimator", "kl_in_loss", "loss_agg")
 
 
 # ----------------------------------------------------------------------------------------------------------------
