@@ -765,7 +765,7 @@ def main(args: Args):
     prompt_ids, n_cut = encode_prompts(records, tokenizer, max_prompt, args.truncation, args.data)
     eval_prompt_ids, _ = encode_prompts(eval_records, tokenizer, max_prompt, args.truncation, "eval data")
     ptx = None
-    common.print0("example prompt:\n" + tokenizer.decode(prompts[0]))
+    common.print0("example prompt:\n" + tokenizer.decode(prompt_ids[0]))
     if args.ptx_data:
         ptx = [common.encode_record(tokenizer, r) for r in common.load_data(args.ptx_data, "sft", None,
                                                                             args.skip_invalid)]
