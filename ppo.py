@@ -42,7 +42,14 @@ class Args:
     actor: str = "./sft_ckpt"
     """the policy to train: an HF causal LM folder or hub name (usually sft.py's output)"""
     reward: str = "./reward_ckpt"
-    """the reward model: an AutoModelForSequenceClassification folder (reward.py's output)"""
+    """the reward model: an AutoModelForSequenceClassification folder (reward.py's output); `none`: no reward model,
+    --reward_fn alone scores (the critic then starts from the actor with a new value head)"""
+    reward_fn: str | None = None
+    """a Python reward `FILE.py:NAME` or `module:NAME`, NAME(prompts: list[list[dict]], responses: list[str]) ->
+    list[float], called on each rank's rows; its scores x --reward_fn_weight are added to the reward model's
+    normalised score (the whole score with --reward none). The demo's gold: common:gold_reward_fn"""
+    reward_fn_weight: float = 1.0
+    """weight of --reward_fn's scores"""
     critic: str | None = None
     """the critic's initial weights (a reward model or causal LM; a new value head is made if needed); default:
     --reward, as DSC and N+ do"""
@@ -183,6 +190,9 @@ class Args:
     """continue from the newest checkpoint in output_dir/checkpoints"""
     overwrite: bool = False
     """replace an --output_dir that holds another run"""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """also send the metrics to TensorBoard (output_dir/tensorboard) or Weights & Biases (WANDB_MODE=offline: no
+    network); metrics.jsonl is always written"""
     # launcher
     local_rank: int = -1
     """set by the deepspeed launcher; do not pass by hand"""
@@ -495,6 +505,66 @@ def reward_scores(reward, rollout: dict, n_prompt: int, micro: int, retok=None):
     return torch.cat(out)
 
 
+def load_reward_fn(spec: str):
+    """--reward_fn FILE.py:NAME or module:NAME -> the function (errors while importing it name their file:line)."""
+    import importlib
+    import importlib.util
+
+    source, _, name = spec.rpartition(":")
+    if not source or not name:
+        raise common.UserError(f"--reward_fn {spec}: expected FILE.py:NAME or module:NAME")
+    if source.endswith(".py") and not os.path.isfile(source):
+        raise common.UserError(f"--reward_fn {spec}: no such file {source}")
+    try:
+        if source.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(Path(source).stem, source)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(source)
+    except Exception as e:
+        raise common.UserError(f"--reward_fn {spec}: loading {source} raised {type(e).__name__}: {e} "
+                               f"({error_place(e, source)})")
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise common.UserError(f"--reward_fn {spec}: {source} has no function {name}")
+    return fn
+
+
+def error_place(e: BaseException, source: str | None = None) -> str:
+    """file:line of an exception: the innermost frame in `source` (the reward function's file), else the innermost."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    mine = [f for f in frames if source and os.path.abspath(f.filename) == os.path.abspath(source)]
+    f = (mine or frames)[-1]
+    return f"{f.filename}:{f.lineno}"
+
+
+def call_reward_fn(fn, spec: str, prompts: list[list[dict]], responses: list[str], device) -> torch.Tensor:
+    """fn's scores as a tensor; an exception in fn, or scores of the wrong count, type or value, stop the run with
+    one line."""
+    try:
+        scores = fn(prompts, responses)
+    except Exception as e:
+        raise common.UserError(f"--reward_fn {spec} raised {type(e).__name__}: {e} "
+                               f"({error_place(e, getattr(fn, '__code__', None) and fn.__code__.co_filename)})")
+    if isinstance(scores, torch.Tensor):
+        scores = scores.tolist()
+    try:
+        values = [float(x) for x in scores if not isinstance(x, (str, bytes, bool))]
+    except (TypeError, ValueError):
+        values = []
+    if not hasattr(scores, "__len__") or len(values) != len(scores) or len(values) != len(responses):
+        raise common.UserError(f"--reward_fn {spec} returned {type(scores).__name__} "
+                               f"{str(scores)[:60]!r}; expected a list of {len(responses)} numbers, one per response")
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise common.UserError(f"--reward_fn {spec} returned {values[bad[0]]} for response {bad[0]} "
+                               f"({responses[bad[0]]!r}); scores must be finite")
+    return torch.tensor(values, device=device)
+
+
 def make_retokenizer(actor_tok, reward_tok, prompts: list, device):
     """Rebuild prompt + response in the reward model's tokenizer (prompt formatting with its own template)."""
 
@@ -538,10 +608,15 @@ def main(args: Args):
                         (critic_stage, "--critic_zero_stage")):
         common.check_zero_stage(stage, flag)
     common.prepare_output_dir(args.output_dir, args.overwrite, args.resume)
-    for path, flag in ((args.actor, "--actor"), (args.reward, "--reward"), (args.critic, "--critic"),
-                       (args.ref, "--ref")):
+    common.check_report_to(args.report_to)
+    no_rm = args.reward == "none"
+    if no_rm and not args.reward_fn:
+        raise common.UserError("--reward none needs --reward_fn (something must score the responses)")
+    for path, flag in ((args.actor, "--actor"), (None if no_rm else args.reward, "--reward"),
+                       (args.critic, "--critic"), (args.ref, "--ref")):
         if path is not None:
             common.check_model_path(path, flag)
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     device = common.init_distributed()
     world, rank = common.world_size(), common.rank()
     dtype = common.resolve_dtype(args.dtype)
@@ -564,7 +639,7 @@ def main(args: Args):
 
     # --- data ---
     tokenizer = common.load_tokenizer(args.actor, args.trust_remote_code)
-    reward_tok = common.load_tokenizer(args.reward, args.trust_remote_code)
+    reward_tok = tokenizer if no_rm else common.load_tokenizer(args.reward, args.trust_remote_code)
     same_tok = reward_tok.get_vocab() == tokenizer.get_vocab()
     if not same_tok and not args.reward_tokenizer:
         raise common.UserError(f"--reward {args.reward}: its tokenizer differs from the actor's ({args.actor}); pass "
@@ -605,10 +680,12 @@ def main(args: Args):
     if args.lora_rank == 0 or args.ref not in (None, args.actor):
         ref = common.load_causal_lm(args.ref or args.actor, dtype, tokenizer, args.trust_remote_code, "--ref")
         common.disable_dropout(ref)
-    reward_model = load_value_model(args.reward, dtype, reward_tok, args.trust_remote_code, "--reward")
-    reward_mean = getattr(reward_model.config, "reward_mean", 0.0) if args.normalize_reward else 0.0
-    reward_std = getattr(reward_model.config, "reward_std", 1.0) if args.normalize_reward else 1.0
-    critic_path = args.critic or (args.reward if same_tok else args.actor)
+    reward_model = None if no_rm else load_value_model(args.reward, dtype, reward_tok, args.trust_remote_code,
+                                                       "--reward")
+    normalize = args.normalize_reward and reward_model is not None
+    reward_mean = getattr(reward_model.config, "reward_mean", 0.0) if normalize else 0.0
+    reward_std = getattr(reward_model.config, "reward_std", 1.0) if normalize else 1.0
+    critic_path = args.critic or (args.reward if same_tok and not no_rm else args.actor)
     critic = load_value_model(critic_path, dtype, tokenizer, args.trust_remote_code, "--critic")
     if args.critic_lora_rank > 0:
         from peft import LoraConfig, get_peft_model
@@ -626,7 +703,7 @@ def main(args: Args):
                            max_seq_len)
     critic = trained_engine(ValueModel(critic), critic_lr, args, critic_stage, micro, gas, total_steps, dtype)
     ref = frozen_engine(ref, actor_stage, args.offload_reference, dtype) if ref is not None else None
-    reward = frozen_engine(ValueModel(reward_model), critic_stage, args.offload_reference, dtype)
+    reward = None if no_rm else frozen_engine(ValueModel(reward_model), critic_stage, args.offload_reference, dtype)
 
     def count(m) -> int:  # parameters, ZeRO-3 partitions counted whole
         return sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) if m is not None else 0
@@ -642,6 +719,19 @@ def main(args: Args):
             return seq_logprobs(ref, seq, attn, n_prompt, args.temperature)
         with actor.module.disable_adapter():  # LoRA: the reference is the base model under the adapter
             return seq_logprobs(actor, seq, attn, n_prompt, args.temperature)
+
+    def score_rows(rollout: dict, n_prompt: int, msgs: list, retok):
+        """(the reward model's raw score, or --reward_fn's without one; the score PPO uses: the reward model's
+        normalised score + --reward_fn_weight x the function's; the function's score or None)"""
+        raw = reward_scores(reward, rollout, n_prompt, micro, retok) if reward is not None else None
+        fn = None
+        if reward_fn is not None:
+            texts = tokenizer.batch_decode(rollout["seq"][:, n_prompt:], skip_special_tokens=True)
+            fn = call_reward_fn(reward_fn, args.reward_fn, msgs, texts, device)
+        score = (raw - reward_mean) / reward_std if raw is not None else torch.zeros_like(fn)
+        if fn is not None:
+            score = score + args.reward_fn_weight * fn
+        return (raw if raw is not None else fn), score, fn
 
     # --- resume ---
     common.start_output_dir(args.output_dir, args, args.overwrite, args.resume)
@@ -666,7 +756,7 @@ def main(args: Args):
         same number of full calls (ZeRO-3 needs every rank in every forward): rows past the end have weight 0."""
         n, size = len(eval_prompts), min(gen_chunk, len(eval_prompts))
         per_rank = math.ceil(math.ceil(n / size) / world)
-        sums = [0.0, 0.0, 0.0]
+        sums = [0.0, 0.0, 0.0, 0.0]
         for call in range(rank * per_rank, (rank + 1) * per_rank):
             idx = [call * size + i for i in range(size)]
             w = torch.tensor([float(i < n) for i in idx], device=device)
@@ -676,7 +766,7 @@ def main(args: Args):
                                          actor_stage, args.generate_sharded, device, seeds=[seed])
             local_retok = None if same_tok else make_retokenizer(tokenizer, reward_tok, msgs, device)
             with torch.no_grad():
-                score = reward_scores(reward, rollout, n_prompt, micro, local_retok)
+                score, _, fn = score_rows(rollout, n_prompt, msgs, local_retok)
                 slices = micro_slices(size, micro)
                 seq, attn = rollout["seq"], rollout["attn"]
                 logp = torch.cat([seq_logprobs(actor, seq[m], attn[m], n_prompt, args.temperature) for m in slices])
@@ -685,7 +775,8 @@ def main(args: Args):
             texts = tokenizer.batch_decode(seq[:, n_prompt:], skip_special_tokens=True)
             gold = torch.tensor([common.gold_score(m[-1]["content"], t) if toy else 0.0 for m, t in zip(msgs, texts)],
                                 device=device)
-            sums = [total + float((x * w).sum()) for total, x in zip(sums, (score, kl, gold))]
+            fn = fn if fn is not None else torch.zeros_like(gold)
+            sums = [total + float((x * w).sum()) for total, x in zip(sums, (score, kl, gold, fn))]
             if call == 0:  # on rank 0
                 for j in range(min(args.print_samples, size)):
                     print(f"  [{iteration}] {msgs[j][-1]['content']!r} -> {texts[j]!r} (score {float(score[j]):.2f})",
@@ -694,10 +785,13 @@ def main(args: Args):
         out = {"eval/reward": total[0] / n, "eval/kl": total[1] / n}
         if toy:
             out["eval/gold"] = total[2] / n
+        if reward_fn is not None:
+            out["eval/reward_fn"] = total[3] / n
         return out
 
     # --- loop ---
-    logger = common.Logger(args.output_dir, n_iters, "ppo", initial=start_iter)
+    logger = common.Logger(args.output_dir, n_iters, "ppo", initial=start_iter, report_to=args.report_to,
+                           config=vars(args))
     if start_iter == 0:
         logger.log(0, evaluate(0))
     for iteration in range(start_iter, n_iters):
@@ -730,7 +824,7 @@ def main(args: Args):
             entropy = torch.cat([p[1] for p in parts])
             ref_logp = torch.cat([ref_logprobs(seq[s], attn[s], n_prompt) for s in micro_slices(B, micro)])
             old_values = torch.cat([critic(seq[s], attn[s])[:, n_prompt - 1: -1] for s in micro_slices(B, micro)])
-            raw_score = reward_scores(reward, rollout, n_prompt, micro, retok)
+            raw_score, score, fn_score = score_rows(rollout, n_prompt, [records[i]["prompt"] for i in chunk], retok)
             actor.module.train()
             critic.module.train()
         t_score = time.time()
@@ -740,7 +834,6 @@ def main(args: Args):
         common.check_finite({"reward": finite[0], "ref_logp": finite[1]}, iteration + 1)
 
         # 3. rewards: normalised, penalised when EOS is missing, clipped; KL penalty on every token
-        score = (raw_score - reward_mean) / reward_std
         score = score - args.missing_eos_penalty * (~rollout["has_eos"]).float()
         score = score.clamp(-args.clip_reward_value, args.clip_reward_value)
         old_values = old_values * mask
@@ -832,6 +925,8 @@ def main(args: Args):
             flops += 6 * tokens * args.ppo_epochs * (n_params["actor"] + n_params["critic"])
             metrics["throughput/tflops"] = flops / elapsed / 1e12
             metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if fn_score is not None:
+            metrics["train/reward_fn"] = common.all_reduce_sum([float(fn_score.sum())], device)[0] / n_s
         metrics["time/iteration_s"] = time.time() - t_start
         common.check_finite(metrics, iteration + 1)
         if args.adaptive_kl:

@@ -96,6 +96,9 @@ class Args:
     """continue from the newest checkpoint in --output_dir/checkpoints"""
     overwrite: bool = False
     """replace an --output_dir that holds another run"""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """also send the metrics to TensorBoard (output_dir/tensorboard) or Weights & Biases (WANDB_MODE=offline: no
+    network); metrics.jsonl is always written"""
     # launcher
     local_rank: int = -1
     """set by the deepspeed launcher; do not pass by hand"""
@@ -204,6 +207,7 @@ def main(args: Args):
     # --- setup ---
     common.check_zero_stage(args.zero_stage)
     common.prepare_output_dir(args.output_dir, args.overwrite, args.resume)
+    common.check_report_to(args.report_to)
     common.check_model_path(args.model, "--model")
     device = common.init_distributed()
     world, rank = common.world_size(), common.rank()
@@ -303,7 +307,8 @@ def main(args: Args):
         common.truncate_log(args.output_dir, start_step if tag else -1)
 
     # --- loop ---
-    logger = common.Logger(args.output_dir, total_steps, "reward", initial=start_step)
+    logger = common.Logger(args.output_dir, total_steps, "reward", initial=start_step, report_to=args.report_to,
+                           config=vars(args))
     pad_id = tokenizer.pad_token_id
     if start_step == 0:
         logger.log(0, evaluate(engine, evals, gold, micro, pad_id, device))

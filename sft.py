@@ -89,6 +89,9 @@ class Args:
     """continue from the newest checkpoint in --output_dir/checkpoints"""
     overwrite: bool = False
     """replace an --output_dir that holds another run"""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """also send the metrics to TensorBoard (output_dir/tensorboard) or Weights & Biases (WANDB_MODE=offline: no
+    network); metrics.jsonl is always written"""
     # launcher
     local_rank: int = -1
     """set by the deepspeed launcher; do not pass by hand"""
@@ -151,6 +154,7 @@ def main(args: Args):
     # --- setup ---
     common.check_zero_stage(args.zero_stage)
     common.prepare_output_dir(args.output_dir, args.overwrite, args.resume)
+    common.check_report_to(args.report_to)
     device = common.init_distributed()
     world, rank = common.world_size(), common.rank()
     dtype = common.resolve_dtype(args.dtype)
@@ -217,7 +221,8 @@ def main(args: Args):
         common.truncate_log(args.output_dir, start_step if tag else -1)
 
     # --- loop ---
-    logger = common.Logger(args.output_dir, total_steps, "sft", initial=start_step)
+    logger = common.Logger(args.output_dir, total_steps, "sft", initial=start_step, report_to=args.report_to,
+                           config=vars(args))
     if start_step == 0:
         logger.log(0, evaluate(engine, evals, micro, tokenizer.pad_token_id, device))
     t0, n_tokens = time.time(), 0
