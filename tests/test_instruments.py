@@ -146,3 +146,78 @@ def test_logger_writes_real_tensorboard_events(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 0.5)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# experiments/
+
+
+def write_run(folder, args: dict, rows: list[dict]):
+    folder.mkdir(parents=True)
+    (folder / "args.json").write_text(json.dumps(args))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_plot_labels_runs_by_the_arguments_that_differ(tmp_path):
+    import plot
+
+    base = {"kl_coef": 0.05, "seed": 1, "output_dir": "x", "temperature": 1.0}
+    rows = [{"step": 0, "eval/gold": 0.5}, {"step": 1, "train/kl": 0.1}, {"step": 2, "eval/gold": 0.6}]
+    runs = []
+    for i, change in enumerate(({}, {"kl_coef": 0.0}, {"kl_coef": 0.0, "seed": 2})):
+        write_run(tmp_path / f"r{i}", base | change | {"output_dir": f"r{i}"}, rows)
+        runs.append(str(tmp_path / f"r{i}"))
+    args = [plot.load_run(r)[0] for r in runs]
+    assert plot.run_labels(runs, args) == ["kl_coef=0.05, seed=1", "kl_coef=0.0, seed=1", "kl_coef=0.0, seed=2"]
+    assert plot.run_labels(runs[:1] + [str(tmp_path / "r0" / "metrics.jsonl")], args[:1] * 2) == ["r0", "r0"]
+    assert plot.series(plot.load_run(runs[0])[1], "eval/gold") == ([0, 2], [0.5, 0.6])
+    pytest.importorskip("matplotlib")
+    plot.plot(runs, ("eval/gold", "train/kl", "eval/absent"), str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ablation_table_is_mean_and_sample_std_over_seeds():
+    import ablate
+
+    runs = [{"eval/gold": g, "eval/reward": 1.0, "eval/kl": 2.0, "length": 9.0} for g in (0.5, 0.7, 0.9)]
+    text = ablate.table({"baseline": runs, "one seed": runs[:1]}, {"eval/gold": 0.4, "eval/kl": 0.0})
+    lines = text.splitlines()
+    assert lines[2] == "| SFT policy (before PPO) | | 0.400 |  | 0.000 |  |"
+    assert lines[3] == "| baseline | 3 | 0.700 ± 0.200 | 1.000 ± 0.000 | 2.000 ± 0.000 | 9.000 ± 0.000 |"
+    assert lines[4] == "| one seed | 1 | 0.500 | 1.000 | 2.000 | 9.000 |"
+
+
+def test_ablation_patches_change_what_they_say(monkeypatch):
+    """Each patch of experiments/ablate.py, applied to ppo.py/common.py (and undone after the test)."""
+    import ablate
+
+    for name in ("logprobs_from_logits", "entropy_from_logits", "generation_config"):
+        monkeypatch.setattr(ppo, name, getattr(ppo, name))
+    monkeypatch.setattr(common, "disable_dropout", common.disable_dropout)
+    logits, tokens = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
+    ablate.logprobs_without_temperature()
+    assert torch.allclose(ppo.logprobs_from_logits(logits, tokens, 0.5), ppo.logprobs_from_logits(logits, tokens, 1))
+    assert torch.allclose(ppo.logprobs_from_logits(logits, tokens, 0.5),
+                          torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0])
+    ablate.greedy_rollouts()
+    tok = common.toy_tokenizer()
+    args = ppo.Args(temperature=0.7)
+    rollout, evaluation = ppo.generation_config(args, tok), ppo.generation_config(args, tok)
+    assert rollout.do_sample is False and evaluation.do_sample is True
+    ablate.dropout_on(0.1)
+    model = common.toy_model(tok)
+    common.disable_dropout(model)
+    assert all(m.attention_dropout == 0.1 for m in model.modules() if hasattr(m, "attention_dropout"))
+    assert any(hasattr(m, "attention_dropout") for m in model.modules())
+
+
+def test_overopt_curve_and_summary():
+    import overopt
+
+    rows = [{"step": 0, "eval/kl": -0.01, "eval/gold": 0.5, "eval/reward": 0.0}, {"step": 1, "train/kl": 1.0},
+            {"step": 8, "eval/kl": 4.0, "eval/gold": 0.8, "eval/reward": 1.0},
+            {"step": 16, "eval/kl": 9.0, "eval/gold": 0.6, "eval/reward": 2.0}]
+    points = overopt.curve(rows)
+    assert points == [(0.0, 0.5, 0.0), (2.0, 0.8, 1.0), (3.0, 0.6, 2.0)]
+    line = overopt.summary({0.05: points}).splitlines()[2]
+    assert line == "| 0.05 | 0.500 | 0.800 (2.00) | 0.600 | 0.000 | 2.000 | 3.00 |"
