@@ -8,6 +8,7 @@ a run that finished before (its model is saved) is not run again, so an interrup
     python sft.py && python reward.py                    # ./sft_ckpt and ./reward_ckpt, once
     python experiments/ablate.py                         # every variant, 3 seeds -> ablation/ablation.md
     python experiments/ablate.py --seeds 1 --total_episodes 512 --variants baseline "KL coefficient 0"
+    python experiments/ablate.py --reward none --ppo_args="--reward_fn common:gold_reward_fn"   # against the gold
 """
 
 import json
@@ -42,7 +43,7 @@ class Args:
     variants: list[str] = field(default_factory=list)
     """names of the variants to run (default: all; see VARIANTS)"""
     ppo_args: str = ""
-    """more ppo.py flags for every run, as one string: --ppo_args '--num_eval_prompts 64'"""
+    """more ppo.py flags for every run, as one string after '=': --ppo_args='--num_eval_prompts 64'"""
 
 
 def variants(actor: str) -> dict[str, tuple[list[str], str | None]]:

@@ -45,7 +45,7 @@ class Args:
     seed: int = 42
     """seed of every run"""
     ppo_args: str = ""
-    """more ppo.py flags for every run, as one string: --ppo_args '--num_eval_prompts 64'"""
+    """more ppo.py flags for every run, as one string after '=': --ppo_args='--num_eval_prompts 64'"""
 
 
 def curve(rows: list[dict]) -> list[tuple[float, float, float]]:
