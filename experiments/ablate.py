@@ -143,12 +143,13 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {std:.3f}" if not math.isnan(std) else f"{values[0]:.3f}"
 
 
-def table(results: dict[str, list[dict]], before: dict | None = None) -> str:
-    """Markdown: one row per variant (mean ± std over its seeds), plus the SFT policy before PPO when given."""
+def table(results: dict[str, list[dict]], before: dict | None = None, before_name: str = "") -> str:
+    """Markdown: one row per variant (mean ± std over its seeds), plus the SFT policy before PPO (the step-0
+    evaluation of the first variant's first seed) when given."""
     cols = ["eval/gold", "eval/reward", "eval/kl", "length"]
     lines = ["| variant | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     if before:
-        lines.append("| SFT policy (before PPO) | | " + " | ".join(
+        lines.append(f"| SFT policy (before PPO{before_name}) | | " + " | ".join(
             f"{before[c]:.3f}" if c in before else "" for c in cols) + " |")
     for name, runs in results.items():
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(mean_std([r[c] for r in runs]) for c in cols) + " |")
@@ -179,7 +180,8 @@ def main(args: Args):
             if before is None:
                 rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
                 before = {k: v for k, v in rows[0].items() if k.startswith("eval/")}
-    text = table(results, before)
+    first = next(iter(results))
+    text = table(results, before, "" if first == "baseline" else f", evaluated as {first}")
     (out / "ablation.md").write_text(text)
     print(text + f"\nwrote {out / 'ablation.md'} ({(time.time() - t0) / 60:.1f} min)")
 

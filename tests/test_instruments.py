@@ -221,3 +221,17 @@ def test_overopt_curve_and_summary():
     assert points == [(0.0, 0.5, 0.0), (2.0, 0.8, 1.0), (3.0, 0.6, 2.0)]
     line = overopt.summary({0.05: points}).splitlines()[2]
     assert line == "| 0.05 | 0.500 | 0.800 (2.00) | 0.600 | 0.000 | 2.000 | 3.00 |"
+
+
+def test_every_stage_refuses_a_missing_tracker_before_writing(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    for script in ("sft.py", "reward.py", "ppo.py"):
+        p = run_script(script, "--report_to", "wandb", "--output_dir", tmp_path / script, check=False)
+        errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+        assert p.returncode == 1 and errors == [
+            "error: --report_to wandb: the `wandb` package is not installed (pip install wandb); metrics.jsonl is "
+            "written without it"], p.stderr[-2000:]
+        assert not (tmp_path / script).exists()
