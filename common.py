@@ -945,7 +945,7 @@ def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 # what these scripts write into an output folder: --overwrite removes these and nothing else
-RUN_FILES = ("args.json", "metrics.jsonl", "checkpoints", "critic", "ema", "config.json", "generation_config.json",
+RUN_FILES = ("args.json", "metrics.jsonl", "checkpoints", "critic", "ema", "tensorboard", "wandb", "config.json", "generation_config.json",
              "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt",
              "tokenizer.model", "adapter_config.json", "adapter_model.safetensors")
@@ -1213,19 +1213,50 @@ def check_finite(values: dict, step: int):
                             "--dtype fp32, or check the data)")
 
 
-class Logger:
-    """Rank 0 writes metrics.jsonl and a tqdm bar; other ranks get a logger that does nothing."""
+REPORT_TO = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}  # --report_to: the package it needs
 
-    def __init__(self, output_dir: str, total: int, desc: str, initial: int = 0):
+
+def check_report_to(report_to: str):
+    """--report_to names a tracker whose package is installed (checked before anything is loaded)."""
+    import importlib.util
+
+    if report_to not in REPORT_TO:
+        raise UserError(f"--report_to {report_to}: expected one of {', '.join(REPORT_TO)}")
+    package = REPORT_TO[report_to]
+    if package and importlib.util.find_spec(package) is None:
+        raise UserError(f"--report_to {report_to}: the `{package}` package is not installed (pip install {package}); "
+                        "metrics.jsonl is written without it")
+
+
+class Logger:
+    """Rank 0 writes metrics.jsonl (the source of truth), a tqdm bar, and with `report_to` the same rows to
+    TensorBoard (output_dir/tensorboard) or Weights & Biases (run named after output_dir, `config` as its config;
+    WANDB_MODE=offline works without a network); other ranks get a logger that does nothing."""
+
+    def __init__(self, output_dir: str, total: int, desc: str, initial: int = 0, report_to: str = "none",
+                 config: dict | None = None):
         self.on = is_rank0()
         self.path = Path(output_dir) / "metrics.jsonl"
         self.t0 = time.time()
-        self.bar = None
+        self.bar = self.tb = self.wandb = None
         if self.on:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True, file=sys.stdout,
                             disable=os.environ.get("TQDM_DISABLE") == "1")
+            check_report_to(report_to)
+            config = json.loads(json.dumps(config or {}, default=str))
+            name = Path(output_dir).resolve().name
+            if report_to == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+                self.tb.add_text("args", "    " + json.dumps(config, indent=2).replace("\n", "\n    "), initial)
+            elif report_to == "wandb":
+                import wandb
+
+                self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "hackable-rlhf"), name=name,
+                                        job_type=desc, config=config, dir=str(output_dir))
 
     def log(self, step: int, metrics: dict, advance: int = 0):
         if not self.on:
@@ -1233,6 +1264,12 @@ class Logger:
         row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
         if advance:
             self.bar.update(advance)
         shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)}
@@ -1244,6 +1281,10 @@ class Logger:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def truncate_log(output_dir: str, step: int):
@@ -1349,6 +1390,12 @@ def gold_score(prompt: str, response: str) -> float:
     clean = 1.0 if words[-1] == "." and words.count(".") == 1 and 4 <= len(words) <= 12 else 0.0
     varied = 1.0 if max(Counter(words).values()) <= 2 else 0.0
     return 0.35 * on_topic + 0.35 * positive + 0.15 * clean + 0.15 * varied
+
+
+def gold_reward_fn(prompts: list[list[dict]], responses: list[str]) -> list[float]:
+    """The demo's gold score as a reward function for `ppo.py --reward_fn common:gold_reward_fn` (the upper bound
+    a learned reward model is compared with)."""
+    return [gold_score(messages[-1]["content"], response) for messages, response in zip(prompts, responses)]
 
 
 def toy_response(prompt: str, rng: random.Random) -> str:

@@ -45,8 +45,15 @@ class Args:
     actor: str = "./sft_ckpt"
     """the policy to train: an HF causal LM folder or hub name (usually sft.py's output)"""
     reward: str = "./reward_ckpt"
-    """the reward model: an AutoModelForSequenceClassification folder (reward.py's output); a causal LM is refused
-    unless --new_value_head"""
+    """the reward model: an AutoModelForSequenceClassification folder (reward.py's output; a causal LM is refused
+    unless --new_value_head); `none`: no reward model, --reward_fn alone scores (the critic then starts from the
+    actor with a new value head)"""
+    reward_fn: str | None = None
+    """a Python reward `FILE.py:NAME` or `module:NAME`, NAME(prompts: list[list[dict]], responses: list[str]) ->
+    list[float], called on each rank's rows; its scores x --reward_fn_weight are added to the reward model's
+    normalised score (the whole score with --reward none). The demo's gold: common:gold_reward_fn"""
+    reward_fn_weight: float = 1.0
+    """weight of --reward_fn's scores"""
     critic: str | None = None
     """the critic's initial weights (a reward model, or a causal LM with --new_value_head); default: --reward, as
     DSC and N+ do"""
@@ -220,6 +227,9 @@ class Args:
     """with --resume: names of run-defining flags allowed to differ from the checkpoint's run (the error lists them)"""
     overwrite: bool = False
     """replace an --output_dir that holds another run of these scripts (only the files they write are removed)"""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """also send the metrics to TensorBoard (output_dir/tensorboard) or Weights & Biases (WANDB_MODE=offline: no
+    network); metrics.jsonl is always written"""
     # launcher
     local_rank: int = -1
     """set by the deepspeed launcher; do not pass by hand"""
@@ -591,6 +601,66 @@ def reward_scores(reward, rollout: dict, n_prompt: int, micro: int, retok=None):
     return torch.cat(out)
 
 
+def load_reward_fn(spec: str):
+    """--reward_fn FILE.py:NAME or module:NAME -> the function (errors while importing it name their file:line)."""
+    import importlib
+    import importlib.util
+
+    source, _, name = spec.rpartition(":")
+    if not source or not name:
+        raise common.UserError(f"--reward_fn {spec}: expected FILE.py:NAME or module:NAME")
+    if source.endswith(".py") and not os.path.isfile(source):
+        raise common.UserError(f"--reward_fn {spec}: no such file {source}")
+    try:
+        if source.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(Path(source).stem, source)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(source)
+    except Exception as e:
+        raise common.UserError(f"--reward_fn {spec}: loading {source} raised {type(e).__name__}: {e} "
+                               f"({error_place(e, source)})")
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise common.UserError(f"--reward_fn {spec}: {source} has no function {name}")
+    return fn
+
+
+def error_place(e: BaseException, source: str | None = None) -> str:
+    """file:line of an exception: the innermost frame in `source` (the reward function's file), else the innermost."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    mine = [f for f in frames if source and os.path.abspath(f.filename) == os.path.abspath(source)]
+    f = (mine or frames)[-1]
+    return f"{f.filename}:{f.lineno}"
+
+
+def call_reward_fn(fn, spec: str, prompts: list[list[dict]], responses: list[str], device) -> torch.Tensor:
+    """fn's scores as a tensor; an exception in fn, or scores of the wrong count, type or value, stop the run with
+    one line."""
+    try:
+        scores = fn(prompts, responses)
+    except Exception as e:
+        raise common.UserError(f"--reward_fn {spec} raised {type(e).__name__}: {e} "
+                               f"({error_place(e, getattr(fn, '__code__', None) and fn.__code__.co_filename)})")
+    if isinstance(scores, torch.Tensor):
+        scores = scores.tolist()
+    try:
+        values = [float(x) for x in scores if not isinstance(x, (str, bytes, bool))]
+    except (TypeError, ValueError):
+        values = []
+    if not hasattr(scores, "__len__") or len(values) != len(scores) or len(values) != len(responses):
+        raise common.UserError(f"--reward_fn {spec} returned {type(scores).__name__} "
+                               f"{str(scores)[:60]!r}; expected a list of {len(responses)} numbers, one per response")
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise common.UserError(f"--reward_fn {spec} returned {values[bad[0]]} for response {bad[0]} "
+                               f"({responses[bad[0]]!r}); scores must be finite")
+    return torch.tensor(values, device=device)
+
+
 def make_retokenizer(actor_tok, reward_tok, prompts: list, device):
     """Rebuild prompt + response in the reward model's tokenizer (its own template): an ended response as a whole
     answer turn, scored at its end-of-turn token; an unfinished one as text after the prompt."""
@@ -664,7 +734,7 @@ def reduce_sums(sums: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(args: Args, iteration: int, actor, ref, reward, tokenizer, reward_tok, records: list[dict],
+def evaluate(args: Args, iteration: int, actor, ref, score_rows, tokenizer, reward_tok, records: list[dict],
              prompt_ids: list[list[int]], gen_config, actor_stage: int, call_size: int, micro: int, device) -> dict:
     """eval/reward, eval/kl (demo: eval/gold) on held-out prompts, in generate calls numbered over the eval set and
     seeded by that number: the same samples on any number of ranks and at every evaluation. Every rank runs as many
@@ -680,7 +750,7 @@ def evaluate(args: Args, iteration: int, actor, ref, reward, tokenizer, reward_t
         rollout, n_prompt = generate(actor, [prompt_ids[i % n] for i in rows], tokenizer, gen_config, actor_stage,
                                      args.generate_sharded, device, seeds=[args.seed + 7919 * call + 1])
         retok = None if reward_tok is None else make_retokenizer(tokenizer, reward_tok, messages, device)
-        score = reward_scores(reward, rollout, n_prompt, micro, retok)
+        score, _, fn_score = score_rows(rollout, n_prompt, messages, retok)  # the RM's raw score (or --reward_fn's)
         seq, attn, slices = rollout["seq"], rollout["attn"], micro_slices(size, micro)
         logp = torch.cat([seq_logprobs(actor, seq[s], attn[s], n_prompt, args.temperature, chunk_size=chunk)
                           for s in slices])
@@ -691,12 +761,15 @@ def evaluate(args: Args, iteration: int, actor, ref, reward, tokenizer, reward_t
                             device=device)
         sums.update(reward=(score * weight).sum(), gold=(gold * weight).sum(),
                     kl=(kl_per_response(logp, ref_logp, rollout["mask"]) * weight).sum())
+        if fn_score is not None:
+            sums.update(reward_fn=(fn_score * weight).sum())
         if call == 0:  # on rank 0
             for j in range(min(args.print_samples, size)):
                 print(f"  [{iteration}] {messages[j][-1]['content']!r} -> {texts[j]!r} (score {float(score[j]):.2f})",
                       flush=True)
     total = {k: v / n for k, v in reduce_sums(sums, device).items()}
-    return {"eval/reward": total["reward"], "eval/kl": total["kl"]} | ({"eval/gold": total["gold"]} if toy else {})
+    return ({"eval/reward": total["reward"], "eval/kl": total["kl"]} | ({"eval/gold": total["gold"]} if toy else {})
+            | ({"eval/reward_fn": total["reward_fn"]} if "reward_fn" in total else {}))
 
 
 def main(args: Args):
@@ -721,10 +794,15 @@ def main(args: Args):
                                     checkpoints="checkpoints/actor")
     if tag:  # the critic's checkpoint is written first, so it is there whenever the actor's `latest` names it
         common.latest_checkpoint(Path(args.output_dir) / "checkpoints" / "critic")
-    for path, flag in ((args.actor, "--actor"), (args.reward, "--reward"), (args.critic, "--critic"),
-                       (args.ref, "--ref")):
+    common.check_report_to(args.report_to)
+    no_rm = args.reward == "none"
+    if no_rm and not args.reward_fn:
+        raise common.UserError("--reward none needs --reward_fn (something must score the responses)")
+    for path, flag in ((args.actor, "--actor"), (None if no_rm else args.reward, "--reward"),
+                       (args.critic, "--critic"), (args.ref, "--ref")):
         if path is not None:
             common.check_model_path(path, flag)
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     device = common.init_distributed()
     world, rank = common.world_size(), common.rank()
     dtype = common.resolve_dtype(args.dtype)
@@ -751,7 +829,7 @@ def main(args: Args):
 
     # --- data ---
     tokenizer = common.load_tokenizer(args.actor, args.trust_remote_code)
-    reward_tok = common.load_tokenizer(args.reward, args.trust_remote_code)
+    reward_tok = tokenizer if no_rm else common.load_tokenizer(args.reward, args.trust_remote_code)
     same_tok = reward_tok.get_vocab() == tokenizer.get_vocab()
     if not same_tok and not args.reward_tokenizer:
         raise common.UserError(f"--reward {args.reward}: its tokenizer differs from the actor's ({args.actor}); pass "
@@ -803,11 +881,12 @@ def main(args: Args):
     if args.lora_rank == 0 or args.ref not in (None, args.actor):
         ref = common.load_causal_lm(args.ref or args.actor, dtype, tokenizer, args.trust_remote_code, "--ref")
         common.disable_dropout(ref)
-    reward_model = load_value_model(args.reward, dtype, reward_tok, args.trust_remote_code, "--reward",
-                                    args.new_value_head)
-    reward_mean = getattr(reward_model.config, "reward_mean", 0.0) if args.normalize_reward else 0.0
-    reward_std = getattr(reward_model.config, "reward_std", 1.0) if args.normalize_reward else 1.0
-    critic_path = args.critic or (args.reward if same_tok else args.actor)
+    reward_model = None if no_rm else load_value_model(args.reward, dtype, reward_tok, args.trust_remote_code,
+                                                       "--reward", args.new_value_head)
+    normalize = args.normalize_reward and reward_model is not None
+    reward_mean = getattr(reward_model.config, "reward_mean", 0.0) if normalize else 0.0
+    reward_std = getattr(reward_model.config, "reward_std", 1.0) if normalize else 1.0
+    critic_path = args.critic or (args.reward if same_tok and not no_rm else args.actor)
     critic = None if critic_free else load_value_model(critic_path, dtype, tokenizer, args.trust_remote_code,
                                                        "--critic", args.new_value_head or critic_path == args.actor)
     if args.critic_lora_rank > 0 and not critic_free:
@@ -827,14 +906,28 @@ def main(args: Args):
     if critic is not None:
         critic = trained_engine(ValueModel(critic), critic_lr, args, critic_stage, micro, gas, total_steps, dtype)
     ref = frozen_engine(ref, actor_stage, args.offload_reference, dtype) if ref is not None else None
-    reward = frozen_engine(ValueModel(reward_model), critic_stage, args.offload_reference, dtype)
+    reward = None if no_rm else frozen_engine(ValueModel(reward_model), critic_stage, args.offload_reference, dtype)
     n_params = {name: sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) if m is not None else 0
                 for name, m in (("actor", actor), ("critic", critic), ("reward", reward), ("ref", ref or actor))}
     common.print0(f"parameters (ZeRO-3 partitions counted whole): {n_params}" + (" (critic-free)" * critic_free))
     gen_config = generation_config(args, tokenizer)
     eval_config = generation_config(args, tokenizer, greedy=args.eval_greedy)
-    eval_inputs = (actor, ref, reward, tokenizer, None if same_tok else reward_tok, eval_records, eval_prompt_ids,
-                   eval_config, actor_stage, gen_chunk, micro, device)  # evaluate(args, iteration, *eval_inputs)
+
+    def score_rows(rollout: dict, n_prompt: int, msgs: list, retok):
+        """(the reward model's raw score, or --reward_fn's without one; the score PPO uses: the reward model's
+        normalised score + --reward_fn_weight x the function's; the function's score or None)"""
+        raw = reward_scores(reward, rollout, n_prompt, micro, retok) if reward is not None else None
+        fn = None
+        if reward_fn is not None:
+            texts = tokenizer.batch_decode(rollout["seq"][:, n_prompt:], skip_special_tokens=True)
+            fn = call_reward_fn(reward_fn, args.reward_fn, msgs, texts, device)
+        score = (raw - reward_mean) / reward_std if raw is not None else torch.zeros_like(fn)
+        if fn is not None:
+            score = score + args.reward_fn_weight * fn
+        return (raw if raw is not None else fn), score, fn
+
+    eval_inputs = (actor, ref, score_rows, tokenizer, None if same_tok else reward_tok, eval_records,
+                   eval_prompt_ids, eval_config, actor_stage, gen_chunk, micro, device)  # evaluate(args, it, *these)
 
     # --- resume ---
     common.start_output_dir(args.output_dir, args, args.overwrite, args.resume, run)
@@ -851,7 +944,8 @@ def main(args: Args):
         common.truncate_log(args.output_dir, start_iter)  # drop rows logged after the checkpoint
 
     # --- loop ---
-    logger = common.Logger(args.output_dir, n_iters, "ppo", initial=start_iter)
+    logger = common.Logger(args.output_dir, n_iters, "ppo", initial=start_iter, report_to=args.report_to,
+                           config=vars(args))
     if start_iter == 0 and eval_prompt_ids:  # no held-out prompts (--eval_fraction 0): no eval rows
         logger.log(0, evaluate(args, 0, *eval_inputs))
     for iteration in range(start_iter, n_iters):
@@ -891,17 +985,16 @@ def main(args: Args):
                 old_values = torch.cat([critic(seq[s], attn[s])[:, n_prompt - 1: -1] for s in slices])
                 old_values = torch.where(mask, old_values, 0.0)
                 critic.module.train()
-            raw_score = reward_scores(reward, rollout, n_prompt, micro, retok)
+            raw_score, score, fn_score = score_rows(rollout, n_prompt, messages, retok)
             actor.module.train()
         t_score = time.time()
         # before any update, so nothing new is saved; summed over ranks, so that every rank stops (none hangs)
         finite = common.all_reduce_sum([float(raw_score.sum()), float(torch.where(mask, ref_logp, 0).sum())], device)
         common.check_finite({"reward": finite[0], "ref_logp": finite[1]}, iteration + 1)
         sums.update(responses=len(rows), reward=raw_score.sum(), response_tokens=mask.sum(),
-                    eos=rollout["has_eos"].sum())
+                    eos=rollout["has_eos"].sum(), **({} if fn_score is None else {"reward_fn": fn_score.sum()}))
 
         # 4. rewards: score normalised, penalised without EOS, clipped, on the last token; KL penalty on every token
-        score = (raw_score - reward_mean) / reward_std
         score = score - args.missing_eos_penalty * (~rollout["has_eos"]).float()
         score = score.clamp(-args.clip_reward_value, args.clip_reward_value)
         sums.update(score=score.sum())  # train/score: what a baseline subtracted below leaves unchanged
@@ -1002,6 +1095,8 @@ def main(args: Args):
             flops += 6 * float(attn.sum()) * args.ppo_epochs * (n_params["actor"] + n_params["critic"])
             metrics["throughput/tflops"] = flops / elapsed / 1e12
             metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if "reward_fn" in total:
+            metrics["train/reward_fn"] = total["reward_fn"] / n
         metrics["time/iteration_s"] = time.time() - t_start
         common.check_finite(metrics, iteration + 1)
         if args.adaptive_kl:

@@ -100,6 +100,9 @@ class Args:
     """with --resume: names of run-defining flags allowed to differ from the checkpoint's run (the error lists them)"""
     overwrite: bool = False
     """replace an --output_dir that holds another run of these scripts (only the files they write are removed)"""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """also send the metrics to TensorBoard (output_dir/tensorboard) or Weights & Biases (WANDB_MODE=offline: no
+    network); metrics.jsonl is always written"""
     # launcher
     local_rank: int = -1
     """set by the deepspeed launcher; do not pass by hand"""
@@ -174,6 +177,7 @@ def main(args: Args):
     common.check_zero_stage(args.zero_stage)
     tag = common.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "sft.py",
                                     {"--model": args.model, "--data": args.data, "--eval_data": args.eval_data})
+    common.check_report_to(args.report_to)
     device = common.init_distributed()
     world, rank = common.world_size(), common.rank()
     dtype = common.resolve_dtype(args.dtype)
@@ -244,7 +248,8 @@ def main(args: Args):
         common.truncate_log(args.output_dir, start_step)  # drop rows logged after the checkpoint
 
     # --- loop ---
-    logger = common.Logger(args.output_dir, total_steps, "sft", initial=start_step)
+    logger = common.Logger(args.output_dir, total_steps, "sft", initial=start_step, report_to=args.report_to,
+                           config=vars(args))
     if start_step == 0 and evals:  # no eval set (--eval_fraction 0): no eval rows
         logger.log(0, evaluate(engine, evals, micro, tokenizer.pad_token_id, device, args.logprob_chunk_size))
     t0, n_tokens = time.time(), 0
