@@ -946,9 +946,9 @@ def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
 
 # what these scripts write into an output folder: --overwrite removes these and nothing else
 RUN_FILES = ("args.json", "metrics.jsonl", "checkpoints", "critic", "ema", "tensorboard", "wandb", "config.json",
-             "generation_config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt",
-             "tokenizer.model", "adapter_config.json", "adapter_model.safetensors")
+             "generation_config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+             "vocab.json", "merges.txt", "tokenizer.model", "adapter_config.json", "adapter_model.safetensors")
 RUN_PATTERNS = ("model-*-of-*.safetensors", ".staging-*")
 LOCK = ".lock"
 _held_locks = []  # (lock file, pid) taken by this process
