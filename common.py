@@ -1464,7 +1464,7 @@ def toy_tokenizer():
     return fast
 
 
-TOY_CONTEXT = 256
+TOY_CONTEXT = 512  # RoPE: the context sets no weights; 512 fits the scripts' default --max_seq_len
 
 
 def toy_model(tokenizer):

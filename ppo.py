@@ -53,7 +53,7 @@ class Args:
     list[float], called on each rank's rows; its scores x --reward_fn_weight are added to the reward model's
     normalised score (the whole score with --reward none). The demo's gold: common:gold_reward_fn"""
     reward_fn_weight: float = 1.0
-    """weight of --reward_fn's scores"""
+    """weight of --reward_fn's scores (>= 0)"""
     critic: str | None = None
     """the critic's initial weights (a reward model, or a causal LM with --new_value_head); default: --reward, as
     DSC and N+ do"""
@@ -106,7 +106,8 @@ class Args:
     (score - group mean) / group std, dr_grpo score - group mean, rloo score - mean of the group's other answers,
     reinforce_pp returns whitened over the global batch (README: "Critic-free estimators")"""
     samples_per_prompt: int = 1
-    """answers sampled per prompt, in the same generate call: the group of grpo, dr_grpo and rloo (which need >= 2)"""
+    """answers sampled per prompt (>= 1), in the same generate call: the group of grpo, dr_grpo and rloo (which
+    need >= 2)"""
     loss_agg: Literal["auto", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "auto"
     """policy loss over a mini-batch: a mean over its tokens; the mean over answers of each answer's token-mean
     (GRPO's); or of its token-sum / --max_new_tokens (Dr. GRPO's); auto: seq_mean_token_mean for grpo,
@@ -197,8 +198,8 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass of actor and critic"""
     logprob_chunk_size: int = 1024
-    """positions per chunk of the LM head and its fp32 log-softmax (the head runs on response positions only);
-    the chunk costs about 2 x this x vocabulary x 4 bytes (1.2 GB at 1024 x 152k)"""
+    """positions per chunk of the LM head and its fp32 log-softmax (>= 1; the head runs on response positions
+    only); the chunk costs about 2 x this x vocabulary x 4 bytes (1.2 GB at 1024 x 152k)"""
     lora_rank: int = 0
     """LoRA rank for the actor (>= 0; 0 = off); the reference then is the actor with the adapter switched off"""
     critic_lora_rank: int = 0
@@ -246,7 +247,8 @@ RANGES = {"eval_fraction": "0 <= x < 1", "max_seq_len": ">= 2", "total_episodes"
           "actor_zero_stage": "0 <= x <= 3", "critic_zero_stage": "0 <= x <= 3", "lora_rank": ">= 0",
           "critic_lora_rank": ">= 0", "lora_alpha": "> 0", "seed": "0 <= x <= 4294967295", "eval_every": ">= 0",
           "num_eval_prompts": ">= 1", "print_samples": ">= 0", "save_every": ">= 0",
-          "logprob_chunk_size": ">= 1", "samples_per_prompt": ">= 1"}
+          "logprob_chunk_size": ">= 1", "samples_per_prompt": ">= 1",
+          "reward_fn_weight": ">= 0"}
 # what defines a run: --resume refuses to continue a checkpoint with other values (unless --resume_changes); ranks,
 # batch sizes and ZeRO stages are compared through the derived figures in main's `run`
 RUN_FLAGS = ("actor", "reward", "critic", "ref", "new_value_head", "reward_tokenizer", "data", "data_split",

@@ -81,8 +81,8 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     logprob_chunk_size: int = 1024
-    """positions per chunk of the LM head and its fp32 log-softmax (the head runs on trained tokens only); the chunk
-    costs about 2 x this x vocabulary x 4 bytes (1.2 GB at 1024 x 152k)"""
+    """positions per chunk of the LM head and its fp32 log-softmax (>= 1; the head runs on trained tokens only); the
+    chunk costs about 2 x this x vocabulary x 4 bytes (1.2 GB at 1024 x 152k)"""
     lora_rank: int = 0
     """LoRA rank (>= 0; 0 = train all weights); needs peft"""
     lora_alpha: float = 16.0

@@ -83,4 +83,5 @@ def test_ppo_and_chat_run_on_a_128_token_model_with_defaults(short_context, tmp_
     # two flags the user set that conflict stay an error
     p = run_script("ppo.py", "--actor", lm, "--reward", rm, "--rollout_batch_size", "8", "--per_device_batch_size",
                    "16", "--output_dir", tmp_path / "bad", check=False)
-    assert p.returncode == 1 and "error: --rollout_batch_size 8 must be a multiple" in p.stderr
+    assert p.returncode == 1
+    assert "\nerror: --rollout_batch_size 8 x --samples_per_prompt 1 must be a multiple" in p.stderr

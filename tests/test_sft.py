@@ -155,7 +155,7 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(case, tmp_path):
     p = run_script("sft.py", "--output_dir", out, "--max_steps", "2", "--per_device_batch_size", "2", *flags,
                    check=False, timeout=120, env_extra={"HF_HUB_OFFLINE": "1"})  # a hub name fails at once
     assert p.returncode == 1
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    lines = [line for line in p.stderr.splitlines() if line.strip() and not line.startswith("note: ")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], p.stderr
     assert "Traceback" not in p.stdout + p.stderr
     assert not out.exists()
