@@ -332,7 +332,7 @@ def test_non_finite_loss_stops_the_run_and_saves_nothing(tmp_path):
     flags = ["--max_steps", "8", "--per_device_batch_size", "4", "--eval_every", "0", "--output_dir", out]
     p = run_script("sft.py", *flags, "--learning_rate", "1e30", check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr
-    (line,) = [line for line in p.stderr.splitlines() if line.strip()]
+    (line,) = [line for line in p.stderr.splitlines() if line.strip() and not line.startswith("note: ")]
     assert line.startswith("error: step ") and ("train/loss is nan" in line or "train/loss is inf" in line)
     step = int(line.split()[2].rstrip(":"))
     assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
