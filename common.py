@@ -246,13 +246,19 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
 
 
 def disable_dropout(model: torch.nn.Module):
-    """Dropout off everywhere: PPO's ratio and the reference's log-probs assume a deterministic model."""
+    """Dropout off everywhere: PPO's ratio and the reference's log-probs assume a deterministic model. Many models
+    copy the config's rate into a float attribute at init (OPT's `self.dropout`, Llama's `self.attention_dropout`,
+    OPT's `layerdrop`), so those are zeroed too, not only nn.Dropout modules and the config."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        for key, value in list(vars(m).items()):
+            if type(value) is float and ("dropout" in key or key.endswith(("pdrop", "layerdrop"))):
+                setattr(m, key, 0.0)
     cfg = getattr(model, "config", None)
     for key in ("dropout", "attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
-                "activation_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob", "classifier_dropout"):
+                "activation_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob", "classifier_dropout",
+                "layerdrop"):
         if cfg is not None and isinstance(getattr(cfg, key, None), float):
             setattr(cfg, key, 0.0)
 

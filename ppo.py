@@ -191,8 +191,8 @@ class Args:
     """ZeRO-3 only: generate through the partition hooks instead of gathering the actor once per generate call
     (slow: every layer is gathered for every token; for models that do not fit gathered)"""
     hybrid_engine: bool = False
-    """GPUs: generate with DeepSpeed's hybrid engine (its inference kernels; ZeRO-3 gathered per generate call) for
-    the model types it has kernels for (DSC's --enable_hybrid_engine); other models use their own generate"""
+    """GPUs: generate with DeepSpeed's hybrid engine (its inference kernels; DSC's --enable_hybrid_engine). Refused
+    under transformers 5: DeepSpeed 0.19.8's kernels do not run with it (tried on an H100, see README)"""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on a GPU that has it, else fp32"""
     gradient_checkpointing: bool = False
@@ -815,6 +815,9 @@ def main(args: Args):
     max_seq_len = common.fit_max_seq_len(args.max_seq_len, common.model_context(args.actor, args.trust_remote_code))
     if args.max_new_tokens >= max_seq_len:
         raise common.UserError(f"--max_new_tokens {args.max_new_tokens} must be below --max_seq_len {max_seq_len}")
+    if args.hybrid_engine and int(__import__("transformers").__version__.split(".")[0]) >= 5:
+        raise common.UserError("--hybrid_engine: DeepSpeed's hybrid engine does not run with transformers 5 (Llama: "
+                               "its kernels get a tuple; OPT: no layer is replaced); generate without it")
     if args.hybrid_engine and (device.type != "cuda" or args.lora_rank > 0):
         raise common.UserError("--hybrid_engine needs GPUs (DeepSpeed's inference kernels) and no --lora_rank (its "
                                "kernels would read peft's wrapped layers wrongly)")

@@ -9,6 +9,7 @@ Prints one JSON line with (a), the sum of (b), their ratio and episodes/s.
     deepspeed --num_gpus 8 tests/bench_ppo.py --hidden 2048 --layers 24 --dtype bf16
 """
 
+import gc
 import json
 import os
 import statistics
@@ -52,6 +53,8 @@ class Bench:
     """GPUs: generate with DeepSpeed's hybrid engine (ppo.py --hybrid_engine)"""
     dtype: str = "auto"
     """model dtype"""
+    family: str = "llama"
+    """shape of the random models: llama or opt (DeepSpeed-Chat's family; the hybrid engine has kernels for both)"""
     ranks: int = 1
     """processes to launch (the deepspeed launcher on this machine's CPUs or GPUs)"""
     repeats: int = 5
@@ -61,15 +64,18 @@ class Bench:
 
 
 def build_models(b: Bench, folder: Path):
-    from transformers import AutoModelForSequenceClassification, LlamaConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, OPTConfig
 
     tok = common.toy_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=b.hidden, intermediate_size=3 * b.hidden,
-                      num_hidden_layers=b.layers, num_attention_heads=max(1, b.hidden // 64),
-                      max_position_embeddings=512, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      tie_word_embeddings=True)
+    shape = dict(vocab_size=len(tok), hidden_size=b.hidden, num_hidden_layers=b.layers,
+                 num_attention_heads=max(1, b.hidden // 64), max_position_embeddings=512,
+                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    if b.family == "opt":
+        cfg = OPTConfig(**shape, ffn_dim=4 * b.hidden, word_embed_proj_dim=b.hidden, bos_token_id=tok.eos_token_id)
+    else:
+        cfg = LlamaConfig(**shape, intermediate_size=3 * b.hidden)
     torch.manual_seed(0)
-    common.toy_model(tok).__class__(cfg).save_pretrained(folder / "actor")
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder / "actor")
     cfg.num_labels = 1
     AutoModelForSequenceClassification.from_config(cfg).save_pretrained(folder / "reward")
     for name in ("actor", "reward"):
@@ -102,7 +108,7 @@ def main(b: Bench):
                                   "--master_port", port, __file__, *argv])
     device = common.init_distributed()
     world = common.world_size()
-    folder = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir())) / f"bench_ppo_{b.hidden}_{b.layers}"
+    folder = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir())) / f"bench_ppo_{b.family}_{b.hidden}_{b.layers}"
     if common.is_rank0() and not (folder / "reward" / "config.json").exists():
         build_models(b, folder)
     torch.distributed.barrier()
@@ -125,18 +131,30 @@ def main(b: Bench):
     rows = [r for r in rows if "time/iteration_s" in r][b.warmup:]
     iteration_s = statistics.median(r["time/iteration_s"] for r in rows)
     response_len = statistics.mean(r["train/response_len"] for r in rows)
+    peak_gb = max((r.get("memory/peak_gb", 0.0) for r in rows), default=0.0)
+    if common.is_rank0():  # (a) alone, in case (b) does not fit beside what (a) leaves behind
+        print(json.dumps({"iteration_s": round(iteration_s, 4),
+                          "episodes_per_s": round(b.batch * world / iteration_s, 2),
+                          "response_len": round(response_len, 1), "peak_gb": round(peak_gb, 2)}), flush=True)
+    gc.collect()  # DeepSpeed engines hold reference cycles: free (a)'s four models before (b) loads its own
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
     # (b) each model call alone, same shapes
+    def no_dropout(model):  # as ppo.py does (OPT's config has dropout 0.1)
+        common.disable_dropout(model)
+        return model
+
     dtype = common.resolve_dtype(b.dtype)
     tok = common.load_tokenizer(args.actor)
     prompts, _ = ppo.encode_prompts(common.load_data("toy", "prompts")[: b.batch], tok, 256, "left", "toy")
     steps = b.ppo_epochs * (b.batch // b.mini_batch_size)
     mb = b.mini_batch_size
-    actor = ppo.trained_engine(common.load_causal_lm(args.actor, dtype, tok), 1e-6, args, b.zero_stage, mb, 1, 100,
-                               dtype, b.hybrid_engine)
+    actor = ppo.trained_engine(no_dropout(common.load_causal_lm(args.actor, dtype, tok)), 1e-6, args, b.zero_stage,
+                               mb, 1, 100, dtype, b.hybrid_engine)
     critic = ppo.trained_engine(ppo.ValueModel(ppo.load_value_model(args.reward, dtype, tok, False, "--reward")),
                                 1e-6, args, b.zero_stage, mb, 1, 100, dtype)
-    ref = ppo.frozen_engine(common.load_causal_lm(args.actor, dtype, tok), b.zero_stage, False, dtype)
+    ref = ppo.frozen_engine(no_dropout(common.load_causal_lm(args.actor, dtype, tok)), b.zero_stage, False, dtype)
     reward = ppo.frozen_engine(ppo.ValueModel(ppo.load_value_model(args.reward, dtype, tok, False, "--reward")),
                                b.zero_stage, False, dtype)
     gen_config = ppo.generation_config(args, tok)
@@ -188,7 +206,8 @@ def main(b: Bench):
     calls = sum(v for k, v in t.items() if k.endswith("_s"))
     result = {"iteration_s": round(iteration_s, 4), "sum_of_calls_s": round(calls, 4),
               "ratio": round(iteration_s / calls, 3), "episodes_per_s": round(b.batch * world / iteration_s, 2),
-              "response_len": round(response_len, 1), **{k: round(v, 5) for k, v in t.items()},
+              "response_len": round(response_len, 1), "peak_gb": round(peak_gb, 2),
+              **{k: round(v, 5) for k, v in t.items()},
               "setup": {**vars(b), "ranks": world, "world": world, "device": str(device),
                         "threads": torch.get_num_threads(), "torch": torch.__version__}}
     if common.is_rank0():

@@ -380,7 +380,7 @@ def test_bad_flags_give_one_line_errors(tiny_models, tiny_pair, tmp_path):
     assert_clean_error(p, tmp_path / "o", "--zero_stage 4")
     p = run_script("ppo.py", "--actor", tiny_models["llama"], "--reward", tiny_pair / "rm", "--hybrid_engine",
                    "--output_dir", tmp_path / "o", check=False)
-    assert_clean_error(p, tmp_path / "o", "--hybrid_engine needs GPUs")
+    assert_clean_error(p, tmp_path / "o", "--hybrid_engine")  # transformers 5, or no GPU
     p = run_script("ppo.py", "--actor", tmp_path / "nope", "--reward", tiny_pair / "rm", "--output_dir",
                    tmp_path / "o", check=False)
     assert_clean_error(p, tmp_path / "o", "--actor", "no such model folder")
