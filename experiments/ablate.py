@@ -13,12 +13,14 @@ a run that finished before (its model is saved) is not run again, so an interrup
 
 import json
 import math
+import os
 import shlex
 import statistics
 import subprocess
 import sys
 import time
 import typing
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -44,6 +46,9 @@ class Args:
     """names of the variants to run (default: all; see VARIANTS)"""
     ppo_args: str = ""
     """more ppo.py flags for every run, as one string after '=': --ppo_args='--num_eval_prompts 64'"""
+    jobs: int = 2
+    """runs at a time, each with OMP_NUM_THREADS = 1 when more than one (two single-thread runs of the demo's tiny
+    model on two cores finish sooner than two-thread runs one after the other)"""
 
 
 def variants(actor: str) -> dict[str, tuple[list[str], str | None]]:
@@ -161,25 +166,31 @@ def main(args: Args):
     unknown = [v for v in args.variants if v not in table_spec]
     if unknown:
         raise SystemExit(f"error: --variants {unknown[0]!r}: expected one of {', '.join(map(repr, table_spec))}")
-    out, results, before, t0 = Path(args.out), {}, None, time.time()
-    for name in args.variants or list(table_spec):
+    out, t0 = Path(args.out), time.time()
+    runs = {(name, seed): out / name.replace(" ", "_").replace(",", "").replace("-", "_") / f"seed{seed}"
+            for name in args.variants or list(table_spec) for seed in range(42, 42 + args.seeds)}
+    env = os.environ | ({"OMP_NUM_THREADS": "1"} if args.jobs > 1 else {})
+
+    def launch(name: str, seed: int, run: Path):
         flags, patch = table_spec[name]
-        for seed in range(42, 42 + args.seeds):
-            run = out / name.replace(" ", "_").replace(",", "").replace("-", "_") / f"seed{seed}"
-            if not (run / "config.json").exists():
-                cmd = [sys.executable, __file__, "--child", patch or "none", "--actor", args.actor, "--reward",
-                       args.reward, "--total_episodes", str(args.total_episodes), "--seed", str(seed),
-                       "--eval_every", "0", "--print_samples", "0", "--output_dir", str(run), *flags,
-                       *shlex.split(args.ppo_args)]
-                if run.exists():
-                    cmd.append("--overwrite")  # an unfinished run of this sweep
-                t = time.time()
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-                print(f"{name}, seed {seed}: {time.time() - t:.0f} s", flush=True)
-            results.setdefault(name, []).append(final_metrics(run))
-            if before is None:
-                rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-                before = {k: v for k, v in rows[0].items() if k.startswith("eval/")}
+        cmd = [sys.executable, __file__, "--child", patch or "none", "--actor", args.actor, "--reward", args.reward,
+               "--total_episodes", str(args.total_episodes), "--seed", str(seed), "--eval_every", "0",
+               "--print_samples", "0", "--output_dir", str(run), *flags, *shlex.split(args.ppo_args)]
+        if run.exists():
+            cmd.append("--overwrite")  # an unfinished run of this sweep
+        t = time.time()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+        print(f"{name}, seed {seed}: {time.time() - t:.0f} s", flush=True)
+
+    todo = [(name, seed, run) for (name, seed), run in runs.items() if not (run / "config.json").exists()]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda job: launch(*job), todo))  # list(): an exception in a run is raised here
+    results, before = {}, None
+    for (name, seed), run in runs.items():
+        results.setdefault(name, []).append(final_metrics(run))
+        if before is None:
+            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+            before = {k: v for k, v in rows[0].items() if k.startswith("eval/")}
     first = next(iter(results))
     text = table(results, before, "" if first == "baseline" else f", evaluated as {first}")
     (out / "ablation.md").write_text(text)
