@@ -5,11 +5,11 @@ and prints their JSON result line, so that `run_all.sh` can run it beside TRL's 
 
     python tests/bench_peers.py --policy /tmp/peers_fixture/policy --reward /tmp/peers_fixture/reward \
         --prompts /tmp/peers_fixture/prompts.jsonl                            # PPO (GAE, critic) vs TRL PPOTrainer
-    python tests/bench_peers.py ... --estimator rloo --samples_per_prompt 2   # vs TRL RLOOTrainer (k = 2)
+    python tests/bench_peers.py ... --estimator rloo --samples_per_prompt 2     # vs TRL RLOOTrainer, k = 2
 
 The same work as the peers: B episodes (answers) per iteration and one optimizer step on them (1 epoch, 1
-mini-batch), T new tokens, temperature 1, fp32, no evaluation, lr decayed linearly. `seconds` is the training loop only,
-from the logger's creation (just before the first iteration) to its close (just after the last): model loading,
+mini-batch), T new tokens, temperature 1, fp32, no evaluation, lr decayed linearly. `seconds` is the training loop
+only, from the logger's creation (just before the first iteration) to its close (just after the last): model loading,
 tokenising and the final save are outside, as `trainer.train()` leaves them outside for the peers. Unlike the peers,
 ppo.py stops an answer at EOS (a random model samples it about once in 559 tokens); `response_len` says how long the
 answers were.
@@ -40,8 +40,8 @@ def busy_seconds() -> float:
 def main():
     ap = argparse.ArgumentParser()
     for flag, default in (("--policy", None), ("--reward", None), ("--prompts", None), ("--episodes", 256),
-                          ("--batch", 16), ("--max_new_tokens", 24), ("--lr", 1e-5), ("--seed", 0), ("--threads", 0),
-                          ("--estimator", "gae"), ("--samples_per_prompt", 1)):
+                          ("--batch", 16), ("--max_new_tokens", 24), ("--lr", 1e-5), ("--seed", 0),
+                          ("--threads", 0), ("--estimator", "gae"), ("--samples_per_prompt", 1)):
         ap.add_argument(flag, type=type(default) if default is not None else str, default=default,
                         required=default is None)
     ap.add_argument("--verbose", action="store_true")
@@ -54,7 +54,8 @@ def main():
                     total_episodes=a.episodes, rollout_batch_size=a.batch // a.samples_per_prompt,
                     samples_per_prompt=a.samples_per_prompt, advantage_estimator=a.estimator,
                     mini_batch_size=a.batch, ppo_epochs=1, max_new_tokens=a.max_new_tokens, temperature=1.0,
-                    learning_rate=a.lr, critic_learning_rate=a.lr, lr_scheduler="linear", seed=a.seed, eval_fraction=0.0, print_samples=0)
+                    learning_rate=a.lr, critic_learning_rate=a.lr, lr_scheduler="linear", seed=a.seed,
+                    eval_fraction=0.0, print_samples=0)
 
     clock = {}
 
@@ -79,7 +80,8 @@ def main():
     print(json.dumps({
         "peer": name, "version": "main", "episodes": a.episodes, "seconds": round(seconds, 3),
         "episodes_per_s": round(a.episodes / seconds, 3), "cpu_seconds": round(clock["cpu"], 3),
-        "other_cores": round(other, 3), "loadavg_before": round(clock["l0"], 2), "loadavg_after": round(clock["l1"], 2),
+        "other_cores": round(other, 3), "loadavg_before": round(clock["l0"], 2),
+        "loadavg_after": round(clock["l1"], 2),
         "batch": a.batch, "max_new_tokens": a.max_new_tokens, "optimizer_steps": len(rows),
         "response_len": round(sum(r["train/response_len"] for r in rows) / len(rows), 2),
         "samples_per_prompt": a.samples_per_prompt, "torch": torch.__version__, "threads": torch.get_num_threads(),
