@@ -201,6 +201,24 @@ def demo(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="session")
+def few_prompts(tmp_path_factory) -> list:
+    """ppo.py flags for the demo's prompts from small files (its first 128 train prompts, 16 eval prompts) with the
+    learning rates that `toy` picks: encoding the demo's 4096 + 58 prompts takes seconds a run, and tests that
+    compare two runs need only a few."""
+    import json
+
+    import common
+
+    d = tmp_path_factory.mktemp("prompts")
+    files = {}
+    for split, n in (("train", 128), ("eval", 16)):
+        files[split] = d / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps(r) + "\n" for r in common.toy_data("prompts", split)[:n]))
+    return ["--data", files["train"], "--eval_data", files["eval"], "--learning_rate", "2e-4",
+            "--critic_learning_rate", "5e-4"]
+
+
 _approx = pytest.approx
 
 

@@ -151,7 +151,8 @@ def test_the_same_global_batch_gives_the_same_run(tiny_models, tmp_path):
              "--eval_every", "0", "--eval_fraction", "0.2"]
     run_script("reward.py", *flags, "--output_dir", tmp_path / "a", "--per_device_batch_size", "8")
     for stage, extra in (("0", ["--per_device_batch_size", "2", "--gradient_accumulation_steps", "2"]),
-                         ("2", ["--per_device_batch_size", "4", "--offload"]), ("3", ["--per_device_batch_size", "4"])):
+                         ("2", ["--per_device_batch_size", "4", "--offload"]),
+                         ("3", ["--per_device_batch_size", "4"])):
         run_script("reward.py", *flags, "--output_dir", tmp_path / f"z{stage}", "--zero_stage", stage, *extra,
                    ranks=2)
     a = read_metrics(tmp_path / "a")
