@@ -152,13 +152,18 @@ def script_env(ranks: int = 1, env_extra=None) -> dict:
 
 
 def run_script(script: str, *args, ranks: int = 1, timeout: int = 600, check: bool = True, env_extra=None):
-    """Run a stage script as a subprocess (1 rank: plain python; N ranks: the deepspeed launcher on CPU/gloo)."""
+    """Run a stage script as a subprocess (1 rank: plain python; N ranks: deepspeed's launch.py on CPU/gloo)."""
     env = script_env(ranks, env_extra)
     if ranks == 1:
         cmd = [sys.executable, str(script_path(script)), *map(str, args)]
-    else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-               str(free_port()), str(script_path(script)), *map(str, args)]
+    else:  # deepspeed's launch.py, as the `deepspeed` runner starts it on one node (the runner itself would only
+        # add ~3 s of start-up; test_safety.py's launcher test runs under it)
+        import base64
+        import json
+
+        world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(ranks))}).encode()).decode()
+        cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script_path(script)), *map(str, args)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
@@ -194,6 +199,24 @@ def demo(tmp_path_factory):
     run_script("sft.py", "--output_dir", d / "sft", "--max_steps", "300", "--eval_every", "0")
     run_script("reward.py", "--model", d / "sft", "--output_dir", d / "rm", "--max_steps", "200", "--eval_every", "0")
     return d
+
+
+@pytest.fixture(scope="session")
+def few_prompts(tmp_path_factory) -> list:
+    """ppo.py flags for the demo's prompts from small files (its first 128 train prompts, 16 eval prompts) with the
+    learning rates that `toy` picks: encoding the demo's 4096 + 58 prompts takes seconds a run, and tests that
+    compare two runs need only a few."""
+    import json
+
+    import common
+
+    d = tmp_path_factory.mktemp("prompts")
+    files = {}
+    for split, n in (("train", 128), ("eval", 16)):
+        files[split] = d / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps(r) + "\n" for r in common.toy_data("prompts", split)[:n]))
+    return ["--data", files["train"], "--eval_data", files["eval"], "--learning_rate", "2e-4",
+            "--critic_learning_rate", "5e-4"]
 
 
 _approx = pytest.approx

@@ -112,7 +112,7 @@ def test_loss_aggregations_against_their_definitions():
 
 
 @pytest.mark.parametrize("k,stage,estimator", [(2, 0, "grpo"), (4, 3, "rloo")])
-def test_two_ranks_match_one_rank_and_resume(demo, tmp_path, k, stage, estimator):
+def test_two_ranks_match_one_rank_and_resume(demo, few_prompts, tmp_path, k, stage, estimator):
     """k answers per prompt: 1 rank and 2 ranks roll out the same groups (generate calls seeded by their place in the
     global batch, a group never split over ranks) and make the same updates (tolerance as in test_ppo.py). grpo runs
     with the KL in the loss and one optimizer step per iteration, so the scoring forward is skipped (ratio exactly
@@ -121,8 +121,8 @@ def test_two_ranks_match_one_rank_and_resume(demo, tmp_path, k, stage, estimator
     from safetensors.torch import load_file
 
     prompts = 32 // k  # one iteration: 32 answers on one rank, 16 on each of two
-    base = ["--actor", demo / "sft", "--reward", demo / "rm", "--total_episodes", "64", "--eval_every", "0",
-            "--num_eval_prompts", "8", "--print_samples", "0", "--generation_batch_size", str(prompts // 2),
+    base = ["--actor", demo / "sft", "--reward", demo / "rm", *few_prompts, "--total_episodes", "64", "--eval_every",
+            "0", "--num_eval_prompts", "8", "--print_samples", "0", "--generation_batch_size", str(prompts // 2),
             "--ppo_epochs", "1", "--zero_stage", stage, "--advantage_estimator", estimator,
             "--samples_per_prompt", k, "--save_every", "1"]
     if estimator == "grpo":

@@ -135,6 +135,9 @@ BAD_RUNS = {  # name: (extra flags, what the one-line error must say); {bad}/{ru
 }
 
 
+IN_PROCESS = ("zero_stage_5", "output_dir_holds_a_run", "overwrite_a_folder_that_is_no_run")  # no subprocess start
+
+
 @pytest.mark.parametrize("case", BAD_RUNS)
 def test_bad_input_is_a_one_line_error_and_writes_nothing(case, tmp_path):
     write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi", "response": "yo"}, '{"prompt": "hi", "response": '])
@@ -152,12 +155,20 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(case, tmp_path):
     names |= {"run": tmp_path / "run", "notrun": tmp_path / "notrun"}
     flags = [f.format(**names) for f in flags]
     out = tmp_path / "out"
-    p = run_script("sft.py", "--output_dir", out, "--max_steps", "2", "--per_device_batch_size", "2", *flags,
-                   check=False, timeout=120, env_extra={"HF_HUB_OFFLINE": "1"})  # a hub name fails at once
-    assert p.returncode == 1
-    lines = [line for line in p.stderr.splitlines() if line.strip() and not line.startswith("note: ")]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], p.stderr
-    assert "Traceback" not in p.stdout + p.stderr
+    argv = ["--output_dir", out, "--max_steps", "2", "--per_device_batch_size", "2", *flags]
+    if case in IN_PROCESS:  # refused before any set-up: sft's main in this process, a UserError (SystemExit)
+        import tyro
+
+        with pytest.raises(SystemExit) as stop:
+            sft.main(tyro.cli(sft.Args, args=list(map(str, argv)), use_underscores=True))
+        lines = str(stop.value.code).splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], lines
+    else:  # as a user sees it: one stderr line, status 1, no traceback
+        p = run_script("sft.py", *argv, check=False, timeout=120, env_extra={"HF_HUB_OFFLINE": "1"})  # a hub name
+        assert p.returncode == 1  # fails at once
+        lines = [line for line in p.stderr.splitlines() if line.strip() and not line.startswith("note: ")]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], p.stderr
+        assert "Traceback" not in p.stdout + p.stderr
     assert not out.exists()
     assert sorted(f.relative_to(tmp_path) for f in tmp_path.rglob("*")) == before  # nothing else touched
 
@@ -265,8 +276,9 @@ def assert_same_run(a, b, loss_tol: float, weight_tol: float):
 def reference(tmp_path_factory):
     """The flags of the comparison runs (13 eval examples: 2 ranks get 7 + 6, one of them padded) and a 1-rank run
     with 2 micro-batches of 4 accumulated: the same global batch of 8 as 2 ranks x 4."""
-    d = tmp_path_factory.mktemp("ref")
-    flags = ["--max_steps", "8", "--eval_every", "4", "--eval_data", toy_jsonl(d / "eval.jsonl", 13)]
+    d = tmp_path_factory.mktemp("ref")  # 64 training examples: encoding the demo's 6000 would take seconds a run
+    flags = ["--max_steps", "8", "--eval_every", "4", "--data", toy_jsonl(d / "train.jsonl", 64), "--eval_data",
+             toy_jsonl(d / "eval.jsonl", 13)]
     run_script("sft.py", *flags, "--per_device_batch_size", "4", "--gradient_accumulation_steps", "2",
                "--output_dir", d / "sft")
     return d / "sft", flags
@@ -329,7 +341,8 @@ def test_non_finite_loss_stops_the_run_and_saves_nothing(tmp_path):
     error, writes no model and does not log the bad step. It has no checkpoint to resume: --resume says so,
     --overwrite starts a clean log."""
     out = tmp_path / "out"
-    flags = ["--max_steps", "8", "--per_device_batch_size", "4", "--eval_every", "0", "--output_dir", out]
+    flags = ["--max_steps", "8", "--per_device_batch_size", "4", "--eval_every", "0", "--output_dir", out, "--data",
+             toy_jsonl(tmp_path / "sft.jsonl", 64)]  # the demo's model, on fewer examples to encode than its data
     p = run_script("sft.py", *flags, "--learning_rate", "1e30", check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     (line,) = [line for line in p.stderr.splitlines() if line.strip() and not line.startswith("note: ")]
