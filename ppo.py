@@ -535,9 +535,10 @@ def ptx_nll(actor, rows: list, pad_id: int, device, chunk_size: int = 1024) -> t
 
 
 def encode_prompts(records: list[dict], tokenizer, max_len: int, truncation: str, source: str):
-    out, n_cut = [], 0
+    out, n_cut, known = [], 0, {}
     for i, r in enumerate(records):
-        ids = common.encode_prompt(tokenizer, r["prompt"])
+        key = repr(r["prompt"])  # a repeated prompt (the demo draws 4096 from 115) is encoded once
+        ids = list(known[key]) if key in known else known.setdefault(key, common.encode_prompt(tokenizer, r["prompt"]))
         if len(ids) > max_len and truncation == "error":
             raise common.UserError(f"{source} prompt {i + 1}: {len(ids)} tokens > --max_seq_len - --max_new_tokens "
                                    f"= {max_len} (pass --truncation left to cut it)")
