@@ -359,17 +359,6 @@ def generation_mode(engine, zero_stage: int, sharded: bool):
 # rollout math (each function is tested against a slow reference in tests/test_ppo.py)
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log pi(token) under the tempered distribution softmax(logits / T) (N+ detail: T in every log-prob)."""
-    logits = logits.float() / temperature
-    return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-
-
-def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float() / temperature, -1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def truncate_after_eos(responses: torch.Tensor, eos_id: int | list[int], pad_id: int):
     """Keep each response up to and including its first EOS (any of the ids `eos_id`: the EOS and the chat
     template's end of turn, common.stop_token_ids); pad the rest. Returns the cleaned responses, the mask of real

@@ -16,10 +16,12 @@ Needs matplotlib for the figure (an optional dependency of experiments/ only); t
 
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,9 @@ class Args:
     """seed of every run"""
     ppo_args: str = ""
     """more ppo.py flags for every run, as one string after '=': --ppo_args='--num_eval_prompts 64'"""
+    jobs: int = 3
+    """runs at a time, each with OMP_NUM_THREADS = 1 when more than one (single-thread runs side by side finish
+    sooner than two-thread runs one after the other on a small CPU)"""
 
 
 def curve(rows: list[dict]) -> list[tuple[float, float, float]]:
@@ -85,8 +90,10 @@ def draw(curves: dict[float, list[tuple[float, float, float]]], out: Path):
 
 
 def main(args: Args):
-    out, curves, t0 = Path(args.out), {}, time.time()
-    for coef in args.kl_coefs:
+    out, t0 = Path(args.out), time.time()
+    env = os.environ | ({"OMP_NUM_THREADS": "1"} if args.jobs > 1 else {})
+
+    def launch(coef: float):
         run = out / f"kl{coef:g}"
         if not (run / "config.json").exists():  # a finished run (its model is saved) is not run again
             cmd = [sys.executable, str(ROOT / "ppo.py"), "--actor", args.actor, "--reward", args.reward, "--kl_coef",
@@ -94,10 +101,13 @@ def main(args: Args):
                    "--seed", str(args.seed), "--print_samples", "0", "--output_dir", str(run),
                    *shlex.split(args.ppo_args)] + (["--overwrite"] if run.exists() else [])
             t = time.time()
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
             print(f"kl_coef {coef:g}: {time.time() - t:.0f} s", flush=True)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-        curves[coef] = curve(rows)
+        return coef, curve(rows)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        curves = dict(pool.map(launch, args.kl_coefs))
     text = summary(curves)
     (out / "overopt.md").write_text(text)
     print(text)

@@ -54,12 +54,23 @@ class Bench:
     """internal: run one case (path,vocab,pass,chunk) in this process"""
 
 
+def logprobs_from_logits(logits, tokens, temperature):
+    """log pi(token) under softmax(logits / T), from the full logits (ppo.py's before common.token_logprobs)."""
+    logits = logits.float() / temperature
+    return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def entropy_from_logits(logits, temperature):
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 def old_seq_logprobs(model, seq, attn, n_prompt, temperature, with_entropy=False):
     """ppo.seq_logprobs before common.token_logprobs."""
     logits = model(input_ids=seq, attention_mask=attn, position_ids=common.position_ids(attn), use_cache=False).logits
     logits = logits[:, n_prompt - 1: -1]
-    logp = ppo.logprobs_from_logits(logits, seq[:, n_prompt:], temperature)
-    return (logp, ppo.entropy_from_logits(logits, temperature)) if with_entropy else logp
+    logp = logprobs_from_logits(logits, seq[:, n_prompt:], temperature)
+    return (logp, entropy_from_logits(logits, temperature)) if with_entropy else logp
 
 
 def rss() -> int:

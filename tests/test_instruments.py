@@ -190,16 +190,20 @@ def test_ablation_patches_change_what_they_say(monkeypatch):
     """Each patch of experiments/ablate.py, applied to ppo.py/common.py (and undone after the test)."""
     import ablate
 
-    for name in ("logprobs_from_logits", "entropy_from_logits", "generation_config"):
+    for name in ("seq_logprobs", "generation_config"):
         monkeypatch.setattr(ppo, name, getattr(ppo, name))
     monkeypatch.setattr(common, "disable_dropout", common.disable_dropout)
-    logits, tokens = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
-    ablate.logprobs_without_temperature()
-    assert torch.allclose(ppo.logprobs_from_logits(logits, tokens, 0.5), ppo.logprobs_from_logits(logits, tokens, 1))
-    assert torch.allclose(ppo.logprobs_from_logits(logits, tokens, 0.5),
-                          torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0])
-    ablate.greedy_rollouts()
     tok = common.toy_tokenizer()
+    model = common.toy_model(tok).eval()
+    seq = torch.randint(3, len(tok), (2, 7))
+    attn = torch.ones_like(seq)
+    with torch.no_grad():
+        at_one, at_half = ppo.seq_logprobs(model, seq, attn, 3, 1.0), ppo.seq_logprobs(model, seq, attn, 3, 0.5)
+        assert not torch.allclose(at_one, at_half)
+        ablate.logprobs_without_temperature()  # every log-prob of ppo.py goes through seq_logprobs
+        torch.testing.assert_close(ppo.seq_logprobs(model, seq, attn, 3, 0.5), at_one)
+        torch.testing.assert_close(ppo.ref_logprobs(model, model, seq, attn, 3, 0.5, 1024), at_one)
+    ablate.greedy_rollouts()
     args = ppo.Args(temperature=0.7)
     rollout, evaluation = ppo.generation_config(args, tok), ppo.generation_config(args, tok)
     assert rollout.do_sample is False and evaluation.do_sample is True

@@ -19,17 +19,22 @@ def rand_mask(B, T, seed=0):
 
 
 def test_logprobs_with_temperature_against_loop():
+    """seq_logprobs (the chunked head of common.token_logprobs) against softmax(logits / T) token by token."""
+    tok = make_tokenizer("llama")
+    model = make_model("llama", tok).eval()
     torch.manual_seed(0)
-    logits, tokens = torch.randn(3, 5, 11), torch.randint(0, 11, (3, 5))
-    for T in (1.0, 0.7, 2.0):
-        got = ppo.logprobs_from_logits(logits, tokens, T)
-        for b in range(3):
-            for t in range(5):
-                p = torch.exp(logits[b, t] / T) / torch.exp(logits[b, t] / T).sum()
-                assert got[b, t].item() == pytest.approx(math.log(p[tokens[b, t]].item()), abs=1e-5)
-        ent = ppo.entropy_from_logits(logits, T)
-        p = torch.softmax(logits[1, 2] / T, -1)
-        assert ent[1, 2].item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-5)
+    seq, n_prompt = torch.randint(3, len(tok), (2, 9)), 4
+    attn = torch.ones_like(seq)
+    attn[0, :2] = 0  # left padding
+    with torch.no_grad():
+        logits = model(input_ids=seq, attention_mask=attn, position_ids=common.position_ids(attn)).logits
+        for T in (1.0, 0.7, 2.0):
+            got, ent = ppo.seq_logprobs(model, seq, attn, n_prompt, T, with_entropy=True, chunk_size=3)
+            for b in range(2):
+                for t in range(seq.shape[1] - n_prompt):
+                    p = torch.softmax(logits[b, n_prompt - 1 + t].double() / T, -1)
+                    assert got[b, t].item() == pytest.approx(math.log(p[seq[b, n_prompt + t]].item()), abs=1e-5)
+                    assert ent[b, t].item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-5)
 
 
 def test_truncate_after_eos_against_loop():
