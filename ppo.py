@@ -32,6 +32,7 @@ from typing import Literal
 import deepspeed
 import torch
 import torch.nn.functional as F
+import transformers
 import tyro
 
 import common
@@ -526,8 +527,10 @@ def ptx_nll(actor, rows: list, pad_id: int, device, chunk_size: int = 1024) -> t
 def encode_prompts(records: list[dict], tokenizer, max_len: int, truncation: str, source: str):
     out, n_cut, known = [], 0, {}
     for i, r in enumerate(records):
-        key = repr(r["prompt"])  # a repeated prompt (the demo draws 4096 from 115) is encoded once
-        ids = list(known[key]) if key in known else known.setdefault(key, common.encode_prompt(tokenizer, r["prompt"]))
+        key = repr(r["prompt"])
+        if key not in known:  # a repeated prompt (the demo draws 4096 from 115) is encoded once
+            known[key] = common.encode_prompt(tokenizer, r["prompt"])
+        ids = list(known[key])
         if len(ids) > max_len and truncation == "error":
             raise common.UserError(f"{source} prompt {i + 1}: {len(ids)} tokens > --max_seq_len - --max_new_tokens "
                                    f"= {max_len} (pass --truncation left to cut it)")
@@ -805,7 +808,7 @@ def main(args: Args):
     max_seq_len = common.fit_max_seq_len(args.max_seq_len, common.model_context(args.actor, args.trust_remote_code))
     if args.max_new_tokens >= max_seq_len:
         raise common.UserError(f"--max_new_tokens {args.max_new_tokens} must be below --max_seq_len {max_seq_len}")
-    if args.hybrid_engine and int(__import__("transformers").__version__.split(".")[0]) >= 5:
+    if args.hybrid_engine and int(transformers.__version__.split(".")[0]) >= 5:
         raise common.UserError("--hybrid_engine: DeepSpeed's hybrid engine does not run with transformers 5 (Llama: "
                                "its kernels get a tuple; OPT: no layer is replaced); generate without it")
     if args.hybrid_engine and (device.type != "cuda" or args.lora_rank > 0):
