@@ -318,7 +318,8 @@ def frozen_engine(model, zero_stage: int, offload: bool, dtype):
 def trained_engine(model, lr: float, args: Args, zero_stage: int, micro: int, gas: int, total_steps: int, dtype,
                    hybrid: bool = False, max_seq_len: int = 512):
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=args.weight_decay,
+                                  fused=True)  # one kernel for all tensors (CPU and GPU), not a loop over them
     schedule = common.lr_lambda(args.lr_scheduler, int(args.warmup_ratio * total_steps), total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     config = common.ds_config(zero_stage, micro, gas, dtype, args.offload, args.grad_clip)
@@ -855,9 +856,12 @@ def main(args: Args):
         raise common.UserError(f"--total_episodes {total_episodes} is less than one iteration "
                                f"({per_iter} = rollout_batch_size x ranks x samples_per_prompt)")
     steps_per_iter = args.ppo_epochs * (args.rollout_batch_size * samples_per_prompt // mini)
-    # one optimizer step on fresh samples: the old log-probs are the training forward's own (ratio 1), so the scoring
-    # forward is skipped (as TRL's GRPO does), unless the reward needs them for its KL penalty
-    reuse_logprobs = steps_per_iter == 1 and (args.kl_in_loss or args.kl_coef == 0)
+    # one optimizer step on fresh samples: the old log-probs are the training forward's own (ratio 1), so the actor's
+    # scoring forward is skipped (as TRL's GRPO does). With one micro-batch a rank, the update's forwards (actor and
+    # critic) run in step 3, with autograd, and step 6 trains through them; with several, step 6 fills in the old
+    # log-probs, so only where the reward needs none for its KL penalty
+    forward_once = steps_per_iter == 1 and gas == 1
+    reuse_logprobs = forward_once or (steps_per_iter == 1 and (args.kl_in_loss or args.kl_coef == 0))
     run = {"script": "ppo.py", "world_size": world, "rollout_batch": per_iter, "mini_batch": mini * world,
            "prompts": len(prompt_ids), "actor_stage": actor_stage, "critic_stage": critic_stage, "iterations": n_iters}
     if tag:
@@ -964,14 +968,22 @@ def main(args: Args):
         t_gen = time.time()
 
         # 3. score without autograd, in micro-batches: old log-probs and entropy (actor), reference log-probs, values
-        #    (critic), reward (RM; through `retok` when its tokenizer differs)
+        #    (critic), reward (RM; through `retok` when its tokenizer differs). With forward_once, the actor's and
+        #    critic's forwards are the update's, run here with autograd: step 6 trains through them
         messages = [records[i]["prompt"] for i in rows]
         retok = None if same_tok else make_retokenizer(tokenizer, reward_tok, messages, device)
+        fwd = {}
+        if forward_once:
+            fwd["logp"], fwd["entropy"] = seq_logprobs(actor, seq, attn, n_prompt, args.temperature, True, lp_chunk)
+            if critic is not None:
+                fwd["values"] = critic(seq, attn)[:, n_prompt - 1: -1]
         with torch.no_grad():
             actor.module.eval()
             slices = micro_slices(len(rows), micro)
             old_logp, entropy = torch.zeros(mask.shape, device=device), torch.zeros(mask.shape, device=device)
-            if not reuse_logprobs:  # else filled in by the update's forward
+            if forward_once:
+                old_logp, entropy = fwd["logp"].detach(), fwd["entropy"].detach()
+            elif not reuse_logprobs:  # else filled in by the update's forward
                 old_logp, entropy = map(torch.cat, zip(*[seq_logprobs(actor, seq[s], attn[s], n_prompt,
                                                                       args.temperature, True, lp_chunk)
                                                            for s in slices]))
@@ -980,7 +992,8 @@ def main(args: Args):
             old_values = torch.zeros(mask.shape, device=device)
             if critic is not None:
                 critic.module.eval()
-                old_values = torch.cat([critic(seq[s], attn[s])[:, n_prompt - 1: -1] for s in slices])
+                old_values = fwd["values"].detach() if forward_once else torch.cat(
+                    [critic(seq[s], attn[s])[:, n_prompt - 1: -1] for s in slices])
                 old_values = torch.where(mask, old_values, 0.0)
                 critic.module.train()
             raw_score, score, fn_score = score_rows(rollout, n_prompt, messages, retok)
@@ -1031,12 +1044,16 @@ def main(args: Args):
                 micro_seq, micro_attn, micro_n_prompt, width = trim(seq[index], attn[index], n_prompt, [
                     prompt_lens[i] for i in batch[s]], [response_lens[i] for i in batch[s]])
                 micro_mask, micro_old_logp = mask[index, :width], old_logp[index, :width]
-                logp = seq_logprobs(actor, micro_seq, micro_attn, micro_n_prompt, args.temperature,
-                                    with_entropy=reuse_logprobs, chunk_size=lp_chunk)
-                if reuse_logprobs:  # the one step's forward is the rollout's: old log-probs and entropy from it
-                    logp, micro_entropy = logp[0], logp[1].detach()
+                if forward_once:  # step 3 ran this forward over the whole rollout: its rows, in this step's order
+                    logp = fwd["logp"][index]
+                elif reuse_logprobs:  # the one step's forward is the rollout's: old log-probs and entropy from it
+                    logp, micro_entropy = seq_logprobs(actor, micro_seq, micro_attn, micro_n_prompt,
+                                                       args.temperature, True, lp_chunk)
                     micro_old_logp = old_logp[index, :width] = logp.detach()
-                    entropy[index, :width] = micro_entropy
+                    entropy[index, :width] = micro_entropy.detach()
+                else:
+                    logp = seq_logprobs(actor, micro_seq, micro_attn, micro_n_prompt, args.temperature,
+                                        chunk_size=lp_chunk)
                 pg, clipped, ratio = policy_loss(logp, micro_old_logp, advantages[index, :width], args.cliprange)
                 loss = pg
                 if args.kl_in_loss:  # GRPO: + beta * KL(pi || ref) per token, through the current log-probs
@@ -1054,7 +1071,8 @@ def main(args: Args):
                         ("policy_loss", pg), ("clipfrac", clipped), ("approx_kl", approx_kl), ("ratio", ratio))},
                         trained_tokens=micro_mask.sum(), ptx_loss=ptx_loss.detach())
                 if critic is not None:
-                    values = critic(micro_seq, micro_attn)[:, micro_n_prompt - 1: -1]
+                    values = fwd["values"][index] if forward_once else critic(micro_seq, micro_attn)[
+                        :, micro_n_prompt - 1: -1]
                     vl, value_clipped = value_loss(values, old_values[index, :width], returns[index, :width],
                                                    args.cliprange_value)
                     critic.backward(masked_sum(vl, micro_mask) * scale)
@@ -1089,7 +1107,9 @@ def main(args: Args):
         }
         if torch.cuda.is_available():  # as DSC prints them: peak memory, and achieved TFLOP/s per GPU estimated
             # with 2 x params FLOPs per token for a forward and 6 x params for forward + backward
-            flops = 2 * float(attn.sum()) * (n_params["actor"] + sum(n_params.values()))  # actor twice: old logp
+            scored = (n_params["ref"] + n_params["reward"] + n_params["actor"] * (not reuse_logprobs)
+                      + n_params["critic"] * (not forward_once))  # the scoring forwards that ran
+            flops = 2 * float(attn.sum()) * (n_params["actor"] + scored)  # generation: about one forward of the actor
             flops += 6 * float(attn.sum()) * args.ppo_epochs * (n_params["actor"] + n_params["critic"])
             metrics["throughput/tflops"] = flops / elapsed / 1e12
             metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
