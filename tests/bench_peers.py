@@ -8,13 +8,13 @@ and prints their JSON result line, so that `run_all.sh` can run it beside TRL's 
     python tests/bench_peers.py ... --estimator rloo --samples_per_prompt 2     # vs TRL RLOOTrainer, k = 2
 
 The same work as the peers: B episodes (answers) per iteration and one optimizer step on them (1 epoch, 1
-mini-batch), T new tokens, temperature 1, fp32, no evaluation, lr decayed linearly, and the same [B, 16] queries:
+mini-batch), T new tokens, temperature 1, fp32, no evaluation, lr decayed linearly, and the same [B, 16] queries.
 ppo.py would wrap each fixture prompt in its chat format (the fixture's tokenizer has no template, so DeepSpeed-Chat's
-"\n\nHuman: ...\n\nAssistant: ", 35 tokens instead of 16), so this script encodes the prompts as the peers do, raw. `seconds` is the training loop
-only, from the logger's creation (just before the first iteration) to its close (just after the last): model loading,
-tokenising and the final save are outside, as `trainer.train()` leaves them outside for the peers. Unlike the peers,
-ppo.py stops an answer at EOS (a random model samples it about once in 559 tokens); `response_len` says how long the
-answers were.
+"\n\nHuman: ...\n\nAssistant: ": 35 tokens instead of 16), so this script encodes the prompts raw, as the peers do.
+`seconds` is the training loop only, from the logger's creation (just before the first iteration) to its close (just
+after the last): model loading, tokenising and the final save are outside, as `trainer.train()` leaves them outside
+for the peers. Unlike the peers, ppo.py stops an answer at EOS (a random model samples it about once in 559 tokens);
+`response_len` says how long the answers were.
 """
 
 import argparse
