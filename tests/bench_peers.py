@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -79,8 +80,11 @@ def main():
     ppo.encode_prompts = raw_prompts
     if not a.verbose:
         os.environ["TQDM_DISABLE"] = "1"
-    ppo.main(args)
-    rows = [json.loads(line) for line in Path(args.output_dir, "metrics.jsonl").read_text().splitlines()]
+    try:
+        ppo.main(args)
+        rows = [json.loads(line) for line in Path(args.output_dir, "metrics.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # the run's folder (this script made it)
     seconds = clock["seconds"]
     other = max(0.0, (clock["m1"] - clock["m0"] - clock["cpu"]) / seconds)
     name = "ppo.py" if a.estimator == "gae" else f"ppo.py-{a.estimator}"

@@ -171,8 +171,8 @@ def test_one_forward_for_scoring_and_update_matches_two(demo, few_prompts, tmp_p
     update run while scoring, with autograd, and give the old log-probs and values; with two micro-batches, gae scores
     them in a forward of their own (the KL sits in its reward), and grpo (KL in the loss) fills the old log-probs in
     from each micro-batch's update forward. The same global batch makes the same update: the same metrics, and the
-    ratio exactly 1 with one forward."""
-    base = ["--actor", demo / "sft", "--reward", demo / "rm", *few_prompts, "--total_episodes", "64", "--eval_every",
+    ratio exactly 1 with one forward (one iteration: its row has the eval after the update)."""
+    base = ["--actor", demo / "sft", "--reward", demo / "rm", *few_prompts, "--total_episodes", "32", "--eval_every",
             "0", "--num_eval_prompts", "8", "--print_samples", "0", "--ppo_epochs", "1", "--rollout_batch_size", "16",
             "--samples_per_prompt", "2", "--mini_batch_size", "32", "--advantage_estimator", estimator]
     if estimator == "grpo":
@@ -180,7 +180,7 @@ def test_one_forward_for_scoring_and_update_matches_two(demo, few_prompts, tmp_p
     run_script("ppo.py", *base, "--per_device_batch_size", "32", "--output_dir", tmp_path / "once")
     run_script("ppo.py", *base, "--per_device_batch_size", "16", "--output_dir", tmp_path / "twice")
     a, b = read_metrics(tmp_path / "once"), read_metrics(tmp_path / "twice")
-    assert len(a) == len(b) == 3 and ("train/value_loss" in a[1]) == (estimator == "gae")
+    assert len(a) == len(b) == 2 and ("train/value_loss" in a[1]) == (estimator == "gae")
     for x, y in zip(a[1:], b[1:]):
         assert x["train/ratio"] == 1.0 and x["train/clipfrac"] == 0.0
         for key in x:
