@@ -114,10 +114,12 @@ def test_loss_aggregations_against_their_definitions():
 @pytest.mark.parametrize("k,stage,estimator", [(2, 0, "grpo"), (4, 3, "rloo")])
 def test_two_ranks_match_one_rank_and_resume(demo, few_prompts, tmp_path, k, stage, estimator):
     """k answers per prompt: 1 rank and 2 ranks roll out the same groups (generate calls seeded by their place in the
-    global batch, a group never split over ranks) and make the same updates (tolerance as in test_ppo.py). grpo runs
-    with the KL in the loss and one optimizer step per iteration, so the scoring forward is skipped (ratio exactly
-    1); rloo with the KL in the reward, so it is not. The ZeRO-0 case is also killed (SIGKILL) after its first
-    checkpoint and resumed: the same metrics and weights, bit for bit, and no critic anywhere."""
+    global batch, a group never split over ranks) and make the same updates (tolerance as in test_ppo.py). Both run
+    one optimizer step an iteration, so the actor's scoring forward is skipped (ratio exactly 1): rloo (KL in the
+    reward) on one micro-batch a rank, through the update's forward run while scoring; grpo (KL in the loss) that
+    way on 2 ranks, and on 1 rank in two micro-batches, each filling in its old log-probs from its update forward.
+    The ZeRO-0 case is also killed (SIGKILL) after its first checkpoint and resumed: the same metrics and weights, bit
+    for bit, and no critic anywhere."""
     from safetensors.torch import load_file
 
     prompts = 32 // k  # one iteration: 32 answers on one rank, 16 on each of two
@@ -127,15 +129,15 @@ def test_two_ranks_match_one_rank_and_resume(demo, few_prompts, tmp_path, k, sta
             "--samples_per_prompt", k, "--save_every", "1"]
     if estimator == "grpo":
         base += ["--kl_in_loss", "--kl_estimator", "k3"]
-    one = ["--rollout_batch_size", prompts, "--mini_batch_size", 32, "--per_device_batch_size", 32]
+    one = ["--rollout_batch_size", prompts, "--mini_batch_size", 32, "--per_device_batch_size",
+           16 if estimator == "grpo" else 32]
     run_script("ppo.py", *base, *one, "--output_dir", tmp_path / "one")
     run_script("ppo.py", *base, "--rollout_batch_size", prompts // 2, "--mini_batch_size", 16,
                "--per_device_batch_size", 16, "--output_dir", tmp_path / "two", ranks=2)
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert len(a) == len(b) == 3 and "train/value_loss" not in a[1] and "train/explained_variance" not in a[1]
     assert not (tmp_path / "one" / "checkpoints" / "critic").exists()
-    if estimator == "grpo":
-        assert a[1]["train/ratio"] == 1.0 and a[1]["train/clipfrac"] == 0.0  # old log-probs = the step's own
+    assert a[1]["train/ratio"] == b[1]["train/ratio"] == 1.0 and a[1]["train/clipfrac"] == 0.0  # the step's own
     for x, y in zip(a, b):
         for key in x:
             if key.startswith(("train/", "eval/")):
@@ -165,22 +167,19 @@ def test_bad_estimator_flags_are_one_line_errors(tmp_path):
         assert p.returncode != 0 and "Traceback" not in p.stderr and len(errors) == 1 and needle in errors[0], p.stderr
 
 
-@pytest.mark.parametrize("estimator", ["gae", "grpo"])
-def test_one_forward_for_scoring_and_update_matches_two(demo, few_prompts, tmp_path, estimator):
-    """One optimizer step on fresh samples. With one micro-batch a rank, the actor's and critic's forwards of the
-    update run while scoring, with autograd, and give the old log-probs and values; with two micro-batches, gae scores
-    them in a forward of their own (the KL sits in its reward), and grpo (KL in the loss) fills the old log-probs in
-    from each micro-batch's update forward. The same global batch makes the same update: the same metrics, and the
-    ratio exactly 1 with one forward (one iteration: its row has the eval after the update)."""
+def test_one_forward_for_scoring_and_update_matches_two(demo, few_prompts, tmp_path):
+    """One optimizer step on fresh samples, PPO with its critic and the KL in the reward. With one micro-batch, the
+    actor's and critic's forwards of the update run while scoring, with autograd, and give the old log-probs and
+    values; with two, both are scored in forwards of their own. The same global batch makes the same update: the
+    same metrics (one iteration: its row has the eval after the update), and the ratio exactly 1 with one forward.
+    (grpo's other way, old log-probs filled in per micro-batch, is test_two_ranks_match_one_rank_and_resume's.)"""
     base = ["--actor", demo / "sft", "--reward", demo / "rm", *few_prompts, "--total_episodes", "32", "--eval_every",
             "0", "--num_eval_prompts", "8", "--print_samples", "0", "--ppo_epochs", "1", "--rollout_batch_size", "16",
-            "--samples_per_prompt", "2", "--mini_batch_size", "32", "--advantage_estimator", estimator]
-    if estimator == "grpo":
-        base += ["--kl_in_loss"]
+            "--samples_per_prompt", "2", "--mini_batch_size", "32"]
     run_script("ppo.py", *base, "--per_device_batch_size", "32", "--output_dir", tmp_path / "once")
     run_script("ppo.py", *base, "--per_device_batch_size", "16", "--output_dir", tmp_path / "twice")
     a, b = read_metrics(tmp_path / "once"), read_metrics(tmp_path / "twice")
-    assert len(a) == len(b) == 2 and ("train/value_loss" in a[1]) == (estimator == "gae")
+    assert len(a) == len(b) == 2 and "train/value_loss" in a[1]
     for x, y in zip(a[1:], b[1:]):
         assert x["train/ratio"] == 1.0 and x["train/clipfrac"] == 0.0
         for key in x:
