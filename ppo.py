@@ -400,10 +400,12 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     return torch.where(mask, out, 0.0).to(torch.promote_types(x.dtype, torch.float32))
 
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1",
+                mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token estimate of KL(pi || ref) from samples of pi (joschu.net/blog/kl-approx.html): k1 = log pi - log ref
-    (unbiased), k2 = k1^2 / 2, k3 = exp(-k1) - 1 + k1 (unbiased and never negative; GRPO's)."""
-    log_ratio = logp - ref_logp
+    (unbiased), k2 = k1^2 / 2, k3 = exp(-k1) - 1 + k1 (unbiased and never negative; GRPO's). With `mask`, 0 at
+    padding before any exp: an overflow there would send NaN back through a `where` (0 * inf) in the backward."""
+    log_ratio = logp - ref_logp if mask is None else torch.where(mask, logp - ref_logp, 0.0)
     if estimator == "k1":
         return log_ratio
     return 0.5 * log_ratio**2 if estimator == "k2" else torch.expm1(-log_ratio) + log_ratio
@@ -446,25 +448,35 @@ def compute_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Ten
     return rewards, kl
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
+        block: int = 256):
     """Generalised advantage estimation over the response tokens; values and rewards after the end count as 0
     (set with `where`, so whatever padding holds cannot reach a real token).
-    A_t = sum_k (gamma lam)^k delta_{t+k} is computed as one matrix product instead of a loop over tokens."""
+    A_t = sum_k (gamma lam)^k delta_{t+k}, as matrix products over blocks of `block` tokens, last block first, each
+    block's sums continued by c^(distance) times the advantage just after it: no loop over tokens, and memory
+    block x block, not T x T (16k tokens would need a 2 GB matrix)."""
     values = torch.where(mask, values.float(), 0.0)
     rewards = torch.where(mask, rewards.float(), 0.0)
     next_values = F.pad(values[:, 1:], (0, 1))
-    deltas = rewards + gamma * next_values - values
-    T = rewards.shape[1]
-    t = torch.arange(T, device=rewards.device)
-    power = (t[:, None] - t[None, :]).clamp(min=0).double()  # [k, t] = k - t
-    discount = torch.where(t[:, None] >= t[None, :], (gamma * lam) ** power, torch.zeros_like(power))
-    advantages = torch.where(mask, (deltas.double() @ discount).float(), 0.0)
+    deltas = (rewards + gamma * next_values - values).double()
+    c, T = gamma * lam, deltas.shape[1]
+    k = torch.arange(min(T, block), device=deltas.device)
+    power = (k[:, None] - k[None, :]).double()  # [k, t] = k - t
+    discount = torch.where(power >= 0, c ** power.clamp(min=0), 0.0)  # c^(k - t) where k >= t
+    advantages, after = torch.zeros_like(deltas), deltas.new_zeros(deltas.shape[0], 1)  # A just after the block
+    for end in range(T, 0, -block):
+        n = min(block, end)
+        a = deltas[:, end - n: end] @ discount[:n, :n] + after * c ** (n - k[:n]).double()
+        advantages[:, end - n: end], after = a, a[:, :1]
+    advantages = torch.where(mask, advantages.float(), 0.0)
     return advantages, torch.where(mask, advantages + values, 0.0)
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, cliprange: float):
-    """Per-token clipped surrogate (Schulman et al. 2017) and whether the clip was active."""
-    ratio = torch.exp(logp - old_logp)
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, cliprange: float,
+                mask: torch.Tensor | None = None):
+    """Per-token clipped surrogate (Schulman et al. 2017) and whether the clip was active. With `mask`, the ratio
+    is 1 at padding (as kl_estimate: no exp overflow there to turn the backward into NaN)."""
+    ratio = torch.exp(logp - old_logp if mask is None else torch.where(mask, logp - old_logp, 0.0))
     loss1 = -advantages * ratio
     loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     return torch.max(loss1, loss2), (loss2 > loss1).float(), ratio
@@ -939,7 +951,9 @@ def main(args: Args):
         if critic is not None:
             common.load_checkpoint(critic, str(ckpt / "critic"), tag)
         state = common.load_checkpoint(actor, str(ckpt / "actor"), tag)
-        start_iter, kl_coef = state["iteration"], state["kl_coef"]
+        start_iter = state["iteration"]
+        if args.adaptive_kl and "kl_coef" not in args.resume_changes:  # the controller goes on from where it was
+            kl_coef = state["kl_coef"]
         if args.ema:
             ema = state.get("ema") if common.is_rank0() else None
         common.print0(f"resumed from {ckpt}/*/{tag} at iteration {start_iter}")
@@ -1054,10 +1068,11 @@ def main(args: Args):
                 else:
                     logp = seq_logprobs(actor, micro_seq, micro_attn, micro_n_prompt, args.temperature,
                                         chunk_size=lp_chunk)
-                pg, clipped, ratio = policy_loss(logp, micro_old_logp, advantages[index, :width], args.cliprange)
+                pg, clipped, ratio = policy_loss(logp, micro_old_logp, advantages[index, :width], args.cliprange,
+                                                 micro_mask)
                 loss = pg
                 if args.kl_in_loss:  # GRPO: + beta * KL(pi || ref) per token, through the current log-probs
-                    loss = pg + kl_coef * kl_estimate(logp, ref_logp[index, :width], args.kl_estimator)
+                    loss = pg + kl_coef * kl_estimate(logp, ref_logp[index, :width], args.kl_estimator, micro_mask)
                 actor_loss = masked_sum(loss * token_weight[index], micro_mask) * policy_scale
                 ptx_loss = torch.zeros((), device=device)
                 if ptx is not None:  # PPO-ptx (InstructGPT): a token-mean LM loss over the global ptx batch

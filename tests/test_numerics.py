@@ -55,6 +55,26 @@ def test_nan_and_inf_at_padding_never_reach_real_tokens():
     assert torch.allclose(w.double(), whiten_reference(x, mask), atol=1e-5)
 
 
+def test_overflow_at_padding_does_not_reach_the_gradient():
+    """A log-ratio of 200 nats at a padding slot overflows exp (the ratio, k3); `where` keeps it out of the loss but
+    its backward multiplies 0 by inf: the losses get the mask and give the clean run's gradient."""
+    torch.manual_seed(1)
+    B, T = 4, 7
+    mask, _ = rand_mask(B, T, seed=2)
+    mask[0, -1] = False
+    old, ref, adv = torch.randn(B, T), torch.randn(B, T), torch.randn(B, T)
+    grads = []
+    for pad in (0.0, -200.0):  # a quiet padding slot, then one whose old and reference log-probs are far below
+        logp = torch.randn(B, T, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        old_p, ref_p = torch.where(mask, old, pad), torch.where(mask, ref, pad)
+        pg, _, _ = ppo.policy_loss(logp, old_p, adv, 0.2, mask)
+        loss = ppo.masked_sum(pg + 0.1 * ppo.kl_estimate(logp, ref_p, "k3", mask), mask)
+        (grad,) = torch.autograd.grad(loss, logp)
+        grads.append(grad)
+    assert torch.isfinite(grads[1]).all() and torch.equal(grads[0], grads[1])
+    assert (grads[1][~mask] == 0).all() and (grads[1][mask] != 0).any()
+
+
 @pytest.mark.parametrize("offset", [1.0, 1e3, 1e5])
 def test_whiten_nearly_constant_inputs_against_float64(offset):
     """fp32 values that differ only in their last few digits: a one-pass variance in fp32 is off by tens of

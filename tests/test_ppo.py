@@ -101,10 +101,11 @@ def test_gae_against_python_loop(gamma, lam):
     B, T = 5, 9
     mask, lengths = rand_mask(B, T, seed=5)
     rewards, values = torch.randn(B, T), torch.randn(B, T)  # garbage after the end must be ignored
-    adv, ret = ppo.gae(rewards, values, mask, gamma, lam)
     ref = gae_reference(rewards, values, lengths, gamma, lam)
-    assert torch.allclose(adv, ref, atol=1e-5)
-    assert torch.allclose(ret, (ref + values) * mask, atol=1e-5)
+    for block in (256, 4, 2, 1):  # one block, and blocks continued by the advantage after them (T=9: uneven)
+        adv, ret = ppo.gae(rewards, values, mask, gamma, lam, block=block)
+        assert torch.allclose(adv, ref, atol=1e-5), block
+        assert torch.allclose(ret, (ref + values) * mask, atol=1e-5), block
 
 
 def test_clipped_losses_against_reference():
