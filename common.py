@@ -385,38 +385,31 @@ def format_prompt(tokenizer, messages: list[dict]) -> str:
     return render(tokenizer, messages, add_generation_prompt=True)
 
 
-def _insertion(full: str, blank: str, piece: str, start: int) -> int | None:
-    """The (last) k >= start with full == blank[:k] + piece + blank[k:], or None."""
-    if len(full) != len(blank) + len(piece):
-        return None
-    p = next((i for i, (a, b) in enumerate(zip(full, blank)) if a != b), len(blank))
-    for k in range(p, start - 1, -1):
-        if full[k: k + len(piece)] == piece and full[k + len(piece):] == blank[k:]:
-            return k
-    return None
-
-
 def _segments(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, int | None]]:
-    """The rendered conversation cut into (text, message index) pieces: a message's content where the template
-    wrote it (index j), the template's own markup between them (None). Each content is found by rendering the
-    conversation again with that content blank: the one place where the two texts differ is where it goes."""
-    text, out, start = render(tokenizer, messages, add_generation_prompt), [], 0
+    """The rendered conversation cut into (text, message index) pieces, in the text's order: a message's content
+    where the template wrote it (index j), the template's own markup between them (None). Each content is found by
+    rendering the conversation again with a marker in its place: the text before the marker is the text before the
+    content. So a template may trim a content (Llama 2 and 3 do), strip the text around it (Llama 2's system block)
+    or move it (Mistral's system message goes into the last user turn; written nowhere when an answer follows)."""
+    text, found = render(tokenizer, messages, add_generation_prompt), []
+    mark = "\ufffc"  # the object replacement character, made longer while the text holds it
+    while mark in text:
+        mark += "\ufffc"
     for j, m in enumerate(messages):
-        def other(content):
-            return render(tokenizer, messages[:j] + [{**m, "content": content}] + messages[j + 1:],
-                          add_generation_prompt)
-
-        k, piece = None, m["content"]
-        if piece:  # templates may trim a content (Llama 3 does)
-            blank = other("")
-            for piece in dict.fromkeys((m["content"], m["content"].strip())):
-                if (k := _insertion(text, blank, piece, start)) is not None:
-                    break
-        else:
-            k = _insertion(other("x"), text, "x", start)
-        if k is None:
-            raise UserError(f"the chat template rewrites the text of a {m['role']} message (cannot find "
-                            f"{m['content'][:40]!r} in its rendering)")
+        marked = render(tokenizer, messages[:j] + [{**m, "content": mark}] + messages[j + 1:], add_generation_prompt)
+        if marked == text:  # a message the template leaves out (Mistral's system message, but in the last turn)
+            continue
+        k = marked.find(mark)
+        piece = next((p for p in dict.fromkeys((m["content"], m["content"].strip())) if marked.count(mark) == 1
+                      and text == marked[:k] + p + marked[k + len(mark):]), None)
+        if piece is None:
+            raise UserError(f"the chat template rewrites the text of a {m['role']} message, or writes it twice "
+                            f"(cannot place {m['content'][:40]!r} in its rendering)")
+        found.append((k, j, piece))
+    out, start = [], 0
+    for k, j, piece in sorted(found):
+        if k < start:
+            raise UserError(f"the chat template writes {messages[j]['role']} message {j} inside another message")
         out += [(text[start:k], None), (piece, j)]
         start = k + len(piece)
     return out + [(text[start:], None)]
@@ -464,7 +457,15 @@ def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: 
     also when the template writes it). With `add_generation_prompt` the ids end where the next answer begins."""
     specials = special_ids(tokenizer)
     ids, mask, answer_ended = [], [], True
-    for text, j in _segments(tokenizer, messages, add_generation_prompt):
+    segments = _segments(tokenizer, messages, add_generation_prompt)
+    for i in range(0, len(segments) - 1, 2):  # (markup, content) pairs, then the last markup
+        (markup, _), (content, j) = segments[i], segments[i + 1]
+        head = markup.rstrip(" ")
+        if content:  # spaces the markup writes before a content are tokenised with it, as in the whole text:
+            segments[i], segments[i + 1] = (head, None), (markup[len(head):] + content, j)  # `:` `Ġcats`, not `Ġ`
+    if add_generation_prompt:  # a prompt ends before such spaces: the answer's first token carries them
+        segments[-1] = (segments[-1][0].rstrip(" "), None)
+    for text, j in segments:
         new = _piece_ids(tokenizer, text, plain=j is not None, first=not ids)
         if j is not None:
             answer_ended = messages[j]["role"] != "assistant"
@@ -688,6 +689,7 @@ def _read_rows(path: str):
     """(where, object or error message) for each record of a JSONL file or a JSON array file, `where` being
     `file:line`. A record that is not a JSON object comes back as its error message (see load_data)."""
     raw, rows = Path(path).read_bytes(), 0
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # the UTF-8 byte-order mark some Windows editors write first
     if raw.lstrip().startswith(b"["):  # a JSON array; line numbers from the decoder's offsets
         try:
             text = raw.decode("utf-8")
@@ -766,8 +768,12 @@ def turns(where: str, obj: dict, field: str, role: str = "user") -> list[dict]:
 
 def _answer(where: str, prompt: list[dict], side: list[dict], field: str) -> list[dict]:
     """The answer turns of one side: a side that repeats the prompt's turns first (UltraFeedback) is cut to what
-    follows them; it must then start and end with an assistant turn."""
-    if side[: len(prompt)] == prompt:
+    follows them (white space around a content aside: a prompt string loses it, a message list keeps it); it must
+    then start and end with an assistant turn."""
+    def bare(turns):
+        return [(m["role"], m["content"].strip()) for m in turns]
+
+    if bare(side[: len(prompt)]) == bare(prompt):
         side = side[len(prompt):]
     if not side or side[-1]["role"] != "assistant":
         raise UserError(f"{where}: field '{field}' must end with an assistant turn")
@@ -789,11 +795,22 @@ def _split_shared(where: str, obj: dict) -> tuple[list[dict], list[dict], list[d
     return chosen[:n], _answer(where, chosen[:n], chosen[n:], "chosen"), _answer(where, [], rejected[n:], "rejected")
 
 
+LAYOUTS = {"sft": '{"messages"}, {"prompt", "response" or "completion"}, {"prompt", "chosen"}, {"chosen"} (HH) or '
+                  '{"text"}',
+           "pairs": '{"prompt", "chosen", "rejected"} or {"chosen", "rejected"} (HH)',
+           "prompts": '{"prompt"}, {"messages"} or {"chosen", "rejected"} (HH)'}
+
+
 def validate(where: str, obj: dict, kind: str) -> dict:
     """Check one record of any layout (README, "Data") and return it in canonical form:
     sft -> {"messages"} (with an assistant turn) or {"text"}; pairs -> {"prompt": messages, "chosen": messages,
     "rejected": messages} (each side the answer turn(s) only) and an optional "margin"; prompts -> {"prompt":
     messages} (ending with a user turn)."""
+    keys = {"sft": ("messages", "text", "prompt", "chosen"), "pairs": ("chosen",),
+            "prompts": ("prompt", "messages", "chosen")}[kind]
+    if not any(k in obj for k in keys):  # ShareGPT's "conversations", Alpaca's "instruction", ...
+        raise UserError(f"{where}: no {kind} layout fits the fields {list(obj)}; expected "
+                        + LAYOUTS[kind] + " (README, Data)")
     if kind == "sft":
         if "messages" in obj:
             msgs = turns(where, obj, "messages")
@@ -811,7 +828,10 @@ def validate(where: str, obj: dict, kind: str) -> dict:
                 raise UserError(f"{where}: field 'chosen' must end with an assistant turn")
             return {"messages": msgs}
         prompt = turns(where, obj, "prompt")
-        field = next((f for f in ("response", "completion", "chosen") if f in obj), "response")
+        field = next((f for f in ("response", "completion", "chosen") if f in obj), None)
+        if field is None:
+            raise UserError(f"{where}: field 'response' is missing (nor 'completion' or 'chosen'); expected the answer "
+                            "as a non-empty string or message list")
         return {"messages": prompt + _answer(where, prompt, turns(where, obj, field, "assistant"), field)}
     if kind == "pairs":
         if "prompt" in obj:
@@ -832,10 +852,8 @@ def validate(where: str, obj: dict, kind: str) -> dict:
             msgs, field = turns(where, obj, "messages"), "messages"
             while msgs and msgs[-1]["role"] == "assistant":
                 msgs = msgs[:-1]
-        elif "chosen" in obj:
-            msgs, field = _split_shared(where, obj)[0], "chosen"
         else:
-            raise UserError(f"{where}: field 'prompt' is missing; expected a non-empty string or message list")
+            msgs, field = _split_shared(where, obj)[0], "chosen"
         if not msgs or msgs[-1]["role"] != "user":
             raise UserError(f"{where}: field '{field}' has no user turn to answer"
                             if not any(m["role"] == "user" for m in msgs) else
@@ -900,7 +918,7 @@ def load_data(spec: str, kind: str, split: str | None = None, skip_invalid: bool
     if spec == "toy":
         return toy_data(kind, split or "train")
     records, skipped = [], []
-    for path in spec.split(","):
+    for path in map(os.path.expanduser, spec.split(",")):  # `--data=~/x.jsonl`: no shell expands that ~
         if os.path.isfile(path):
             if split not in (None, "train"):
                 raise UserError(f"--data {path}: a file has no split '{split}'; pass held-out data as --eval_data")

@@ -678,8 +678,8 @@ def make_retokenizer(actor_tok, reward_tok, prompts: list, device):
         for i, msgs in enumerate(prompts):
             n = int(rollout["lengths"][i]) - int(rollout["has_eos"][i])
             text = actor_tok.decode(rollout["seq"][i, -rollout["mask"].shape[1]:][:n], skip_special_tokens=True)
-            if rollout["has_eos"][i]:
-                rows.append(common.encode_scored(reward_tok, msgs + [{"role": "assistant", "content": text}]))
+            if rollout["has_eos"][i]:  # the answer's own text: its template writes what goes before it
+                rows.append(common.encode_scored(reward_tok, msgs + [{"role": "assistant", "content": text.strip()}]))
             else:
                 rows.append(common.encode_prompt(reward_tok, msgs)
                             + reward_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
@@ -764,7 +764,7 @@ def evaluate(args: Args, iteration: int, actor, ref, score_rows, tokenizer, rewa
                           for s in slices])
         ref_logp = torch.cat([ref_logprobs(ref, actor, seq[s], attn[s], n_prompt, args.temperature, chunk)
                               for s in slices])
-        texts = tokenizer.batch_decode(seq[:, n_prompt:], skip_special_tokens=True)
+        texts = [t.strip() for t in tokenizer.batch_decode(seq[:, n_prompt:], skip_special_tokens=True)]
         gold = torch.tensor([common.gold_score(m[-1]["content"], t) if toy else 0.0 for m, t in zip(messages, texts)],
                             device=device)
         sums.update(reward=(score * weight).sum(), gold=(gold * weight).sum(),
@@ -933,7 +933,7 @@ def main(args: Args):
         raw = reward_scores(reward, rollout, n_prompt, micro, retok) if reward is not None else None
         fn = None
         if reward_fn is not None:
-            texts = tokenizer.batch_decode(rollout["seq"][:, n_prompt:], skip_special_tokens=True)
+            texts = [t.strip() for t in tokenizer.batch_decode(rollout["seq"][:, n_prompt:], skip_special_tokens=True)]
             fn = call_reward_fn(reward_fn, args.reward_fn, msgs, texts, device)
         score = (raw - reward_mean) / reward_std if raw is not None else torch.zeros_like(fn)
         if fn is not None:
