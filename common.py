@@ -830,8 +830,8 @@ def validate(where: str, obj: dict, kind: str) -> dict:
         prompt = turns(where, obj, "prompt")
         field = next((f for f in ("response", "completion", "chosen") if f in obj), None)
         if field is None:
-            raise UserError(f"{where}: field 'response' is missing (nor 'completion' or 'chosen'); expected the answer "
-                            "as a non-empty string or message list")
+            raise UserError(f"{where}: field 'response' is missing (nor 'completion' or 'chosen'); expected the "
+                            "answer as a non-empty string or message list")
         return {"messages": prompt + _answer(where, prompt, turns(where, obj, field, "assistant"), field)}
     if kind == "pairs":
         if "prompt" in obj:

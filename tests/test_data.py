@@ -194,12 +194,14 @@ LLAMA2_SYS = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = me
               "{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
               "{{ '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
               "{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
-MISTRAL = ("{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}{% set loop_messages"
-           " = messages[1:] %}{% else %}{% set loop_messages = messages %}{% endif %}{% for message in loop_messages %}"
-           "{% if message['role'] == 'user' %}{% if loop.last and system_message is defined %}{{ '[INST] ' + "
-           "system_message + '\\n\\n' + message['content'] + '[/INST]' }}{% else %}{{ '[INST] ' + message['content'] + "
-           "'[/INST]' }}{% endif %}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content']|trim + "
-           "eos_token }}{% endif %}{% endfor %}")
+MISTRAL = ("{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
+           "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}{% endif %}"
+           "{% for message in loop_messages %}{% if message['role'] == 'user' %}"
+           "{% if loop.last and system_message is defined %}"
+           "{{ '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+           "{% else %}{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}"
+           "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content']|trim + eos_token }}{% endif %}"
+           "{% endfor %}")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
