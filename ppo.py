@@ -143,7 +143,8 @@ class Args:
     """per-token estimate of KL(pi || ref) (joschu.net/blog/kl-approx.html): k1 log pi - log ref (N+, TRL PPO), k2
     k1^2 / 2, k3 exp(-k1) - 1 + k1 (GRPO)"""
     kl_in_loss: bool = False
-    """add kl_coef x KL to the actor's per-token loss (GRPO) instead of -kl_coef x KL to the per-token reward (PPO)"""
+    """add kl_coef x KL to the actor's per-token loss (GRPO) instead of -kl_coef x KL to the per-token reward (PPO);
+    use k3 (GRPO) or k2 with it: k1's gradient is 0 in expectation"""
     adaptive_kl: bool = False
     """adapt kl_coef towards --target_kl (Ziegler et al. 2019)"""
     target_kl: float = 6.0
@@ -793,6 +794,9 @@ def main(args: Args):
     if samples_per_prompt < least:
         raise common.UserError(f"--samples_per_prompt {samples_per_prompt}: --advantage_estimator "
                                f"{args.advantage_estimator} needs at least {least}")
+    if args.kl_in_loss and args.kl_estimator == "k1" and args.kl_coef > 0:
+        common.print0("warning: --kl_in_loss with --kl_estimator k1: on fresh samples its gradient is 0 in expectation "
+                      "(E[grad log pi] = 0), so the term only adds noise; GRPO uses k3, and k2's gradient is KL's")
     if critic_free and (args.critic is not None or args.save_critic):
         raise common.UserError(f"--advantage_estimator {args.advantage_estimator} has no critic: drop --critic and "
                                "--save_critic")
