@@ -795,8 +795,9 @@ def main(args: Args):
         raise common.UserError(f"--samples_per_prompt {samples_per_prompt}: --advantage_estimator "
                                f"{args.advantage_estimator} needs at least {least}")
     if args.kl_in_loss and args.kl_estimator == "k1" and args.kl_coef > 0:
-        common.print0("warning: --kl_in_loss with --kl_estimator k1: on fresh samples its gradient is 0 in expectation "
-                      "(E[grad log pi] = 0), so the term only adds noise; GRPO uses k3, and k2's gradient is KL's")
+        common.print0("warning: --kl_in_loss with --kl_estimator k1: on fresh samples its gradient is 0 in "
+                      "expectation (E[grad log pi] = 0), so the term only adds noise; GRPO uses k3, and k2's gradient "
+                      "is KL's")
     if critic_free and (args.critic is not None or args.save_critic):
         raise common.UserError(f"--advantage_estimator {args.advantage_estimator} has no critic: drop --critic and "
                                "--save_critic")
