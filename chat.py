@@ -78,12 +78,16 @@ RANGES = {"temperature": ">= 0", "top_p": "0 < x <= 1", "max_new_tokens": ">= 1"
 
 
 def check_output(args: Args):
-    """--output is checked before anything is generated: its folder exists and takes files, it is not --prompts."""
+    """--output is checked before anything is generated: its folder exists and takes files, it is not --prompts
+    and not in a model's folder (an answers file named config.json would replace the model's)."""
     out = Path(args.output)
     if out.is_dir():
         raise common.UserError(f"--output {args.output}: is a folder; expected a file name")
     if args.prompts and os.path.exists(args.prompts) and Path(args.prompts).resolve() == out.resolve():
         raise common.UserError(f"--output {args.output}: would overwrite --prompts {args.prompts}")
+    for flag, folder in (("--model", args.model), ("--compare", args.compare), ("--reward", args.reward)):
+        if folder and os.path.isdir(folder) and Path(folder).resolve() in out.resolve().parents:
+            raise common.UserError(f"--output {args.output}: is inside {flag} {folder}; expected a file elsewhere")
     folder = out.parent
     if not folder.is_dir():
         raise common.UserError(f"--output {args.output}: no such folder {folder}")

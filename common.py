@@ -271,7 +271,8 @@ def check_model_path(name: str, flag: str):
     """A local-looking path that does not exist is a user error, not a hub lookup that fails deep inside."""
     if name == "toy":
         return
-    looks_local = name.startswith((".", "/", "~")) or os.sep in name.rstrip("/") and name.count("/") != 1
+    looks_local = (name.startswith((".", "/", "~")) or os.sep in name.rstrip("/") and name.count("/") != 1
+                   or os.path.isdir(name.split("/")[0]))  # `run/typo` beside a folder `run`: not a hub org
     if looks_local and not os.path.isdir(os.path.expanduser(name)):
         raise UserError(f"{flag} {name}: no such model folder")
     if os.path.isdir(name) and not os.path.exists(os.path.join(name, "config.json")):
@@ -1018,7 +1019,17 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, script: s
     p = Path(output_dir)
     if overwrite and resume:
         raise UserError("pass --overwrite (start again) or --resume (continue), not both")
-    out = p.resolve()
+    try:  # the folder can be made and written in, or a one-line reason now, not a traceback after the models load
+        if p.is_symlink() and not p.exists():
+            raise UserError(f"--output_dir {output_dir}: a link to {os.readlink(p)}, which does not exist")
+        out = p.resolve()
+        made = next(a for a in (out, *out.parents) if a.exists())
+    except OSError as e:
+        raise UserError(f"--output_dir {output_dir}: {e.strerror or e}")
+    if not made.is_dir() and made != out:  # (the folder itself a file: _check_folder says so)
+        raise UserError(f"--output_dir {output_dir}: {made} is a file; expected a folder")
+    if not os.access(made, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {output_dir}: cannot write into {made}")
     for flag, value in (inputs or {}).items():
         for path in str(value or "").split(","):
             if path and path != "toy" and os.path.exists(path):
@@ -1155,6 +1166,8 @@ def start_output_dir(output_dir: str, args, overwrite: bool, resume: bool, run: 
             os.replace(p / "args.json.tmp", p / "args.json")
         except UserError as e:
             error = e
+        except OSError as e:  # a read-only file system, /proc, a name too long: one line, nothing half made
+            error = UserError(f"--output_dir {output_dir}: {e.strerror or e}")
     if dist.is_initialized() and world_size() > 1:
         message = [str(error.code) if error else None]
         dist.broadcast_object_list(message, src=0)
@@ -1164,6 +1177,7 @@ def start_output_dir(output_dir: str, args, overwrite: bool, resume: bool, run: 
         raise error
 
 
+@torch.no_grad()
 def merged_state_dict(model) -> dict:
     """Weights on CPU; for a peft LoRA model, the base weights with `B @ A * scale` added (the adapter merged)."""
     if not hasattr(model, "peft_config"):
@@ -1186,11 +1200,12 @@ def merged_state_dict(model) -> dict:
 
 
 def save_hf(model, tokenizer, output_dir: str, zero_stage: int, extra_config: dict | None = None,
-            lora_adapter: bool = False):
+            lora_adapter: bool = False, state_dict: dict | None = None):
     """Save a Hugging Face folder (safetensors + tokenizer) from rank 0, gathering ZeRO-3 shards first; LoRA weights
-    are merged in unless `lora_adapter` (then a peft adapter folder is written). Every rank must call this. Files go
-    to a staging folder and are moved into place with config.json last, after the old config.json is removed:
-    whenever config.json exists, the files beside it are one complete model."""
+    are merged in unless `lora_adapter` (then a peft adapter folder is written, naming a local base model by its
+    absolute path); `state_dict`: these weights instead of the model's (ppo.py's EMA). Every rank must call this.
+    Files go to a staging folder and are moved into place with config.json last, after the old config.json is
+    removed: whenever config.json exists, the files beside it are one complete model."""
     import deepspeed
 
     params = list(model.parameters())
@@ -1203,12 +1218,17 @@ def save_hf(model, tokenizer, output_dir: str, zero_stage: int, extra_config: di
             stage.mkdir(parents=True)
             atexit.register(shutil.rmtree, stage, ignore_errors=True)  # a failed save (a full disk) leaves nothing
             if lora_adapter and hasattr(model, "peft_config"):
+                for config in model.peft_config.values():  # so that the adapter loads from any working folder
+                    if config.base_model_name_or_path and os.path.isdir(config.base_model_name_or_path):
+                        config.base_model_name_or_path = os.path.abspath(config.base_model_name_or_path)
                 model.save_pretrained(stage, safe_serialization=True)
+                (stage / "README.md").unlink(missing_ok=True)  # peft's model card: it would replace a user's README
             else:
                 base = model.get_base_model() if hasattr(model, "peft_config") else model
                 for k, v in (extra_config or {}).items():
                     setattr(base.config, k, v)
-                base.save_pretrained(stage, state_dict=merged_state_dict(model), safe_serialization=True)
+                weights = merged_state_dict(model) if state_dict is None else state_dict
+                base.save_pretrained(stage, state_dict=weights, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(stage)
             for name in ("config.json", "adapter_config.json"):

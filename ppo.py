@@ -1156,11 +1156,8 @@ def main(args: Args):
     if args.save_critic:
         os.makedirs(os.path.join(args.output_dir, "critic"), exist_ok=True)
         common.save_hf(critic.module.model, tokenizer, os.path.join(args.output_dir, "critic"), critic_stage)
-    if args.ema and common.is_rank0():
-        ema_dir = Path(args.output_dir) / "ema"
-        base = actor.module.get_base_model() if hasattr(actor.module, "peft_config") else actor.module
-        base.save_pretrained(ema_dir, state_dict=ema, safe_serialization=True)
-        tokenizer.save_pretrained(ema_dir)
+    if args.ema:  # rank 0's copy (no gather), staged and moved into place as the model is
+        common.save_hf(actor.module, tokenizer, str(Path(args.output_dir) / "ema"), 0, state_dict=ema)
     common.print0(f"saved {args.output_dir}")
 
 @torch.no_grad()

@@ -174,6 +174,9 @@ def evaluate(engine, examples: list, batch_size: int, pad_id: int, device, chunk
 def main(args: Args):
     # --- setup ---
     common.check_numbers(args, RANGES)
+    if args.lora_save_adapter and (not args.lora_rank or args.model == "toy"):
+        raise common.UserError("--lora_save_adapter saves a LoRA adapter for a base model that loads from a path: "
+                               "it needs --lora_rank > 0 and a --model other than the demo's toy")
     common.check_zero_stage(args.zero_stage)
     tag = common.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "sft.py",
                                     {"--model": args.model, "--data": args.data, "--eval_data": args.eval_data})

@@ -1,6 +1,7 @@
 """common.py: prompt formatting, conversation encoding and its loss mask, tokenizer set-up, JSONL validation, the
 Hugging Face checkpoint (round trip, LoRA merge, atomic save) and the non-finite guard."""
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -191,7 +192,7 @@ def test_save_hf_round_trip_with_plain_transformers(family, tiny_models, tmp_pat
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: Conv1D layers, whose LoRA delta is transposed
-def test_save_hf_merges_lora_into_plain_weights(family, tiny_models, tmp_path):
+def test_save_hf_merges_lora_into_plain_weights(family, tiny_models, tmp_path, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
     tok = common.load_tokenizer(tiny_models[family])
@@ -211,6 +212,28 @@ def test_save_hf_merges_lora_into_plain_weights(family, tiny_models, tmp_path):
     loaded, _ = load_plain(tmp_path / "out")
     assert not any("lora" in n for n, _ in loaded.named_parameters())
     assert torch.allclose(logits_of(loaded, ids), expect, atol=1e-5)
+    # ppo.py --ema deep-copies these weights: with autograd on they had a grad_fn, and --lora_rank --ema crashed
+    assert all(v.grad_fn is None for v in copy.deepcopy(common.merged_state_dict(model)).values())
+    # the adapter alone, into a folder with the user's README.md (peft's model card replaced it), from a base model
+    # named relative to the working folder (the adapter loaded from nowhere else)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "README.md").write_text("my notes")
+    monkeypatch.chdir(Path(tiny_models[family]).parent)
+    model.peft_config["default"].base_model_name_or_path = Path(tiny_models[family]).name
+    common.save_hf(model, tok, str(adapter), zero_stage=0, lora_adapter=True)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (adapter / "README.md").read_text() == "my notes"
+    assert Path(config["base_model_name_or_path"]) == Path(tiny_models[family]).resolve()
+
+
+def test_a_typo_under_a_local_folder_is_not_a_hub_name(tmp_path, monkeypatch):
+    """`--model run/typo` beside a folder `run` went to the hub (a minute of retries offline), as `org/name` does."""
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(common.UserError) as e:
+        common.check_model_path("run/typo", "--model")
+    assert e.value.code == "error: --model run/typo: no such model folder"
 
 
 def test_save_hf_never_leaves_a_config_beside_broken_weights(tiny_models, tmp_path, monkeypatch):

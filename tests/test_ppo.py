@@ -2,6 +2,7 @@
 
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -279,18 +280,21 @@ def test_demo_reward_rises(demo, tmp_path):
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(demo, few_prompts, tmp_path):
     """Kill a run (SIGKILL) right after its iteration-2 checkpoint, resume it, and reach the very same weights and
-    metrics as a run that was never stopped (CPU, fixed seed: bit-exact)."""
+    metrics as a run that was never stopped (CPU, fixed seed: bit-exact; the adaptive KL coefficient goes on from
+    the checkpoint's). Resumed with `--resume_changes kl_coef`, the new --kl_coef is the one used (it was not)."""
     from conftest import kill_when
     from safetensors.torch import load_file
 
     common_args = ["--actor", demo / "sft", "--reward", demo / "rm", *few_prompts, "--total_episodes", "256",
-                   "--eval_every", "0", "--save_every", "2", "--num_eval_prompts", "8", "--print_samples", "0"]
+                   "--eval_every", "0", "--save_every", "2", "--num_eval_prompts", "8", "--print_samples", "0",
+                   "--adaptive_kl", "--target_kl", "0.1", "--kl_horizon", "100"]
     run_script("ppo.py", *common_args, "--output_dir", tmp_path / "a")
     out = tmp_path / "b"
     latest = out / "checkpoints" / "actor" / "latest"
     kill_when("ppo.py", *common_args, "--output_dir", out,
               ready=lambda: latest.exists() and latest.read_text().strip() == "iter2")
     assert not (out / "config.json").exists()  # killed before the end: no final model
+    shutil.copytree(out, tmp_path / "c")
     run_script("ppo.py", *common_args, "--output_dir", out, "--resume")
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -298,6 +302,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(demo, few_prompts, tm
         return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]
 
     assert strip(read_metrics(out)) == strip(read_metrics(tmp_path / "a"))
+    coefs = [r["train/kl_coef"] for r in read_metrics(out) if "train/kl_coef" in r]
+    assert coefs[2] != 0.05  # adapted (by 1 +- 0.2 x 64 / 100 an iteration): resumed as 0.05, the rows would differ
+    run_script("ppo.py", *common_args, "--output_dir", tmp_path / "c", "--resume", "--resume_changes", "kl_coef",
+               "--kl_coef", "0.2")
+    assert [r["train/kl_coef"] for r in read_metrics(tmp_path / "c") if "train/kl_coef" in r][2] == 0.2
 
 
 def test_ema_is_saved_and_follows_its_decay(demo, few_prompts, tmp_path):

@@ -126,6 +126,22 @@ def test_1_output_dir_that_is_or_holds_an_input_is_refused(tiny_models, tmp_path
     assert snapshot(tmp_path) == before
 
 
+def test_1_an_output_dir_that_cannot_be_made_is_one_line_before_loading(tmp_path, no_models):
+    """An --output_dir under a file, a link to nothing, a name too long: tracebacks (NotADirectoryError,
+    FileExistsError, OSError) after the models had loaded. Now one line first; and where only making it shows the
+    problem (/proc here; a read-only mount), one line from start_output_dir."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for out, needle in ((tmp_path / "afile" / "sub", "afile is a file; expected a folder"),
+                        (tmp_path / "dangling", "which does not exist"), (tmp_path / ("a" * 300), "name too long")):
+        with pytest.raises(common.UserError) as e:
+            sft.main(sft.Args(output_dir=str(out)))
+        one_line_error(e, f"--output_dir {out}", needle)
+    with pytest.raises(common.UserError) as e:
+        common.start_output_dir("/proc/hackable_rlhf_test", sft.Args(), False, False)
+    one_line_error(e, "--output_dir /proc/hackable_rlhf_test: ")
+
+
 def test_2_resume_into_a_folder_that_is_not_a_run_is_refused(tiny_models, tmp_path):
     """--resume into a plain HF model folder replaced its model.safetensors."""
     model = Path(shutil.copytree(tiny_models["gpt2"], tmp_path / "model"))
@@ -528,16 +544,21 @@ def test_10_a_causal_lm_as_reward_model_is_refused(tiny_models, tmp_path, monkey
 
 
 def test_12_chat_checks_output_before_generating(tmp_path):
-    """--output into a missing folder failed after every answer was generated. The model here does not even exist:
-    the check comes first."""
+    """--output into a missing folder failed after every answer was generated, and an --output inside the model's
+    folder replaced its files (config.json: the model was lost). The model here cannot even load: the check comes
+    first."""
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
     cases = {str(tmp_path / "missing" / "a.jsonl"): "no such folder", str(tmp_path): "is a folder",
-             str(prompts): "would overwrite --prompts"}
+             str(prompts): "would overwrite --prompts", str(model / "config.json"): f"is inside --model {model}",
+             str(model / "new.jsonl"): "is inside --model"}  # the model's files were replaced by the answers
     for output, needle in cases.items():
         with pytest.raises(common.UserError) as e:
-            chat.main(chat.Args(model=str(tmp_path / "no_model"), prompts=str(prompts), output=output))
+            chat.main(chat.Args(model=str(model), prompts=str(prompts), output=output))
         one_line_error(e, f"--output {output}", needle)
-    assert prompts.read_text() == '{"prompt": "hi"}\n'
+    assert prompts.read_text() == '{"prompt": "hi"}\n' and (model / "config.json").read_text() == "{}"
 
 
 def test_12_chat_reads_stdin_as_utf8(tiny_models):
