@@ -1154,6 +1154,8 @@ def start_output_dir(output_dir: str, args, overwrite: bool, resume: bool, run: 
             p.mkdir(parents=True, exist_ok=True)
             take_lock(p)
             _check_folder(p, overwrite, resume, (run or {}).get("script", ""))
+            for stage in [*p.glob(".staging-*"), *p.glob("*/.staging-*")]:  # a save killed half-way; the lock is ours
+                shutil.rmtree(stage, ignore_errors=True)
             if overwrite:
                 for f in p.iterdir():
                     if f.name in RUN_FILES or any(f.match(pattern) for pattern in RUN_PATTERNS):

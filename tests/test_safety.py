@@ -129,7 +129,8 @@ def test_1_output_dir_that_is_or_holds_an_input_is_refused(tiny_models, tmp_path
 def test_1_an_output_dir_that_cannot_be_made_is_one_line_before_loading(tmp_path, no_models):
     """An --output_dir under a file, a link to nothing, a name too long: tracebacks (NotADirectoryError,
     FileExistsError, OSError) after the models had loaded. Now one line first; and where only making it shows the
-    problem (/proc here; a read-only mount), one line from start_output_dir."""
+    problem (/proc here; a read-only mount), one line from start_output_dir. A resumed run removes staging folders
+    that a killed save left."""
     (tmp_path / "afile").write_text("x")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     for out, needle in ((tmp_path / "afile" / "sub", "afile is a file; expected a folder"),
@@ -140,6 +141,15 @@ def test_1_an_output_dir_that_cannot_be_made_is_one_line_before_loading(tmp_path
     with pytest.raises(common.UserError) as e:
         common.start_output_dir("/proc/hackable_rlhf_test", sft.Args(), False, False)
     one_line_error(e, "--output_dir /proc/hackable_rlhf_test: ")
+    # a save killed half-way left a staging folder (a whole model) that no later run removed, but --overwrite
+    run = tmp_path / "run"
+    common.start_output_dir(str(run), sft.Args(), False, False, {"script": "sft.py"})
+    for stage in (run / ".staging-123", run / "ema" / ".staging-123"):
+        stage.mkdir(parents=True)
+        (stage / "model.safetensors").write_text("x")
+    common._release_lock(run / common.LOCK, os.getpid())
+    common.start_output_dir(str(run), sft.Args(), False, True, {"script": "sft.py"})
+    assert not list(run.glob("**/.staging-*")) and (run / "ema").is_dir() and (run / "args.json").exists()
 
 
 def test_2_resume_into_a_folder_that_is_not_a_run_is_refused(tiny_models, tmp_path):
