@@ -997,6 +997,9 @@ def _check_folder(p: Path, overwrite: bool, resume: bool, script: str):
         if resume:
             raise UserError(f"--resume: --output_dir {p} holds no run to continue")
         return
+    if not (overwrite or resume) and not (p / "args.json").exists():  # no run of ours: neither flag would take it
+        raise UserError(f"--output_dir {p}: holds files and no run of these scripts (no args.json); choose another "
+                        "folder")
     if not (overwrite or resume):
         raise UserError(f"--output_dir {p}: holds another run; pass --overwrite to replace it or --resume to "
                         "continue it")

@@ -132,10 +132,12 @@ BAD_RUNS = {  # name: (extra flags, what the one-line error must say); {bad}/{ru
                           "0.3"], "long.jsonl record 7: "),  # counted in the file, though lines 4-5 are held out
     "output_dir_holds_a_run": (["--output_dir", "{run}"], "holds another run"),
     "overwrite_a_folder_that_is_no_run": (["--output_dir", "{notrun}", "--overwrite"], "has no args.json"),
-}
+    "output_dir_of_user_files": (["--output_dir", "{notrun}"], "holds files and no run of these scripts"),  # said
+}  # "pass --overwrite", which then refused
 
 
-IN_PROCESS = ("zero_stage_5", "output_dir_holds_a_run", "overwrite_a_folder_that_is_no_run")  # no subprocess start
+IN_PROCESS = ("zero_stage_5", "output_dir_holds_a_run", "overwrite_a_folder_that_is_no_run",
+              "output_dir_of_user_files")  # no subprocess start
 
 
 @pytest.mark.parametrize("case", BAD_RUNS)
