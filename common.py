@@ -518,6 +518,22 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted({tokenizer.eos_token_id, ids[max(i for i, m in enumerate(mask) if m)]})
 
 
+def template_gap(tokenizer) -> str | None:
+    """What a chat template writes at the start of an answer turn and its generation prompt does not (Qwen3 puts an
+    empty `<think></think>` block in past answers only): SFT trains answers after tokens that a prompt never ends
+    with, so generation starts where training never did. None when the prompt ends where the answer begins."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    ids, mask = encode_conversation(tokenizer, msgs)
+    prompt, first = encode_prompt(tokenizer, msgs[:1]), mask.index(True)
+    if ids[:first] == prompt:
+        return None
+    common = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b), min(len(prompt), first))
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return (f"the chat template starts an answer turn with {decode(ids[common:first])!r} where its generation prompt "
+            f"ends with {decode(prompt[common:])!r}: answers are trained after text that generation does not give "
+            "(pass a template whose generation prompt ends where an answer begins)")
+
+
 def show_example(tokenizer, ids: list[int], mask: list[bool]) -> str:
     """A decoded example with the trained tokens in [[ ]], to print before training (each run is what it adds to
     the decoded text, so a SentencePiece run keeps its leading space)."""

@@ -846,6 +846,8 @@ def main(args: Args):
     # --- data ---
     tokenizer = common.load_tokenizer(args.actor, args.trust_remote_code)
     reward_tok = tokenizer if no_rm else common.load_tokenizer(args.reward, args.trust_remote_code)
+    if gap := common.template_gap(tokenizer):
+        common.note(gap)
     same_tok = reward_tok.get_vocab() == tokenizer.get_vocab()
     if not same_tok and not args.reward_tokenizer:
         raise common.UserError(f"--reward {args.reward}: its tokenizer differs from the actor's ({args.actor}); pass "

@@ -202,6 +202,8 @@ def main(args: Args):
     else:
         train, evals = common.split_eval(train, args.eval_fraction, args.seed)
     common.print0("example (trained tokens in [[ ]]):\n" + common.show_example(tokenizer, *train[0]))
+    if gap := common.template_gap(tokenizer):
+        common.note(gap)
     micro = common.fit_micro_batch(args.per_device_batch_size, len(train), world * args.gradient_accumulation_steps,
                                    "examples")
     global_batch = micro * world * args.gradient_accumulation_steps

@@ -226,6 +226,21 @@ def test_ids_are_the_whole_texts_tokens(family):
         assert ids[: len(prompt)] == prompt and mask[len(prompt)] and not mask[len(prompt) - 1], template
 
 
+def test_a_template_whose_answers_start_unlike_its_prompt_is_named():
+    """Qwen3's template writes an empty think block at the start of past answers, not after its generation prompt:
+    SFT trained answers after `<think></think>` that generation never gives. Said at start-up (sft.py, ppo.py)."""
+    from conftest import CHATML
+
+    tok = make_tokenizer("qwen2")
+    assert common.template_gap(tok) is None
+    tok.chat_template = CHATML.replace("{{ m['content'] }}", "{% if m['role'] == 'assistant' %}<think>\n\n</think>"
+                                       "\n\n{% endif %}{{ m['content'] }}")
+    gap = common.template_gap(tok)
+    assert gap is not None and "'<think>\\n\\n</think>\\n\\n' where its generation prompt ends with ''" in gap
+    tok.chat_template = None
+    assert common.template_gap(tok) is None  # "Assistant:" ends the prompt, the answer's " hello" carries its space
+
+
 def test_real_world_file_quirks(tmp_path, monkeypatch):
     """A UTF-8 byte-order mark (JSONL and JSON arrays), `--data=~/x.jsonl` (no shell expands it), an UltraFeedback
     pair whose message lists repeat a prompt with white space around it, and a layout none fits (ShareGPT)."""
