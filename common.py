@@ -49,8 +49,12 @@ def _excepthook(kind, value, tb, other_errors=sys.__excepthook__):
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
             first = (str(e).strip().splitlines() or [""])[0][:200]
             print(f"error: the disk is full{where}: {first}; free some space, then --resume from the last "
-                  "checkpoint", file=sys.stderr)
+                  "checkpoint if the run saved one (--save_every), else run it again", file=sys.stderr)
             return
+    if kind is KeyboardInterrupt:  # Ctrl-C: the output folder is as a kill leaves it (see README, Reliability)
+        print("interrupted (Ctrl-C); --resume continues from the last checkpoint, if the run saved one",
+              file=sys.stderr)
+        return
     other_errors(kind, value, tb)
 
 
@@ -1072,6 +1076,14 @@ def checkpoint_step(tag: str) -> int:
     return int(digits) if digits and tag.endswith(digits) else -1
 
 
+def _path_or_value(v):
+    """A flag's value as --resume compares it: paths (comma-separated too) by the files they name, so `sft1` and
+    `./sft1/` are one model; anything else as it is."""
+    if isinstance(v, str) and v and all(os.path.exists(x) for x in v.split(",")):
+        return ",".join(str(Path(x).resolve()) for x in v.split(","))
+    return v
+
+
 def check_resume(output_dir: str, args, tag: str, defining: tuple, run: dict, length: str, fixed: tuple = ()):
     """A resumed run must be the run of its checkpoint. `defining`: flags that define the run; `run`: derived
     figures saved beside them in args.json (global batch, ranks, run length...); `length` names the entry of `run`
@@ -1087,7 +1099,7 @@ def check_resume(output_dir: str, args, tag: str, defining: tuple, run: dict, le
                         "that ends before its checkpoint would replace the model with an older one")
     # ranks matter through the global batch (same global batch, same run), unless the checkpoint is partitioned
     compared = dict.fromkeys(defining + tuple(k for k in run if k not in (length, "world_size")) + fixed)
-    differ = [k for k in compared if k in old and old[k] != new[k]]
+    differ = [k for k in compared if k in old and _path_or_value(old[k]) != _path_or_value(new[k])]
     if length in old and new[length] < old[length]:
         differ.append(length)
     hard = [k for k in differ if k in fixed]

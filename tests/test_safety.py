@@ -284,6 +284,18 @@ def test_6_resume_compares_ranks_through_the_global_batch(tmp_path):
         one_line_error(e, "global_batch 16 -> 8")
 
 
+def test_6_resume_with_the_same_paths_written_otherwise_is_the_same_run(sft_run, tmp_path, no_models):
+    """`--model sft1` then `--model ./sft1/` was refused as another run ("model sft1 -> ./sft1/")."""
+    run = copy_run(sft_run[0], tmp_path)
+    args = sft_args(sft_run[1], output_dir=str(run), resume=True)
+    data = Path(args.data)
+    with pytest.raises(ModelsWouldLoadNow):  # every check passed
+        sft.main(dataclasses.replace(args, model=args.model + "/", data=str(data.parent / "." / data.name)))
+    with pytest.raises(common.UserError) as e:  # another file is still another run
+        sft.main(dataclasses.replace(args, data=str(write_jsonl(tmp_path / "other.jsonl", sft_rows(24)))))
+    one_line_error(e, "this is not the run of the checkpoint", "data")
+
+
 def test_6_ppo_resume_with_another_kl_coef_is_refused(tiny_models, tmp_path, no_models):
     """ppo.py --resume with another --kl_coef was ignored (metrics bit-identical): now refused by name."""
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"tell me about {t}"} for t in common.TOPICS])
@@ -524,6 +536,10 @@ def test_9_a_full_disk_is_one_line(tiny_models, tmp_path):
         with redirect_stderr(err):  # ENOSPC itself, and torch.save's report of it
             common._excepthook(type(e), e, None)
         one_line_error(err.getvalue(), "the disk is full")
+    err = io.StringIO()
+    with redirect_stderr(err):  # Ctrl-C printed a 20-line traceback
+        common._excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert err.getvalue().startswith("interrupted (Ctrl-C)") and err.getvalue().count("\n") == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
