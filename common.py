@@ -439,16 +439,36 @@ def _traits(tokenizer) -> tuple[bool, bool]:
     return _TRAITS[tokenizer]
 
 
-def _piece_ids(tokenizer, text: str, plain: bool, first: bool) -> list[int]:
-    """Token ids of one piece of a conversation (`plain`: special-token strings stay text). SentencePiece-style
-    tokenizers put a "▁" (a space) before every input: a piece inside the text is tokenised after a newline whose
-    ids are then cut, so it gets no space the template did not write."""
-    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
-    if first or not ids or not _traits(tokenizer)[1]:
-        return ids
-    head = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    both = tokenizer("\n" + text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
-    return both[len(head):] if both[: len(head)] == head else ids
+def _encode(tokenizer, texts: list[str], plain: bool) -> list[list[int]]:
+    """Ids of each text, no special tokens added (`plain`: special-token strings stay text), through the Rust
+    tokenizer where there is one: the Python wrapper costs ~0.1 ms a call, 4 s for the demo's 6,000 conversations."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not texts:
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=plain)["input_ids"] if texts else []
+    before, backend.encode_special_tokens = backend.encode_special_tokens, plain
+    try:
+        return [backend.encode(text, add_special_tokens=False).ids for text in texts]  # encode_batch: 0.15 ms
+    finally:
+        backend.encode_special_tokens = before
+
+
+def _piece_ids(tokenizer, pieces: list[tuple[str, bool]]) -> list[list[int]]:
+    """Token ids of a conversation's pieces, (text, plain) in order (`plain`: special-token strings stay text), one
+    tokenizer call for the plain ones and one for the others. SentencePiece-style tokenizers put a "▁" (a space)
+    before every input: a piece after the first is tokenised after a newline whose ids are then cut, so it gets no
+    space the template did not write."""
+    sp = _traits(tokenizer)[1]
+    head = _encode(tokenizer, ["\n"], False)[0] if sp else []
+    first = next((i for i, (text, _) in enumerate(pieces) if text), 0)
+    out = [[] for _ in pieces]
+    for plain in (True, False):
+        at = [i for i, (text, p) in enumerate(pieces) if p == plain and text]
+        for i, ids in zip(at, _encode(tokenizer, [("\n" if sp and i > first else "") + pieces[i][0] for i in at],
+                                      plain)):
+            if sp and i > first:  # the newline's ids cut, or (where it merged with the text) the piece alone
+                ids = ids[len(head):] if ids[: len(head)] == head else _encode(tokenizer, [pieces[i][0]], plain)[0]
+            out[i] = ids
+    return out
 
 
 def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: bool = False
@@ -470,8 +490,7 @@ def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: 
             segments[i], segments[i + 1] = (head, None), (markup[len(head):] + content, j)  # `:` `Ġcats`, not `Ġ`
     if add_generation_prompt:  # a prompt ends before such spaces: the answer's first token carries them
         segments[-1] = (segments[-1][0].rstrip(" "), None)
-    for text, j in segments:
-        new = _piece_ids(tokenizer, text, plain=j is not None, first=not ids)
+    for (text, j), new in zip(segments, _piece_ids(tokenizer, [(text, j is not None) for text, j in segments])):
         if j is not None:
             answer_ended = messages[j]["role"] != "assistant"
             ids, mask = ids + new, mask + [not answer_ended] * len(new)
@@ -827,11 +846,11 @@ def validate(where: str, obj: dict, kind: str) -> dict:
     sft -> {"messages"} (with an assistant turn) or {"text"}; pairs -> {"prompt": messages, "chosen": messages,
     "rejected": messages} (each side the answer turn(s) only) and an optional "margin"; prompts -> {"prompt":
     messages} (ending with a user turn)."""
-    keys = {"sft": ("messages", "text", "prompt", "chosen"), "pairs": ("chosen",),
+    keys = {"sft": ("messages", "text", "prompt", "chosen"), "pairs": ("prompt", "chosen"),
             "prompts": ("prompt", "messages", "chosen")}[kind]
     if not any(k in obj for k in keys):  # ShareGPT's "conversations", Alpaca's "instruction", ...
-        raise UserError(f"{where}: no {kind} layout fits the fields {list(obj)}; expected "
-                        + LAYOUTS[kind] + " (README, Data)")
+        raise UserError(f"{where}: field '{keys[-1] if kind == 'pairs' else 'prompt'}' is missing: no {kind} layout "
+                        f"fits the fields {list(obj)}; expected " + LAYOUTS[kind] + " (README, Data)")
     if kind == "sft":
         if "messages" in obj:
             msgs = turns(where, obj, "messages")

@@ -256,7 +256,8 @@ def test_real_world_file_quirks(tmp_path, monkeypatch):
     (tmp_path / "c.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}]}) + "\n")
     with pytest.raises(common.UserError) as e:
         common.load_data(str(tmp_path / "c.jsonl"), "sft")
-    assert e.value.code.startswith(f"error: {tmp_path / 'c.jsonl'}:1: no sft layout fits the fields ['conversations']")
+    assert e.value.code.startswith(f"error: {tmp_path / 'c.jsonl'}:1: field 'prompt' is missing: no sft layout fits "
+                                   "the fields ['conversations']")
     assert "\n" not in e.value.code
 
 
