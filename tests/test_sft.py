@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import kill_when, read_metrics, run_script, script_path, stage_module
+from test_common import reference_mask  # the whole text tokenised, each answer by its offsets
 
 import common
 
@@ -28,18 +29,6 @@ def one_thread(monkeypatch):
 
 TURNS = [{"role": "user", "content": "tell me about cats"}, {"role": "assistant", "content": "cats are lovely ."},
          {"role": "user", "content": "and dogs ?"}, {"role": "assistant", "content": "dogs are fun and warm ."}]
-
-
-def reference_mask(tok, ids: list[int], messages: list[dict]) -> list[bool]:
-    """Slow and obvious: find each answer's ids followed by the EOS id, in order, and mark exactly those."""
-    mask, pos = [False] * len(ids), 0
-    for m in messages:
-        if m["role"] == "assistant":
-            span = tok(m["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            j = next(j for j in range(pos, len(ids) - len(span) + 1) if ids[j: j + len(span)] == span)
-            mask[j: j + len(span)] = [True] * len(span)
-            pos = j + len(span)
-    return mask
 
 
 @pytest.mark.parametrize("family,template", [("gpt2", False), ("llama", False), ("opt", False), ("qwen2", True),
