@@ -372,17 +372,21 @@ def to_messages(example) -> list[dict]:
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The text of a conversation: the tokenizer's chat template when it has one, else DeepSpeed-Chat's format
-    "\\n\\nHuman: {user}\\n\\nAssistant: {answer}<eos>" (a system message is written as it is, before the turns)."""
+    "\\n\\nHuman: {user}\\n\\nAssistant: {answer}<eos>" (a system message is written as it is, before the turns). A
+    prompt for generation ends before a space the template writes where an answer begins (DeepSpeed-Chat's prompts
+    end with "Assistant:"): the answer's first token carries it, as in the whole text (`Ġcats`)."""
     if getattr(tokenizer, "chat_template", None):
         try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # jinja's own errors (a template that refuses a role or an empty conversation)
             raise UserError(f"the chat template cannot render {[m['role'] for m in messages]}: {e}")
-    text = ""
-    for m in messages:
-        head = {"user": "\n\nHuman: ", "assistant": "\n\nAssistant: "}.get(m["role"], "")
-        text += head + m["content"] + (tokenizer.eos_token if m["role"] == "assistant" else "")
-    return text + ("\n\nAssistant: " if add_generation_prompt else "")
+    else:
+        text = ""
+        for m in messages:
+            head = {"user": "\n\nHuman: ", "assistant": "\n\nAssistant: "}.get(m["role"], "")
+            text += head + m["content"] + (tokenizer.eos_token if m["role"] == "assistant" else "")
+        text += "\n\nAssistant: " if add_generation_prompt else ""
+    return text.rstrip(" ") if add_generation_prompt else text
 
 
 def format_prompt(tokenizer, messages: list[dict]) -> str:
@@ -488,8 +492,6 @@ def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: 
         head = markup.rstrip(" ")
         if content:  # spaces the markup writes before a content are tokenised with it, as in the whole text:
             segments[i], segments[i + 1] = (head, None), (markup[len(head):] + content, j)  # `:` `Ġcats`, not `Ġ`
-    if add_generation_prompt:  # a prompt ends before such spaces: the answer's first token carries them
-        segments[-1] = (segments[-1][0].rstrip(" "), None)
     for (text, j), new in zip(segments, _piece_ids(tokenizer, [(text, j is not None) for text, j in segments])):
         if j is not None:
             answer_ended = messages[j]["role"] != "assistant"

@@ -49,8 +49,8 @@ def test_format_prompt_uses_the_chat_template_else_deepspeed_chat(tiny_models):
             assert common.format_prompt(tok, msgs) == expect
     for name, template in (("gpt2", True), ("qwen2", False)):
         tok = tokenizer_of(name, tiny_models, template)
-        assert common.format_prompt(tok, SINGLE[:1]) == "\n\nHuman: tell me about cats\n\nAssistant: "
-        assert common.format_prompt(tok, common.to_messages("hi")) == "\n\nHuman: hi\n\nAssistant: "
+        assert common.format_prompt(tok, SINGLE[:1]) == "\n\nHuman: tell me about cats\n\nAssistant:"
+        assert common.format_prompt(tok, common.to_messages("hi")) == "\n\nHuman: hi\n\nAssistant:"
 
 
 def reference_mask(tok, ids: list[int], messages: list[dict]) -> list[bool]:

@@ -109,7 +109,8 @@ def test_exact_sequences_masks_and_stop_ids(kind, toks):
     tok = toks[kind]
     assert common.show_example(tok, *common.encode_conversation(tok, MULTI)) == EXPECT_MULTI[kind]
     assert common.show_example(tok, *common.encode_conversation(tok, MULTI[1:3])) == EXPECT_NO_SYSTEM[kind]
-    assert decode(tok, common.encode_prompt(tok, MULTI[1:2])) == EXPECT_PROMPT[kind]
+    assert decode(tok, common.encode_prompt(tok, MULTI[1:2])) == EXPECT_PROMPT[kind] == common.format_prompt(
+        tok, MULTI[1:2])  # the prompt's ids are its text's (it ends before the space an answer starts with)
     assert sorted(tok.convert_ids_to_tokens(common.stop_token_ids(tok))) == sorted(STOPS[kind])
     # the reward model's sequence ends at the token that ends the answer's turn
     scored = common.encode_scored(tok, MULTI[1:3])
