@@ -106,6 +106,13 @@ def read_line(prompt: str) -> str:
     return line
 
 
+def model_architectures(path: str, trust_remote_code: bool) -> list[str]:
+    """The classes a model folder was saved as (its config's `architectures`)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).architectures or []
+
+
 def load(path: str, flag: str, args: Args, device: torch.device, reward: bool = False):
     """Tokenizer and model of a folder (a causal LM, or with `reward` a one-logit sequence classifier)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -115,9 +122,13 @@ def load(path: str, flag: str, args: Args, device: torch.device, reward: bool = 
     if dtype == torch.float16 and device.type == "cpu":
         raise common.UserError("--dtype fp16 needs a GPU (fp16 does not run on CPU); use fp32 or bf16")
     tokenizer = common.load_tokenizer(path, args.trust_remote_code)
+    archs = model_architectures(path, args.trust_remote_code)
+    if not reward and archs and all(a.endswith("ForSequenceClassification") for a in archs):
+        raise common.UserError(f"{flag} {path} is a sequence classifier ({archs[0]}: a reward model or critic), not a "
+                               "model that writes answers; pass it as --reward")
     cls, extra = (AutoModelForSequenceClassification, {"num_labels": 1}) if reward else (AutoModelForCausalLM, {})
     model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code, **extra)
-    if reward and not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
+    if reward and not any(a.endswith("ForSequenceClassification") for a in archs):
         print(f"warning: {flag} {path} was not saved as a sequence classifier; its score head is random",
               file=sys.stderr)
     stops = getattr(model.generation_config, "eos_token_id", None) if not reward else None

@@ -231,3 +231,9 @@ def test_bad_input_is_one_line(tmp_path):
         chat.main(chat.Args(model=str(tmp_path / "missing"), prompt="hi"))
     with pytest.raises(SystemExit, match="not both"):
         chat.main(chat.Args(model=str(tmp_path), prompt="hi", prompts="toy"))
+
+
+def test_a_reward_model_given_as_the_chat_model_is_one_line(ckpts):
+    """`--model ./reward_ckpt` loaded the classifier's body under a causal LM head and answered nonsense, silently."""
+    with pytest.raises(SystemExit, match="is a sequence classifier .* pass it as --reward"):
+        chat.main(chat.Args(model=ckpts["rm"], prompt="hi"))
