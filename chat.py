@@ -106,23 +106,16 @@ def read_line(prompt: str) -> str:
     return line
 
 
-def model_architectures(path: str, trust_remote_code: bool) -> list[str]:
-    """The classes a model folder was saved as (its config's `architectures`)."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).architectures or []
-
-
 def load(path: str, flag: str, args: Args, device: torch.device, reward: bool = False):
     """Tokenizer and model of a folder (a causal LM, or with `reward` a one-logit sequence classifier)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     common.check_model_path(path, flag)
     dtype = common.resolve_dtype(args.dtype)
     if dtype == torch.float16 and device.type == "cpu":
         raise common.UserError("--dtype fp16 needs a GPU (fp16 does not run on CPU); use fp32 or bf16")
     tokenizer = common.load_tokenizer(path, args.trust_remote_code)
-    archs = model_architectures(path, args.trust_remote_code)
+    archs = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code).architectures or []
     if not reward and archs and all(a.endswith("ForSequenceClassification") for a in archs):
         raise common.UserError(f"{flag} {path} is a sequence classifier ({archs[0]}: a reward model or critic), not a "
                                "model that writes answers; pass it as --reward")

@@ -443,36 +443,29 @@ def _traits(tokenizer) -> tuple[bool, bool]:
     return _TRAITS[tokenizer]
 
 
-def _encode(tokenizer, texts: list[str], plain: bool) -> list[list[int]]:
-    """Ids of each text, no special tokens added (`plain`: special-token strings stay text), through the Rust
-    tokenizer where there is one: the Python wrapper costs ~0.1 ms a call, 4 s for the demo's 6,000 conversations."""
+def _encode(tokenizer, text: str, plain: bool) -> list[int]:
+    """Ids of a text, no special tokens added (`plain`: special-token strings stay text), through the Rust tokenizer
+    where there is one: the Python wrapper costs ~0.1 ms a call, 4 s for the demo's 6,000 conversations."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or not texts:
-        return tokenizer(texts, add_special_tokens=False, split_special_tokens=plain)["input_ids"] if texts else []
+    if backend is None:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
     before, backend.encode_special_tokens = backend.encode_special_tokens, plain
     try:
-        return [backend.encode(text, add_special_tokens=False).ids for text in texts]  # encode_batch: 0.15 ms
+        return backend.encode(text, add_special_tokens=False).ids
     finally:
         backend.encode_special_tokens = before
 
 
-def _piece_ids(tokenizer, pieces: list[tuple[str, bool]]) -> list[list[int]]:
-    """Token ids of a conversation's pieces, (text, plain) in order (`plain`: special-token strings stay text), one
-    tokenizer call for the plain ones and one for the others. SentencePiece-style tokenizers put a "▁" (a space)
-    before every input: a piece after the first is tokenised after a newline whose ids are then cut, so it gets no
-    space the template did not write."""
-    sp = _traits(tokenizer)[1]
-    head = _encode(tokenizer, ["\n"], False)[0] if sp else []
-    first = next((i for i, (text, _) in enumerate(pieces) if text), 0)
-    out = [[] for _ in pieces]
-    for plain in (True, False):
-        at = [i for i, (text, p) in enumerate(pieces) if p == plain and text]
-        for i, ids in zip(at, _encode(tokenizer, [("\n" if sp and i > first else "") + pieces[i][0] for i in at],
-                                      plain)):
-            if sp and i > first:  # the newline's ids cut, or (where it merged with the text) the piece alone
-                ids = ids[len(head):] if ids[: len(head)] == head else _encode(tokenizer, [pieces[i][0]], plain)[0]
-            out[i] = ids
-    return out
+def _piece_ids(tokenizer, text: str, plain: bool, first: bool) -> list[int]:
+    """Token ids of one piece of a conversation (`plain`: special-token strings stay text). SentencePiece-style
+    tokenizers put a "▁" (a space) before every input: a piece inside the text is tokenised after a newline whose
+    ids are then cut, so it gets no space the template did not write."""
+    ids = _encode(tokenizer, text, plain)
+    if first or not ids or not _traits(tokenizer)[1]:
+        return ids
+    head = _encode(tokenizer, "\n", False)
+    both = _encode(tokenizer, "\n" + text, plain)
+    return both[len(head):] if both[: len(head)] == head else ids
 
 
 def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: bool = False
@@ -492,7 +485,8 @@ def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: 
         head = markup.rstrip(" ")
         if content:  # spaces the markup writes before a content are tokenised with it, as in the whole text:
             segments[i], segments[i + 1] = (head, None), (markup[len(head):] + content, j)  # `:` `Ġcats`, not `Ġ`
-    for (text, j), new in zip(segments, _piece_ids(tokenizer, [(text, j is not None) for text, j in segments])):
+    for text, j in segments:
+        new = _piece_ids(tokenizer, text, plain=j is not None, first=not ids)
         if j is not None:
             answer_ended = messages[j]["role"] != "assistant"
             ids, mask = ids + new, mask + [not answer_ended] * len(new)
@@ -552,10 +546,10 @@ def template_gap(tokenizer) -> str | None:
     prompt, first = encode_prompt(tokenizer, msgs[:1]), mask.index(True)
     if ids[:first] == prompt:
         return None
-    common = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b), min(len(prompt), first))
+    same = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b), min(len(prompt), first))
     decode = functools.partial(tokenizer.decode, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    return (f"the chat template starts an answer turn with {decode(ids[common:first])!r} where its generation prompt "
-            f"ends with {decode(prompt[common:])!r}: answers are trained after text that generation does not give "
+    return (f"the chat template starts an answer turn with {decode(ids[same:first])!r} where its generation prompt "
+            f"ends with {decode(prompt[same:])!r}: answers are trained after text that generation does not give "
             "(pass a template whose generation prompt ends where an answer begins)")
 
 
@@ -1038,10 +1032,10 @@ def _check_folder(p: Path, overwrite: bool, resume: bool, script: str):
         if resume:
             raise UserError(f"--resume: --output_dir {p} holds no run to continue")
         return
-    if not (overwrite or resume) and not (p / "args.json").exists():  # no run of ours: neither flag would take it
-        raise UserError(f"--output_dir {p}: holds files and no run of these scripts (no args.json); choose another "
-                        "folder")
     if not (overwrite or resume):
+        if not (p / "args.json").exists():  # no run of ours: neither flag would take it
+            raise UserError(f"--output_dir {p}: holds files and no run of these scripts (no args.json); choose "
+                            "another folder")
         raise UserError(f"--output_dir {p}: holds another run; pass --overwrite to replace it or --resume to "
                         "continue it")
     run = _run_of(p)
