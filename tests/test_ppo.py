@@ -6,7 +6,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, read_metrics, run_script, stage_module
+import transformers
+from conftest import FAMILIES, make_model, make_tokenizer, read_metrics, run_script, stage_module
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import common
 
@@ -137,8 +139,10 @@ def test_adaptive_kl_controller():
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
 def test_sampling_distribution_is_the_policy_and_padding_does_not_change_logprobs(family):
-    """Generation's processed scores equal our tempered forward log-probs (so PPO's ratio is about the policy that
-    sampled), and a row's log-probs are the same alone and inside a left-padded batch (absolute positions)."""
+    """The distribution ppo.sample draws each token from (the model's logits at that step, tempered) gives our
+    forward's log-probs (so PPO's ratio is about the policy that sampled; the model's own generation_config, a top_k
+    and a repetition penalty here, is not used), and a row's log-probs are the same alone and inside a left-padded
+    batch (absolute positions)."""
     tok = common.load_tokenizer("toy") if family == "toy" else make_tokenizer(family)
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": "<|pad|>"})
@@ -157,17 +161,18 @@ def test_sampling_distribution_is_the_policy_and_padding_does_not_change_logprob
     torch.manual_seed(0)
     padded = common.pad(prompts, tok.pad_token_id, side="left")
     attn = common.pad([[1] * len(p) for p in prompts], 0, side="left")
-    with torch.no_grad():
-        out = model.generate(input_ids=padded, attention_mask=attn, generation_config=cfg, output_scores=True,
-                             return_dict_in_generate=True)
+    step_logits = []  # the logits each step of sample() drew its token from
+    hook = model.register_forward_hook(lambda module, inputs, out: step_logits.append(out.logits[:, -1]))
+    sequences = ppo.sample(model, padded, attn, cfg)
+    hook.remove()
     n_prompt = padded.shape[1]
-    gen = out.sequences[:, n_prompt:]
-    scores = torch.stack(out.scores, 1).log_softmax(-1)
+    gen = sequences[:, n_prompt:]
+    scores = (torch.stack(step_logits[:gen.shape[1]], 1) / 0.7).log_softmax(-1)
     gen_logp = torch.gather(scores, -1, gen.unsqueeze(-1)).squeeze(-1)
     _, mask, _, _ = ppo.truncate_after_eos(gen, tok.eos_token_id, tok.pad_token_id)
     full_attn = torch.cat([attn, mask.long()], 1)
     with torch.no_grad():
-        logp = ppo.seq_logprobs(model, out.sequences, full_attn, n_prompt, 0.7)
+        logp = ppo.seq_logprobs(model, sequences, full_attn, n_prompt, 0.7)
     assert torch.allclose(logp[mask], gen_logp[mask], atol=1e-4)
     # row 0 alone, unpadded, gives the same log-probs as inside the batch
     n0 = len(prompts[0])
@@ -180,6 +185,85 @@ def test_sampling_distribution_is_the_policy_and_padding_does_not_change_logprob
     rollout, n_prompt2 = ppo.generate(Engine, prompts, tok, cfg, 0, False, torch.device("cpu"))
     assert n_prompt2 == n_prompt
     assert (rollout["seq"][:, n_prompt:][~rollout["mask"]] == tok.pad_token_id).all()
+
+
+def test_exponential_race_draws_each_token_with_its_probability():
+    """ppo.sample's draw, argmax(p / E) with E ~ Exp(1), against the probabilities themselves: 200k draws of a
+    distribution with a zero, a tiny and a large entry land within 5 standard errors of p (chi-square-like check)."""
+    logits = torch.tensor([[2.0, 0.0, -1.0, float("-inf"), -9.0, 1.0]]).repeat(200_000, 1)
+
+    class Model(torch.nn.Module):
+        def forward(self, input_ids, **kwargs):
+            return CausalLMOutputWithPast(logits=logits[: len(input_ids), None])
+
+    cfg = transformers.GenerationConfig(do_sample=True, temperature=0.8, max_new_tokens=1, eos_token_id=[99],
+                                        pad_token_id=0)
+    torch.manual_seed(0)
+    ids = torch.zeros(len(logits), 1, dtype=torch.long)
+    drawn = ppo.sample(Model(), ids, torch.ones_like(ids), cfg)[:, 1]
+    p = torch.softmax(logits[0] / 0.8, -1).double()
+    freq = torch.bincount(drawn, minlength=len(p)).double() / len(drawn)
+    se = (p * (1 - p) / len(drawn)).sqrt()
+    assert freq[3] == 0 and ((freq - p).abs() <= 5 * se + 1e-9).all(), (freq, p)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sample_greedy_is_hf_generate_on_each_row_alone(family):
+    """ppo.sample with the KV cache on a left-padded batch gives, greedily, HF generate()'s tokens for each prompt
+    alone (no padding): positions, masks and the cache are right for every family; rows stop at EOS, pad after."""
+    tok = make_tokenizer(family)
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": "<|pad|>"})
+    torch.manual_seed(0)
+    model = make_model(family, tok)
+    common.resize_for_tokenizer(model, tok)
+    model.eval()
+    prompts = [common.encode_prompt(tok, common.to_messages(p)) for p in ["tell me about cats", "hi", "hey , tea"]]
+    cfg = ppo.generation_config(ppo.Args(max_new_tokens=10), tok, greedy=True)
+    padded = common.pad(prompts, tok.pad_token_id, side="left")
+    ours = ppo.sample(model, padded, common.pad([[1] * len(p) for p in prompts], 0, side="left"), cfg)
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            alone = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                   generation_config=cfg)[0, len(p):]
+        row = ours[i, padded.shape[1]:]
+        assert row[:len(alone)].tolist() == alone.tolist() and (row[len(alone):] == tok.pad_token_id).all()
+
+
+def _synced_sample(rank: int, port: int, ends: list, out: dict):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    class Model(torch.nn.Module):  # the EOS (id 1) comes at step ends[rank]; counts its forwards
+        calls = 0
+
+        def forward(self, input_ids, **kwargs):
+            Model.calls += 1
+            logits = torch.zeros(len(input_ids), 1, 4)
+            logits[:, :, 1 if Model.calls > ends[rank] else 2] = 9.0
+            return CausalLMOutputWithPast(logits=logits, cache=torch.zeros(0))
+
+    cfg = transformers.GenerationConfig(do_sample=False, max_new_tokens=8, eos_token_id=[1], pad_token_id=0)
+    ids = torch.ones(2, 3, dtype=torch.long)
+    seq = ppo.sample(Model(), ids, torch.ones_like(ids), cfg, synced_gpus=True)
+    out[rank] = (Model.calls, seq[0, 3:].tolist())
+    dist.destroy_process_group()
+
+
+def test_sample_with_synced_gpus_runs_every_rank_until_all_have_ended():
+    """ZeRO-3 through the partition hooks (--generate_sharded) needs every rank in every forward: a rank whose rows
+    have all ended goes on (emitting pad) until the other's have too."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.start_processes(_synced_sample, args=(port, [2, 5], out), nprocs=2, start_method="fork")  # fork: no re-import
+    assert out[0] == (6, [2, 2, 1, 0, 0, 0]) and out[1] == (6, [2, 2, 2, 2, 2, 1])  # pad (0) after rank 0's EOS
 
 
 def test_zero3_generation_uses_the_plain_linear_and_gives_the_swap_back(monkeypatch):
@@ -249,6 +333,22 @@ def test_ema_update_against_a_loop():
         for k, v in model.state_dict().items():
             expect[k] = 0.75 * expect[k] + 0.25 * v
     assert all(torch.allclose(ema[k], expect[k]) for k in ema)
+    # a bf16 actor whose fp32 master weights (DeepSpeed's) move by small steps: the fp32 copy follows the exact
+    # average; kept in bf16 (8 bits of mantissa) most of each 0.008 * (w - ema) would round away
+    model, master = torch.nn.Linear(64, 64).to(torch.bfloat16), torch.randn(64, 64) * 0.02
+    with torch.no_grad():
+        model.weight.copy_(master)
+    ema, exact = ppo.ema_copy(model), model.weight.detach().double().clone()
+    start = exact.clone()
+    assert ema["weight"].dtype == torch.float32
+    for _ in range(1000):
+        master += 1e-5
+        with torch.no_grad():
+            model.weight.copy_(master)
+        ppo.update_ema(ema, model, 0.992, 0)
+        exact = 0.992 * exact + 0.008 * model.weight.detach().double()
+    error = (ema["weight"].double() - exact).abs().mean() / (exact - start).abs().mean()
+    assert error < 0.01, error  # in bf16 the same loop is off by 47% of the movement
 
 
 # ---------------------------------------------------------------------------------------------------------------
