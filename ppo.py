@@ -558,6 +558,20 @@ def trim(seq: torch.Tensor, attn: torch.Tensor, n_prompt: int, prompt_lens: list
     return seq[:, left: n_prompt + width], attn[:, left: n_prompt + width], np_, width
 
 
+def minibatches(n_rows: int, n_batches: int, first_row: int, key: tuple) -> list[list[int]]:
+    """One PPO epoch's mini-batches as this rank's row indices, the same global mini-batches however the rollout is
+    split over ranks: each block of n_batches consecutive rows of the global batch (rows first_row... here) gives one
+    row to every mini-batch, in an order drawn from (key, the block's global index). A shuffle per rank would make
+    each global mini-batch depend on the split."""
+    batches = [[] for _ in range(n_batches)]
+    for start in range(0, n_rows, n_batches):
+        order = list(range(start, min(start + n_batches, n_rows)))
+        random.Random(str((*key, (first_row + start) // n_batches))).shuffle(order)
+        for batch, row in zip(batches, order):
+            batch.append(row)
+    return batches
+
+
 def ptx_batch(ptx: list, key: tuple, n_global: int, rank: int, n_local: int):
     """PPO-ptx rows for one mini-batch: one draw of the global batch (the same on every rank, seeded by `key`), this
     rank's share of it, and the global batch's count of trained tokens (the ptx loss is a token-mean over it)."""
@@ -1091,9 +1105,8 @@ def main(args: Args):
         # 6. update: PPO epochs over shuffled mini-batches, each loss a token-mean over the global mini-batch;
         #    shuffles, widths and token counts are set on the host first (one collective): no step waits for the device
         prompt_lens, response_lens = [len(prompt_ids[i]) for i in rows], lengths.tolist()
-        shuffle = torch.Generator().manual_seed(args.seed + 31 * iteration + rank)
-        steps = [(epoch, start // mini, order[start: start + mini].tolist()) for epoch in range(args.ppo_epochs)
-                 for order in [torch.randperm(len(rows), generator=shuffle)] for start in range(0, len(rows), mini)]
+        steps = [(epoch, step, batch) for epoch in range(args.ppo_epochs) for step, batch in enumerate(
+            minibatches(len(rows), len(rows) // mini, rank * len(rows), (args.seed, iteration, epoch)))]
         step_tokens = common.all_reduce_sum([sum(response_lens[i] for i in batch) for *_, batch in steps], device)
         token_weight = loss_weights(lengths, loss_agg, args.max_new_tokens)
         ptx_tokens_total = 0.0

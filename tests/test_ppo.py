@@ -148,8 +148,9 @@ def test_sampling_distribution_is_the_policy_and_padding_does_not_change_logprob
         tok.add_special_tokens({"pad_token": "<|pad|>"})
     model = make_model(family, tok)
     common.resize_for_tokenizer(model, tok)
-    model.generation_config.top_k = 7  # a model default that must not leak into PPO sampling
-    model.generation_config.repetition_penalty = 1.3
+    for field, value in dict(top_k=7, repetition_penalty=1.3, min_p=0.9, epsilon_cutoff=3e-3,
+                             suppress_tokens=[5, 6]).items():  # model defaults that must not reach PPO's sampling
+        setattr(model.generation_config, field, value)
     model.eval()
     prompts = [common.encode_prompt(tok, common.to_messages(p)) for p in ["tell me about cats", "hey , describe tea"]]
     args = ppo.Args(temperature=0.7, max_new_tokens=6)
@@ -308,6 +309,22 @@ def test_trim_keeps_the_numbers():
     assert s.tolist() == [[0, 5, 6, 7, 8], [4, 5, 6, 7, 0]] and a.sum() == attn.sum()
 
 
+def test_minibatches_are_the_same_global_draw_however_the_rollout_is_split():
+    """PPO's mini-batches over a global batch of 48 rows in 4 mini-batches: on 1, 2, 3 or 4 ranks (each rank holding
+    a contiguous share, as rollout_prompts gives it) mini-batch j is the same set of global rows; each epoch uses
+    every row once; another epoch or iteration draws other mini-batches."""
+    def global_batches(world, key):
+        n = 48 // world
+        per_rank = [ppo.minibatches(n, 4, rank * n, key) for rank in range(world)]
+        return [sorted(rank * n + i for rank in range(world) for i in per_rank[rank][j]) for j in range(4)]
+
+    one = global_batches(1, (0, 5, 0))
+    assert sorted(sum(one, [])) == list(range(48)) and all(len(b) == 12 for b in one)
+    assert all(global_batches(w, (0, 5, 0)) == one for w in (2, 3, 4))
+    assert global_batches(1, (0, 5, 1)) != one and global_batches(1, (0, 6, 0)) != one
+    assert one != [list(range(j, 48, 4)) for j in range(4)]  # not a fixed stride: drawn per block
+
+
 def test_ptx_batch_is_one_global_draw_however_it_is_split():
     """Every rank draws the same global PPO-ptx batch and takes its share; the token count is that of the global
     batch (assistant tokens, the first position never predicted), so the loss is a global token-mean."""
@@ -426,8 +443,8 @@ def test_ema_is_saved_and_follows_its_decay(demo, few_prompts, tmp_path):
 
 @pytest.fixture(scope="module")
 def rank_flags(demo, few_prompts, tmp_path_factory):
-    """flags(stage, ranks): one micro-batch of 32 on 1 rank, 16 on each of 2 ranks (a mean per micro-batch would
-    differ from the global one), with PPO-ptx (its loss is a token-mean over the global ptx batch as well) on 64 of
+    """flags(stage, ranks): 32 answers an iteration in two shuffled mini-batches of 16, one micro-batch of 16 on 1
+    rank, 8 on each of 2 ranks (a mean per micro-batch would differ from the global one), with PPO-ptx (its loss is a token-mean over the global ptx batch as well) on 64 of
     the demo's demonstrations."""
     import json
 
@@ -439,7 +456,7 @@ def rank_flags(demo, few_prompts, tmp_path_factory):
         return ["--actor", demo / "sft", "--reward", demo / "rm", *few_prompts, "--total_episodes", "96",
                 "--eval_every", "0", "--num_eval_prompts", "16", "--generation_batch_size", "16", "--ppo_epochs", "1",
                 "--print_samples", "0", "--ptx_data", ptx, "--ptx_coef", "0.5", "--zero_stage", stage,
-                "--rollout_batch_size", n, "--mini_batch_size", n, "--per_device_batch_size", n]
+                "--rollout_batch_size", n, "--mini_batch_size", n // 2, "--per_device_batch_size", n // 2]
 
     return flags
 
@@ -455,8 +472,9 @@ def one_rank_run(rank_flags, tmp_path_factory):
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_two_ranks_match_one_rank(rank_flags, one_rank_run, tmp_path, stage):
     """The same global batch gives the same run on 1 rank (ZeRO-0) and 2 ranks (ZeRO-0, ZeRO-2 with --offload,
-    ZeRO-3). Every generate call is seeded by its place in the global batch, so both runs draw the same samples;
-    with one mini-batch per iteration (no shuffling) the updates must agree up to float reduction order. Tolerance
+    ZeRO-3). Every generate call is seeded by its place in the global batch, so both runs draw the same samples; the
+    two mini-batches of an iteration are the same global rows however they are split (ppo.minibatches), so the
+    updates must agree up to float reduction order. Tolerance
     2e-3 relative: fp32 sums in a different order, compounded over 3 iterations of Adam (whose first steps move
     every weight by ~lr whatever the gradient's size)."""
     run_script("ppo.py", *rank_flags(stage, 2), "--output_dir", tmp_path / "two",
