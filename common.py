@@ -741,6 +741,9 @@ def _read_rows(path: str):
             rows += 1
             not_object = f"expected a JSON object, got {type(obj).__name__}"
             yield f"{path}:{line}", obj if isinstance(obj, dict) else not_object
+        if i >= len(text) or text[i + 1:].strip():  # cut short, or something after the array
+            why = "no closing ]" if i >= len(text) else "text after its closing ]"
+            raise UserError(f"{path}:{text.count(chr(10), 0, i) + 1}: malformed JSON array ({why})")
     else:
         for n, line in enumerate(raw.split(b"\n"), 1):
             if not line.strip():
@@ -877,8 +880,9 @@ def validate(where: str, obj: dict, kind: str) -> dict:
             prompt, *sides = _split_shared(where, obj)
         out = {"prompt": prompt, "chosen": sides[0], "rejected": sides[1]}
         if "margin" in obj:
-            if not isinstance(obj["margin"], (int, float)) or isinstance(obj["margin"], bool):
-                raise UserError(f"{where}: field 'margin' must be a number")
+            if not isinstance(obj["margin"], (int, float)) or isinstance(obj["margin"], bool) or not math.isfinite(
+                    obj["margin"]):
+                raise UserError(f"{where}: field 'margin' must be a finite number")
             out["margin"] = float(obj["margin"])
         return out
     if kind == "prompts":
@@ -942,8 +946,11 @@ def _dataset_rows(path: str, split: str | None):
             raise UserError(f"--data {path}: no split '{split or 'train'}' (it has {', '.join(ds)}); pass "
                             "--data_split / --eval_split")
         ds = ds[split or "train"]
-    for i, row in enumerate(ds):
-        yield f"{path}[{split or 'train'}][{i}]", dict(row)
+    elif split not in (None, "train"):  # a plain Dataset folder is one split: any name would read all of it
+        raise UserError(f"--data {path}: a dataset saved without splits has no split '{split}'; pass held-out data "
+                        "as --eval_data")
+    for i, row in enumerate(ds):  # a column some rows leave empty (None) is a field those rows do not have
+        yield f"{path}[{split or 'train'}][{i}]", {k: v for k, v in row.items() if v is not None}
 
 
 def load_data(spec: str, kind: str, split: str | None = None, skip_invalid: bool = False) -> list[dict]:

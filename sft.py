@@ -121,8 +121,9 @@ RUN_FLAGS = ("model", "data", "data_split", "eval_split", "skip_invalid", "eval_
 
 def tokenize(records: list[dict], tokenizer, max_seq_len: int, truncation: str, source: str):
     """Token ids and loss masks (True on each answer and the token ending its turn; on every token of a {"text"}
-    record) for every record; counts left-truncations."""
-    examples, n_truncated = [], 0
+    record) for every record; counts left-truncations. A record whose trained tokens were all cut away is dropped
+    (said on stderr): it would train nothing."""
+    examples, n_truncated, n_empty = [], 0, 0
     for i, r in enumerate(records):
         ids, mask = common.encode_record(tokenizer, r)
         if len(ids) > max_seq_len:
@@ -132,7 +133,15 @@ def tokenize(records: list[dict], tokenizer, max_seq_len: int, truncation: str, 
             ids, _ = common.truncate_left(ids, max_seq_len)
             mask, _ = common.truncate_left(mask, max_seq_len)
             n_truncated += 1
+            if not any(mask[1:]):  # the first token is never predicted
+                n_empty += 1
+                continue
         examples.append((ids, mask))
+    if n_empty:
+        common.note(f"{source}: {n_empty} records dropped: cutting them to --max_seq_len {max_seq_len} from the left "
+                    "left none of their answer tokens")
+        if not examples:
+            raise common.UserError(f"{source}: no record keeps an answer token within --max_seq_len {max_seq_len}")
     return examples, n_truncated
 
 
@@ -273,12 +282,12 @@ def main(args: Args):
         loss_sum = 0.0
         for batch in batches:
             nll, _ = token_nll(engine, batch, args.logprob_chunk_size)
-            engine.backward(nll / global_tokens * world * args.gradient_accumulation_steps)
+            engine.backward(nll / max(global_tokens, 1) * world * args.gradient_accumulation_steps)
             engine.step()
             loss_sum += nll.item()
         n_tokens += sum(b["attention_mask"].sum().item() for b in batches)
         (loss_sum,) = common.all_reduce_sum([loss_sum], device)
-        metrics = {"train/loss": loss_sum / global_tokens, "train/lr": scheduler.get_last_lr()[0],
+        metrics = {"train/loss": loss_sum / max(global_tokens, 1), "train/lr": scheduler.get_last_lr()[0],
                    "train/epoch": step / steps_per_epoch,
                    "throughput/tokens_per_s": n_tokens * world / (time.time() - t0)}
         common.check_finite(metrics, step + 1)

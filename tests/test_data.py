@@ -420,7 +420,8 @@ BAD_ROWS = {  # row: what the error names
     '{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "c"}': "share no leading user turn",
     '{"prompt": "hi", "chosen": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}], '
     '"rejected": "c"}': "field 'chosen' starts with turns that are not the prompt's",
-    '{"prompt": "a", "chosen": "b", "rejected": "c", "margin": "big"}': "field 'margin' must be a number",
+    '{"prompt": "a", "chosen": "b", "rejected": "c", "margin": "big"}': "field 'margin' must be a finite number",
+    '{"prompt": "a", "chosen": "b", "rejected": "c", "margin": NaN}': "field 'margin' must be a finite number",
     '{"prompt": "\\n\\nHuman: \\n\\nAssistant:", "chosen": "b", "rejected": "c"}': "field 'prompt[0]'",
 }
 
@@ -458,6 +459,32 @@ def test_json_arrays_skip_invalid_and_splits(tmp_path, capsys):
     assert held is None and len(train) == 2
     with pytest.raises(common.UserError, match="no such data file"):
         common.load_data(str(tmp_path / "missing.jsonl"), "sft")
+    # an array cut short after a whole record, or with text after it: refused, not read in part
+    whole = path.read_text()
+    for text, why in ((whole[:whole.rindex("}") + 1] + ",\n", "no closing ]"), (whole + "<html>\n", "after its closing ]")):
+        path.write_text(text)
+        with pytest.raises(common.UserError, match=f"malformed JSON array \\(.*{why}"):
+            common.load_data(str(path), "sft", skip_invalid=True)
+
+
+def test_dataset_folders_without_splits_and_with_empty_columns(tmp_path, monkeypatch):
+    """A save_to_disk folder of one Dataset (no splits) is one split: a --data_split or --eval_split other than
+    train is refused (it read the training rows as held-out ones); a column some rows leave None (`datasets` fills
+    a field a row lacks with None) is a field those rows do not have. `datasets` is a stand-in here: CI has none."""
+    import importlib.machinery
+    import sys
+    import types
+
+    fake = types.ModuleType("datasets")
+    fake.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
+    fake.DatasetDict = type("DatasetDict", (dict,), {})
+    fake.load_from_disk = lambda path: [{"prompt": "hi", "chosen": "a", "rejected": "b", "margin": None},
+                                        {"prompt": "yo", "chosen": "c", "rejected": "d", "margin": 2}]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    (tmp_path / "one").mkdir()
+    assert [p.get("margin") for p in common.load_data(str(tmp_path / "one"), "pairs")] == [None, 2.0]
+    with pytest.raises(common.UserError, match="saved without splits has no split 'test'"):
+        common.load_splits(str(tmp_path / "one"), None, "train", "test", "pairs", False)
 
 
 def test_hub_names_fail_in_one_line_at_once(monkeypatch):
@@ -482,6 +509,8 @@ def test_save_to_disk_folder_and_its_splits(tmp_path):
         common.load_data(str(tmp_path / "uf"), "pairs")
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "one"))
     assert len(common.load_data(str(tmp_path / "one"), "prompts")) == 2
+    with pytest.raises(common.UserError, match="saved without splits has no split 'test_prefs'"):
+        common.load_data(str(tmp_path / "one"), "prompts", "test_prefs")
 
 
 # ---------------------------------------------------------------------------------------------------------------

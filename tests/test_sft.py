@@ -75,6 +75,14 @@ def test_long_examples_are_cut_from_the_left_and_counted(tiny_models):
     with pytest.raises(common.UserError) as e:
         sft.tokenize([short, long], tok, 24, "error", "data.jsonl")
     assert "data.jsonl record 2" in e.value.code and "--max_seq_len 24" in e.value.code
+    # a conversation that ends with a long user turn keeps, cut from the left, none of its trained tokens: dropped
+    # (a batch of only such records divided by zero trained tokens); none left at all is a one-line error
+    late = {"messages": [*TURNS[:2], {"role": "user", "content": "and dogs ? " * 30}]}
+    examples, n_cut = sft.tokenize([short, late, short], tok, 24, "left", "data.jsonl")
+    assert examples == [examples[0]] * 2 and n_cut == 1
+    with pytest.raises(common.UserError) as e:
+        sft.tokenize([late], tok, 24, "left", "data.jsonl")
+    assert "no record keeps an answer token within --max_seq_len 24" in e.value.code
 
 
 # ---------------------------------------------------------------------------------------------------------------
