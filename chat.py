@@ -80,11 +80,12 @@ RANGES = {"temperature": ">= 0", "top_p": "0 < x <= 1", "max_new_tokens": ">= 1"
 def check_output(args: Args):
     """--output is checked before anything is generated: its folder exists and takes files, it is not --prompts
     and not in a model's folder (an answers file named config.json would replace the model's)."""
-    out = Path(args.output)
+    out = Path(os.path.expanduser(args.output))
     if out.is_dir():
         raise common.UserError(f"--output {args.output}: is a folder; expected a file name")
-    if args.prompts and os.path.exists(args.prompts) and Path(args.prompts).resolve() == out.resolve():
-        raise common.UserError(f"--output {args.output}: would overwrite --prompts {args.prompts}")
+    for path in common.input_paths(args.prompts):  # each file of --prompts a.jsonl,b.jsonl; ~ expanded
+        if os.path.exists(path) and Path(path).resolve() == out.resolve():
+            raise common.UserError(f"--output {args.output}: would overwrite --prompts {path}")
     for flag, folder in (("--model", args.model), ("--compare", args.compare), ("--reward", args.reward)):
         if folder and os.path.isdir(folder) and Path(folder).resolve() in out.resolve().parents:
             raise common.UserError(f"--output {args.output}: is inside {flag} {folder}; expected a file elsewhere")
@@ -331,10 +332,11 @@ def main(args: Args):
 
     # --- output: a JSONL file, or the answers side by side ---
     if args.output:  # written whole, then renamed into place
-        tmp = f"{args.output}.tmp-{os.getpid()}"
+        output = os.path.expanduser(args.output)  # `--output=~/a.jsonl`: no shell expands it
+        tmp = f"{output}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
-        os.replace(tmp, args.output)
+        os.replace(tmp, output)
     else:
         width = max(len(p) for p in models.values())
         for n, (row, c) in enumerate(zip(rows, conversations), 1):

@@ -953,6 +953,12 @@ def _dataset_rows(path: str, split: str | None):
         yield f"{path}[{split or 'train'}][{i}]", {k: v for k, v in row.items() if v is not None}
 
 
+def input_paths(spec) -> list[str]:
+    """The paths of a comma-separated flag (--data a.jsonl,b.jsonl), `~` expanded: `--data=~/x.jsonl` reaches us
+    unexpanded (no shell expands a ~ after `=`)."""
+    return [os.path.expanduser(p) for p in str(spec or "").split(",") if p]
+
+
 def load_data(spec: str, kind: str, split: str | None = None, skip_invalid: bool = False) -> list[dict]:
     """Canonical records (see validate) for a stage. `spec` is `toy` (the demo; `split` train or eval picks its
     disjoint part), or comma-separated sources: JSONL files, JSON array files, `datasets` save_to_disk folders or
@@ -961,7 +967,7 @@ def load_data(spec: str, kind: str, split: str | None = None, skip_invalid: bool
     if spec == "toy":
         return toy_data(kind, split or "train")
     records, skipped = [], []
-    for path in map(os.path.expanduser, spec.split(",")):  # `--data=~/x.jsonl`: no shell expands that ~
+    for path in input_paths(spec):
         if os.path.isfile(path):
             if split not in (None, "train"):
                 raise UserError(f"--data {path}: a file has no split '{split}'; pass held-out data as --eval_data")
@@ -1016,7 +1022,7 @@ RUN_FILES = ("args.json", "metrics.jsonl", "checkpoints", "critic", "ema", "tens
              "generation_config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
              "vocab.json", "merges.txt", "tokenizer.model", "adapter_config.json", "adapter_model.safetensors")
-RUN_PATTERNS = ("model-*-of-*.safetensors", ".staging-*")
+RUN_PATTERNS = ("model-*-of-*.safetensors", ".staging-*", "metrics.jsonl.tmp-*")
 LOCK = ".lock"
 _held_locks = []  # (lock file, pid) taken by this process
 
@@ -1076,8 +1082,8 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, script: s
     if not os.access(made, os.W_OK | os.X_OK):
         raise UserError(f"--output_dir {output_dir}: cannot write into {made}")
     for flag, value in (inputs or {}).items():
-        for path in str(value or "").split(","):
-            if path and path != "toy" and os.path.exists(path):
+        for path in input_paths(value):
+            if path != "toy" and os.path.exists(path):
                 src = Path(path).resolve()
                 if src == out or out in src.parents:
                     raise UserError(f"--output_dir {output_dir} holds {flag} {path}, an input of this run; choose "
@@ -1404,12 +1410,25 @@ def truncate_log(output_dir: str, step: int):
             continue
         if row.get("step", 0) <= step:
             rows.append(line)
-    p.write_text("".join(r + "\n" for r in rows))
+    tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")  # written whole, then moved: a kill here loses no row
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, p)
+
+
+def save_checkpoint(engine, folder: str, tag: str, state: dict):
+    """engine.save_checkpoint, then `latest` (replaced whole) once every rank's shards are written: DeepSpeed's rank 0
+    writes it before the other ranks have finished theirs, so a crash then left `latest` naming a checkpoint that
+    cannot be loaded. DeepSpeed's save ends with a barrier of all ranks."""
+    engine.save_checkpoint(folder, tag=tag, client_state=state, save_latest=False)
+    if is_rank0():
+        tmp = Path(folder) / f"latest.tmp-{os.getpid()}"
+        tmp.write_text(tag)
+        os.replace(tmp, Path(folder) / "latest")
 
 
 def latest_checkpoint(folder) -> str | None:
-    """The tag of the newest complete DeepSpeed checkpoint in `folder` (DeepSpeed writes `latest` only after the
-    shards); a `latest` naming a missing tag is an error."""
+    """The tag of the newest complete DeepSpeed checkpoint in `folder` (save_checkpoint writes `latest` only after
+    every rank's shards); a `latest` naming a missing tag is an error."""
     latest = Path(folder) / "latest"
     if not latest.exists():
         return None
@@ -1420,9 +1439,11 @@ def latest_checkpoint(folder) -> str | None:
     return tag
 
 
-def load_checkpoint(engine, folder: str, tag: str) -> dict:
+def load_checkpoint(engine, folder: str, tag: str, learning_rate: float | None = None,
+                    weight_decay: float | None = None) -> dict:
     """engine.load_checkpoint with one-line errors: a missing or corrupt shard (a truncated file, a failed copy)
-    fails inside torch.load in many ways. Returns the client state."""
+    fails inside torch.load in many ways; a learning rate or weight decay given replaces the checkpoint's. Returns
+    the client state."""
     try:
         path, state = engine.load_checkpoint(folder, tag)
     except Exception as e:
@@ -1431,6 +1452,15 @@ def load_checkpoint(engine, folder: str, tag: str) -> dict:
                         "corrupt: point `latest` at an older tag, or pass --overwrite to start again")
     if path is None:
         raise UserError(f"{folder}/{tag}: checkpoint not found")
+    # --resume_changes learning_rate / weight_decay: the optimizer and scheduler states just loaded carry the old
+    # values; the schedule goes on from its step, at the new peak
+    sched = engine.lr_scheduler
+    for i, group in enumerate(engine.optimizer.param_groups):
+        if learning_rate is not None:
+            sched.base_lrs[i] = group["initial_lr"] = learning_rate
+            group["lr"] = sched._last_lr[i] = learning_rate * sched.lr_lambdas[i](sched.last_epoch)
+        if weight_decay is not None:
+            group["weight_decay"] = weight_decay
     return state or {}
 
 

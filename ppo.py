@@ -261,7 +261,8 @@ RUN_FLAGS = ("actor", "reward", "critic", "ref", "new_value_head", "reward_token
              "adaptive_kl", "target_kl", "kl_horizon", "cliprange", "cliprange_value", "gamma", "lam",
              "whiten_advantages", "whiten_rewards", "normalize_reward", "clip_reward_value", "missing_eos_penalty",
              "ema", "ema_decay", "ptx_data", "ptx_coef", "dtype", "lora_rank", "critic_lora_rank", "lora_alpha",
-             "seed", "advantage_estimator", "samples_per_prompt", "kl_estimator", "kl_in_loss", "loss_agg")
+             "seed", "advantage_estimator", "samples_per_prompt", "kl_estimator", "kl_in_loss", "loss_agg",
+             "reward_fn", "reward_fn_weight")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -369,7 +370,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, generat
     E ~ Exp(1), which picks token i with probability p_i exactly as torch.multinomial does, at a fraction of its cost
     on a CPU. Returns prompt + response ids, in the layout generate() returns: pad after a row's first EOS."""
     g = generation_config
-    eos = torch.tensor(g.eos_token_id if isinstance(g.eos_token_id, list) else [g.eos_token_id], device=input_ids.device)
+    eos = torch.tensor(g.eos_token_id if isinstance(g.eos_token_id, list) else [g.eos_token_id],
+                       device=input_ids.device)
     attn, pos = attention_mask, common.position_ids(attention_mask)
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True, **keep)
@@ -1011,9 +1013,13 @@ def main(args: Args):
     ckpt = Path(args.output_dir) / "checkpoints"
     start_iter, kl_coef = 0, args.kl_coef
     if tag:
+        changed = set(args.resume_changes)  # a new learning rate or weight decay replaces the checkpoint's
+        decay = args.weight_decay if "weight_decay" in changed else None
         if critic is not None:
-            common.load_checkpoint(critic, str(ckpt / "critic"), tag)
-        state = common.load_checkpoint(actor, str(ckpt / "actor"), tag)
+            common.load_checkpoint(critic, str(ckpt / "critic"), tag,
+                                   critic_lr if "critic_learning_rate" in changed else None, decay)
+        state = common.load_checkpoint(actor, str(ckpt / "actor"), tag,
+                                       actor_lr if "learning_rate" in changed else None, decay)
         start_iter = state["iteration"]
         if args.adaptive_kl and "kl_coef" not in args.resume_changes:  # the controller goes on from where it was
             kl_coef = state["kl_coef"]
@@ -1203,9 +1209,9 @@ def main(args: Args):
         if args.save_every and (iteration + 1) % args.save_every == 0 and iteration + 1 < n_iters:
             tag = f"iter{iteration + 1}"
             if critic is not None:
-                critic.save_checkpoint(str(ckpt / "critic"), tag=tag)  # the actor's `latest` is written last
-            actor.save_checkpoint(str(ckpt / "actor"), tag=tag, client_state={
-                "iteration": iteration + 1, "kl_coef": kl_coef, "ema": ema})
+                common.save_checkpoint(critic, str(ckpt / "critic"), tag, {})  # the actor's `latest` is written last
+            common.save_checkpoint(actor, str(ckpt / "actor"), tag, {"iteration": iteration + 1, "kl_coef": kl_coef,
+                                                                     "ema": ema})
 
     # --- save ---
     logger.close()

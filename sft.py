@@ -255,7 +255,9 @@ def main(args: Args):
     ckpt_dir = os.path.join(args.output_dir, "checkpoints")
     start_step = 0
     if tag:
-        state = common.load_checkpoint(engine, ckpt_dir, tag)
+        changed = set(args.resume_changes)  # a new learning rate or weight decay replaces the checkpoint's
+        state = common.load_checkpoint(engine, ckpt_dir, tag, lr if "learning_rate" in changed else None,
+                                       args.weight_decay if "weight_decay" in changed else None)
         start_step = state["step"]
         common.set_rng_state(state["rng"])
         common.print0(f"resumed from {ckpt_dir}/{tag} at step {start_step}")
@@ -295,8 +297,7 @@ def main(args: Args):
             metrics |= evaluate(engine, evals, micro, tokenizer.pad_token_id, device, args.logprob_chunk_size)
         logger.log(step + 1, metrics, advance=1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            engine.save_checkpoint(ckpt_dir, tag=f"step{step + 1}",
-                                   client_state={"step": step + 1, "rng": common.rng_state()})
+            common.save_checkpoint(engine, ckpt_dir, f"step{step + 1}", {"step": step + 1, "rng": common.rng_state()})
 
     # --- save ---
     logger.close()

@@ -302,3 +302,17 @@ def test_check_finite_names_the_step_and_the_value():
         with pytest.raises(common.UserError) as e:
             common.check_finite({"train/loss": 1.5, "eval/loss": bad}, step=7)
         assert "step 7" in e.value.code and "eval/loss" in e.value.code
+
+
+def test_latest_names_a_checkpoint_only_once_every_rank_has_written_it(tmp_path):
+    """DeepSpeed's rank 0 wrote `latest` before the other ranks' shards were on disk (a kill then left a `latest`
+    that cannot be loaded): common.save_checkpoint asks DeepSpeed for no `latest` and writes it after the save's
+    closing barrier, whole (through a temporary file)."""
+    class Engine:
+        def save_checkpoint(self, folder, tag, client_state, save_latest):
+            assert not save_latest and not (tmp_path / "latest").exists() and client_state == {"step": 2}
+            (tmp_path / tag).mkdir()
+
+    common.save_checkpoint(Engine(), str(tmp_path), "step2", {"step": 2})
+    assert common.latest_checkpoint(tmp_path) == "step2" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest", "step2"]

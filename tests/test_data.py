@@ -461,7 +461,8 @@ def test_json_arrays_skip_invalid_and_splits(tmp_path, capsys):
         common.load_data(str(tmp_path / "missing.jsonl"), "sft")
     # an array cut short after a whole record, or with text after it: refused, not read in part
     whole = path.read_text()
-    for text, why in ((whole[:whole.rindex("}") + 1] + ",\n", "no closing ]"), (whole + "<html>\n", "after its closing ]")):
+    for text, why in ((whole[:whole.rindex("}") + 1] + ",\n", "no closing ]"),
+                      (whole + "<html>\n", "after its closing ]")):
         path.write_text(text)
         with pytest.raises(common.UserError, match=f"malformed JSON array \\(.*{why}"):
             common.load_data(str(path), "sft", skip_invalid=True)

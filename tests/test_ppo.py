@@ -444,8 +444,8 @@ def test_ema_is_saved_and_follows_its_decay(demo, few_prompts, tmp_path):
 @pytest.fixture(scope="module")
 def rank_flags(demo, few_prompts, tmp_path_factory):
     """flags(stage, ranks): 32 answers an iteration in two shuffled mini-batches of 16, one micro-batch of 16 on 1
-    rank, 8 on each of 2 ranks (a mean per micro-batch would differ from the global one), with PPO-ptx (its loss is a token-mean over the global ptx batch as well) on 64 of
-    the demo's demonstrations."""
+    rank, 8 on each of 2 ranks (a mean per micro-batch would differ from the global one), with PPO-ptx (its loss is
+    a token-mean over the global ptx batch as well) on 64 of the demo's demonstrations."""
     import json
 
     ptx = tmp_path_factory.mktemp("ptx") / "ptx.jsonl"

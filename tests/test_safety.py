@@ -261,6 +261,21 @@ def test_6_resume_with_other_flags_is_refused_by_name(sft_run, tmp_path, no_mode
     assert snapshot(run) == before
 
 
+def test_6_an_accepted_learning_rate_change_is_the_one_used(sft_run, tmp_path):
+    """--resume --resume_changes learning_rate: args.json said the new rate, but the optimizer and scheduler states
+    loaded from the checkpoint kept the old one (train/lr went on at 1e-3). Now the schedule goes on from the
+    checkpoint's step at the new peak."""
+    run = copy_run(sft_run[0], tmp_path)
+    run_script("sft.py", *sft_run[1], "--output_dir", run, "--resume", "--max_steps", "8", "--learning_rate", "2e-3",
+               "--resume_changes", "learning_rate", "total_steps")
+    saved = json.loads((run / "args.json").read_text())
+    schedule = common.lr_lambda(saved["lr_scheduler"], int(saved["warmup_ratio"] * 8), 8)
+    rows = [r for r in read_metrics(run) if r["step"] > 4]  # after the step-4 checkpoint
+    assert [r["step"] for r in rows] == [5, 6, 7, 8]
+    for r in rows:
+        assert r["train/lr"] == pytest.approx(2e-3 * schedule(r["step"]), rel=1e-6), r
+
+
 def test_6_resume_compares_ranks_through_the_global_batch(tmp_path):
     """Same global batch on other ranks: the same run (ZeRO-0); under ZeRO-1..3 the optimizer state is split over
     the ranks, so a 2-rank ZeRO-2 checkpoint on 1 rank (a traceback before) is refused."""
@@ -569,7 +584,7 @@ def test_10_a_causal_lm_as_reward_model_is_refused(tiny_models, tmp_path, monkey
 # 12: chat.py --output and stdin
 
 
-def test_12_chat_checks_output_before_generating(tmp_path):
+def test_12_chat_checks_output_before_generating(tmp_path, monkeypatch):
     """--output into a missing folder failed after every answer was generated, and an --output inside the model's
     folder replaced its files (config.json: the model was lost). The model here cannot even load: the check comes
     first."""
@@ -584,6 +599,13 @@ def test_12_chat_checks_output_before_generating(tmp_path):
         with pytest.raises(common.UserError) as e:
             chat.main(chat.Args(model=str(model), prompts=str(prompts), output=output))
         one_line_error(e, f"--output {output}", needle)
+    # one file of a comma-separated --prompts, and paths given as ~/... (no shell expands a ~ after `=`)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    other = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "yo"}])
+    for spec, output in ((f"{other},{prompts}", str(prompts)), ("~/p.jsonl", "~/p.jsonl")):
+        with pytest.raises(common.UserError) as e:
+            chat.main(chat.Args(model=str(model), prompts=spec, output=output))
+        one_line_error(e, f"--output {output}", "would overwrite --prompts")
     assert prompts.read_text() == '{"prompt": "hi"}\n' and (model / "config.json").read_text() == "{}"
 
 
