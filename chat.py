@@ -53,7 +53,7 @@ class Args:
     """a system message put before every conversation"""
     # sampling
     temperature: float = 0.7
-    """sampling temperature (>= 0; 0: greedy)"""
+    """sampling temperature (0: greedy, else >= 0.01)"""
     top_p: float = 0.9
     """nucleus sampling: sample from the smallest set of tokens whose probability reaches this (0 < x <= 1)"""
     max_new_tokens: int | None = None
@@ -73,8 +73,8 @@ class Args:
     """set by the deepspeed launcher; do not pass by hand"""
 
 
-RANGES = {"temperature": ">= 0", "top_p": "0 < x <= 1", "max_new_tokens": ">= 1", "seed": "0 <= x <= 4294967295",
-          "max_context": ">= 0", "batch_size": ">= 1"}
+RANGES = {"temperature": "0 or >= 0.01", "top_p": "0 < x <= 1", "max_new_tokens": ">= 1",
+          "seed": "0 <= x <= 4294967295", "max_context": ">= 0", "batch_size": ">= 1"}
 
 
 def check_output(args: Args):
@@ -121,7 +121,7 @@ def load(path: str, flag: str, args: Args, device: torch.device, reward: bool = 
         raise common.UserError(f"{flag} {path} is a sequence classifier ({archs[0]}: a reward model or critic), not a "
                                "model that writes answers; pass it as --reward")
     cls, extra = (AutoModelForSequenceClassification, {"num_labels": 1}) if reward else (AutoModelForCausalLM, {})
-    model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code, **extra)
+    model = common.from_pretrained(cls, path, flag, dtype=dtype, trust_remote_code=args.trust_remote_code, **extra)
     if reward and not any(a.endswith("ForSequenceClassification") for a in archs):
         print(f"warning: {flag} {path} was not saved as a sequence classifier; its score head is random",
               file=sys.stderr)
@@ -274,11 +274,11 @@ def main(args: Args):
     common.check_numbers(args, RANGES)
     if args.output:
         check_output(args)
-    if args.prompt is not None:
+    for flag, text in (("--prompt", args.prompt), ("--system", args.system)):
         try:
-            args.prompt.encode("utf-8")
+            (text or "").encode("utf-8")
         except UnicodeEncodeError:
-            raise common.UserError("--prompt is not valid UTF-8")
+            raise common.UserError(f"{flag} is not valid UTF-8")
     # stdin as UTF-8 whatever the locale; undecodable bytes become surrogates that read_line reports
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")

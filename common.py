@@ -598,9 +598,21 @@ def load_causal_lm(name: str, dtype: torch.dtype, tokenizer, trust_remote_code: 
     if name == "toy":
         model = toy_model(tokenizer)
     else:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = from_pretrained(AutoModelForCausalLM, name, flag, dtype=dtype, trust_remote_code=trust_remote_code)
     resize_for_tokenizer(model, tokenizer)
     return model.to(dtype)
+
+
+def from_pretrained(cls, name: str, flag: str, **kwargs):
+    """cls.from_pretrained(name, **kwargs), with one line for a model whose files are damaged (a weights file cut
+    short by a failed copy or a full disk fails deep inside safetensors or torch)."""
+    from safetensors import SafetensorError
+
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{flag} {name}: cannot load the model ({first}); are its files complete?")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -794,9 +806,10 @@ def turns(where: str, obj: dict, field: str, role: str = "user") -> list[dict]:
     v = obj[field]
     if isinstance(v, list):
         return [{"role": m["role"], "content": m["content"]} for m in v]
-    if not (re.match(r"\s*Human:", v) and "\n\nAssistant:" in v):
+    hh = v.replace("\r\n", "\n")  # (a file written on Windows)
+    if not re.match(r"\s*Human:", hh):  # HH's form starts with a Human turn; a prompt may end before "Assistant:"
         return [{"role": role, "content": v.strip()}]
-    parts = _HH_TURN.split(v)
+    parts = _HH_TURN.split(hh)
     out = [{"role": "user" if r == "Human" else "assistant", "content": c.strip()}
            for r, c in zip(parts[1::2], parts[2::2])]
     if out[-1]["role"] == "assistant" and not out[-1]["content"]:
@@ -1018,10 +1031,11 @@ def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 # what these scripts write into an output folder: --overwrite removes these and nothing else
-RUN_FILES = ("args.json", "metrics.jsonl", "checkpoints", "critic", "ema", "tensorboard", "wandb", "config.json",
-             "generation_config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
-             "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-             "vocab.json", "merges.txt", "tokenizer.model", "adapter_config.json", "adapter_model.safetensors")
+RUN_FILES = ("args.json", "args.json.next", "metrics.jsonl", "checkpoints", "critic", "ema", "tensorboard", "wandb",
+             "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+             "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model", "adapter_config.json",
+             "adapter_model.safetensors")
 RUN_PATTERNS = ("model-*-of-*.safetensors", ".staging-*", "metrics.jsonl.tmp-*")
 LOCK = ".lock"
 _held_locks = []  # (lock file, pid) taken by this process
@@ -1224,7 +1238,7 @@ def start_output_dir(output_dir: str, args, overwrite: bool, resume: bool, run: 
                             f.unlink()
             saved = json.loads(json.dumps(vars(args), default=str)) | {"_run": run or {}}
             (p / "args.json.tmp").write_text(json.dumps(saved, indent=2) + "\n")
-            os.replace(p / "args.json.tmp", p / "args.json")
+            os.replace(p / "args.json.tmp", p / ("args.json.next" if resume else "args.json"))  # see commit_args
         except UserError as e:
             error = e
         except OSError as e:  # a read-only file system, /proc, a name too long: one line, nothing half made
@@ -1236,6 +1250,15 @@ def start_output_dir(output_dir: str, args, overwrite: bool, resume: bool, run: 
             raise UserError(f"rank 0 stopped: {message[0]}")
     if error:
         raise error
+
+
+def commit_args(output_dir: str):
+    """A resumed run's args.json, written aside (args.json.next) at start-up, replaces the checkpoint's once the run
+    has saved a checkpoint or its model: until then args.json describes what is on disk, and --resume compares with
+    it (a resumed run killed before saving anything, or stopped early, leaves the folder as it found it)."""
+    pending = Path(output_dir) / "args.json.next"
+    if is_rank0() and pending.exists():
+        os.replace(pending, pending.with_name("args.json"))
 
 
 @torch.no_grad()

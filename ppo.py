@@ -101,7 +101,7 @@ class Args:
     generation_batch_size: int = 0
     """prompts per generate call (>= 0; 0: the whole --rollout_batch_size); smaller saves memory"""
     temperature: float = 1.0
-    """sampling temperature (> 0); logits are divided by it in every log-prob too (N+); top_k=0, top_p=1 always"""
+    """sampling temperature (>= 0.01); logits are divided by it in every log-prob too (N+); top_k=0, top_p=1"""
     # advantages
     advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
     """gae: PPO with a critic; critic-free (no critic is loaded, trained or saved), on each answer's score: grpo
@@ -241,7 +241,7 @@ class Args:
 
 RANGES = {"eval_fraction": "0 <= x < 1", "max_seq_len": ">= 2", "total_episodes": ">= 1", "num_epochs": ">= 1",
           "rollout_batch_size": ">= 1", "max_new_tokens": ">= 1", "generation_batch_size": ">= 0",
-          "temperature": "> 0", "ppo_epochs": ">= 1", "mini_batch_size": ">= 0", "per_device_batch_size": ">= 1",
+          "temperature": ">= 0.01", "ppo_epochs": ">= 1", "mini_batch_size": ">= 0", "per_device_batch_size": ">= 1",
           "gradient_accumulation_steps": ">= 1", "learning_rate": ">= 0", "critic_learning_rate": ">= 0",
           "warmup_ratio": "0 <= x <= 1", "weight_decay": ">= 0", "grad_clip": ">= 0", "kl_coef": ">= 0",
           "target_kl": "> 0", "kl_horizon": ">= 1", "cliprange": "> 0", "cliprange_value": "> 0",
@@ -300,8 +300,8 @@ def load_value_model(name: str, dtype, tokenizer, trust_remote_code: bool, flag:
     from transformers import AutoModelForSequenceClassification
 
     common.check_model_path(name, flag)
-    model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, dtype=dtype,
-                                                               trust_remote_code=trust_remote_code)
+    model = common.from_pretrained(AutoModelForSequenceClassification, name, flag, num_labels=1, dtype=dtype,
+                                   trust_remote_code=trust_remote_code)
     if not new_head and not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
         raise common.UserError(f"{flag} {name}: not a sequence classifier (its score head would be random); train "
                                "one with reward.py, or pass --new_value_head to start from a new head")
@@ -1212,6 +1212,7 @@ def main(args: Args):
                 common.save_checkpoint(critic, str(ckpt / "critic"), tag, {})  # the actor's `latest` is written last
             common.save_checkpoint(actor, str(ckpt / "actor"), tag, {"iteration": iteration + 1, "kl_coef": kl_coef,
                                                                      "ema": ema})
+            common.commit_args(args.output_dir)  # args.json describes the run from its first save on
 
     # --- save ---
     logger.close()
@@ -1222,15 +1223,16 @@ def main(args: Args):
     if args.ema:  # rank 0's copy (no gather), staged and moved into place as the model is
         common.save_hf(actor.module, tokenizer, str(Path(args.output_dir) / "ema"), 0,
                        state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in ema.items()})
+    common.commit_args(args.output_dir)
     common.print0(f"saved {args.output_dir}")
 
-@torch.no_grad()
 def ema_copy(model) -> dict:
     """The EMA's start: the actor's weights on CPU in fp32, whatever the model's dtype. In bf16 (8 bits of mantissa)
     most (1 - decay) * (w - ema) steps would round away and the average would lag or freeze."""
     return {k: v.float() if v.is_floating_point() else v for k, v in common.merged_state_dict(model).items()}
 
 
+@torch.no_grad()
 def update_ema(ema: dict | None, model, decay: float, zero_stage: int):
     """ema <- decay * ema + (1 - decay) * weights, on rank 0's CPU copy, gathered under ZeRO-3 (DSC's --enable_ema)."""
     ctx = deepspeed.zero.GatheredParameters(list(model.parameters())) if zero_stage == 3 else nullcontext()

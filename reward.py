@@ -302,8 +302,8 @@ def main(args: Args):
         cfg.num_labels = 1
         model = AutoModelForSequenceClassification.from_config(cfg)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=dtype,
-                                                                   trust_remote_code=args.trust_remote_code)
+        model = common.from_pretrained(AutoModelForSequenceClassification, args.model, "--model", num_labels=1,
+                                       dtype=dtype, trust_remote_code=args.trust_remote_code)
     if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
         # a new head: N(0, 1/sqrt(d + 1)), bias 0 (Stiennon et al. 2020, lm-human-preferences)
         torch.nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(model.config.hidden_size + 1))
@@ -381,11 +381,13 @@ def main(args: Args):
         logger.log(step + 1, metrics, advance=1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             common.save_checkpoint(engine, ckpt_dir, f"step{step + 1}", {"step": step + 1, "rng": common.rng_state()})
+            common.commit_args(args.output_dir)  # args.json describes the run from its first save on
 
     # --- save ---
     logger.close()
     stats = {"reward_mean": metrics["eval/reward_mean"], "reward_std": metrics["eval/reward_std"]}
     common.save_hf(engine.module, tokenizer, args.output_dir, args.zero_stage, extra_config=stats)
+    common.commit_args(args.output_dir)
     common.print0(f"saved {args.output_dir} (reward mean {stats['reward_mean']:.3f}, std {stats['reward_std']:.3f}, "
                   f"{time.time() - t0:.0f}s)")
 

@@ -298,10 +298,12 @@ def main(args: Args):
         logger.log(step + 1, metrics, advance=1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             common.save_checkpoint(engine, ckpt_dir, f"step{step + 1}", {"step": step + 1, "rng": common.rng_state()})
+            common.commit_args(args.output_dir)  # args.json describes the run from its first save on
 
     # --- save ---
     logger.close()
     common.save_hf(engine.module, tokenizer, args.output_dir, args.zero_stage, lora_adapter=args.lora_save_adapter)
+    common.commit_args(args.output_dir)
     common.print0(f"saved {args.output_dir} ({time.time() - t0:.0f}s)")
 
 

@@ -347,6 +347,8 @@ LAYOUTS = {  # kind: [(row, canonical record)]
     "prompts": [
         ({"prompt": "hi"}, {"prompt": [user("hi")]}),
         ({"prompt": HH, "chosen": " Madrid.", "rejected": " Rome."}, {"prompt": Q}),  # never wrapped twice
+        ({"prompt": HH.replace("\n", "\r\n")}, {"prompt": Q}),  # written on Windows
+        ({"prompt": HH.removesuffix("\n\nAssistant:")}, {"prompt": Q}),  # cut before its last "Assistant:"
         ({"prompt": "hi", "completion": "yo"}, {"prompt": [user("hi")]}),
         ({"messages": MULTI}, {"prompt": MULTI[:4]}),  # the turns before its last answer
         ({"messages": [user("q")]}, {"prompt": [user("q")]}),

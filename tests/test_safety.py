@@ -269,11 +269,27 @@ def test_6_an_accepted_learning_rate_change_is_the_one_used(sft_run, tmp_path):
     run_script("sft.py", *sft_run[1], "--output_dir", run, "--resume", "--max_steps", "8", "--learning_rate", "2e-3",
                "--resume_changes", "learning_rate", "total_steps")
     saved = json.loads((run / "args.json").read_text())
+    assert saved["max_steps"] == 8 and saved["learning_rate"] == 2e-3 and not (run / "args.json.next").exists()
     schedule = common.lr_lambda(saved["lr_scheduler"], int(saved["warmup_ratio"] * 8), 8)
     rows = [r for r in read_metrics(run) if r["step"] > 4]  # after the step-4 checkpoint
     assert [r["step"] for r in rows] == [5, 6, 7, 8]
     for r in rows:
         assert r["train/lr"] == pytest.approx(2e-3 * schedule(r["step"]), rel=1e-6), r
+
+
+def test_6_a_resumed_run_rewrites_args_json_only_once_it_has_saved(sft_run, tmp_path):
+    """--resume wrote the new args.json at start-up: killed before its first save (or stopped early), the folder held
+    the old model under an args.json of a run that never happened, and the next --resume was compared with that. Now
+    the new arguments wait beside it (args.json.next) until the run saves a checkpoint or its model."""
+    run = copy_run(sft_run[0], tmp_path)
+    before = (run / "args.json").read_text()
+    args = sft_args(sft_run[1], output_dir=str(run), resume=True, max_steps=8, resume_changes=("total_steps",))
+    common.start_output_dir(str(run), args, False, True, {"script": "sft.py"})
+    common._release_lock(run / common.LOCK, os.getpid())
+    assert (run / "args.json").read_text() == before and json.loads((run / "args.json.next").read_text())[
+        "max_steps"] == 8
+    common.commit_args(str(run))  # what a checkpoint or the final save does
+    assert json.loads((run / "args.json").read_text())["max_steps"] == 8 and not (run / "args.json.next").exists()
 
 
 def test_6_resume_compares_ranks_through_the_global_batch(tmp_path):
@@ -471,9 +487,10 @@ ISSUE_CASES = [
     (ppo, {"kl_coef": -1.0}, "--kl_coef -1.0: expected >= 0"),
     (ppo, {"clip_reward_value": -1.0}, "--clip_reward_value -1.0"),
     (ppo, {"ppo_epochs": 0}, "--ppo_epochs 0"),
-    (ppo, {"temperature": 0.0}, "--temperature 0.0: expected > 0"),
+    (ppo, {"temperature": 0.0}, "--temperature 0.0: expected >= 0.01"),
+    (ppo, {"temperature": 1e-300}, "--temperature 1e-300: expected >= 0.01"),  # logits / T overflowed
     (ppo, {"rollout_batch_size": 0}, "--rollout_batch_size 0"),
-    (chat, {"temperature": -1.0, "prompt": "hi"}, "--temperature -1.0: expected >= 0"),
+    (chat, {"temperature": -1.0, "prompt": "hi"}, "--temperature -1.0: expected 0 or >= 0.01"),
     (chat, {"top_p": 2.0, "prompt": "hi"}, "--top_p 2.0: expected 0 < top_p <= 1"),
 ]
 
@@ -609,6 +626,21 @@ def test_12_chat_checks_output_before_generating(tmp_path, monkeypatch):
     assert prompts.read_text() == '{"prompt": "hi"}\n' and (model / "config.json").read_text() == "{}"
 
 
+def test_a_model_with_damaged_files_is_one_line(tiny_models, tmp_path):
+    """A weights file cut short (a failed copy, a full disk) failed deep inside safetensors with a traceback, in every
+    script that loads a model; now one line naming the flag and the folder."""
+    model = Path(shutil.copytree(tiny_models["gpt2"], tmp_path / "m"))
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    tok = common.load_tokenizer(str(model))
+    with pytest.raises(common.UserError) as e:
+        common.load_causal_lm(str(model), torch.float32, tok, flag="--actor")
+    one_line_error(e, f"--actor {model}: cannot load the model", "are its files complete?")
+    with pytest.raises(common.UserError) as e:
+        ppo.load_value_model(str(model), torch.float32, tok, False, "--reward", new_head=True)
+    one_line_error(e, f"--reward {model}: cannot load the model")
+
+
 def test_12_chat_reads_stdin_as_utf8(tiny_models):
     """Invalid UTF-8 on stdin ended the chat with a traceback; now that line is skipped with a message, and the chat
     reads UTF-8 whatever the locale."""
@@ -619,3 +651,7 @@ def test_12_chat_reads_stdin_as_utf8(tiny_models):
     err = p.stderr.decode("utf-8", "replace")
     assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
     assert "not valid UTF-8" in err and p.stdout.decode().count("bot> ") == 1
+    for flag in ("--prompt", "--system"):  # bad bytes in an argument (a surrogate, as Python decodes argv)
+        with pytest.raises(common.UserError) as e:
+            chat.main(chat.Args(model=tiny_models["gpt2"], **{flag[2:]: "caf\udce9"}))
+        one_line_error(e, f"{flag} is not valid UTF-8")
