@@ -966,6 +966,36 @@ def _dataset_rows(path: str, split: str | None):
         yield f"{path}[{split or 'train'}][{i}]", {k: v for k, v in row.items() if v is not None}
 
 
+class Record(dict):
+    """A canonical record (see validate) that remembers its place, `where` (file:line), for the errors found when it
+    is encoded: a chat template that refuses its turns, --truncation error."""
+
+    def __init__(self, fields: dict, where: str = ""):
+        super().__init__(fields)
+        self.where = where
+
+
+def encode_records(records: list[dict], encode, source: str, skip_invalid: bool) -> list:
+    """[encode(record, where) for each record]; an error names the record's place (file:line when load_data read
+    it, else `source record N`), and with --skip_invalid drops the record instead (counted, as load_data does)."""
+    out, skipped = [], []
+    for i, record in enumerate(records):
+        where = getattr(record, "where", "") or f"{source} record {i + 1}"
+        try:
+            out.append(encode(record, where))
+        except UserError as e:
+            message = e.code.removeprefix("error: ")
+            message = message if message.startswith(where) else f"{where}: {message}"
+            if not skip_invalid:
+                raise UserError(message)
+            skipped.append(message)
+    if skipped:
+        print0(f"--skip_invalid: dropped {len(skipped)} records that cannot be encoded (first: {skipped[0]})")
+        if not out:
+            raise UserError(f"{source}: no record can be encoded")
+    return out
+
+
 def input_paths(spec) -> list[str]:
     """The paths of a comma-separated flag (--data a.jsonl,b.jsonl), `~` expanded: `--data=~/x.jsonl` reaches us
     unexpanded (no shell expands a ~ after `=`)."""
@@ -993,7 +1023,7 @@ def load_data(spec: str, kind: str, split: str | None = None, skip_invalid: bool
             try:
                 if isinstance(obj, str):
                     raise UserError(f"{where}: {obj}")
-                records.append(validate(where, obj, kind))
+                records.append(Record(validate(where, obj, kind), where=where))
             except UserError as e:
                 if not skip_invalid:
                     raise

@@ -596,20 +596,23 @@ def ptx_nll(actor, rows: list, pad_id: int, device, chunk_size: int = 1024) -> t
 # rollout
 
 
-def encode_prompts(records: list[dict], tokenizer, max_len: int, truncation: str, source: str):
-    out, n_cut, known = [], 0, {}
-    for i, r in enumerate(records):
-        key = repr(r["prompt"])
+def encode_prompts(records: list[dict], tokenizer, max_len: int, truncation: str, source: str,
+                   skip_invalid: bool = False):
+    """Token ids of each record's prompt, cut from the left to max_len (or an error with --truncation error), the
+    number cut, and the records kept (--skip_invalid drops those that cannot be encoded)."""
+    known = {}
+
+    def encode(record, where):
+        key = repr(record["prompt"])
         if key not in known:  # a repeated prompt (the demo draws 4096 from 115) is encoded once
-            known[key] = common.encode_prompt(tokenizer, r["prompt"])
-        ids = list(known[key])
-        if len(ids) > max_len and truncation == "error":
-            raise common.UserError(f"{source} prompt {i + 1}: {len(ids)} tokens > --max_seq_len - --max_new_tokens "
-                                   f"= {max_len} (pass --truncation left to cut it)")
-        ids, cut = common.truncate_left(ids, max_len)
-        n_cut += cut
-        out.append(ids)
-    return out, n_cut
+            known[key] = common.encode_prompt(tokenizer, record["prompt"])
+        if len(known[key]) > max_len and truncation == "error":
+            raise common.UserError(f"{where}: {len(known[key])} tokens > --max_seq_len - --max_new_tokens = "
+                                   f"{max_len} (pass --truncation left to cut it)")
+        return record, common.truncate_left(list(known[key]), max_len)
+
+    encoded = common.encode_records(records, encode, source, skip_invalid)
+    return [ids for _, (ids, _) in encoded], sum(cut for _, (_, cut) in encoded), [r for r, _ in encoded]
 
 
 def generation_config(args: Args, tokenizer, greedy: bool = False):
@@ -916,8 +919,10 @@ def main(args: Args):
         records, eval_records = common.split_eval(records, args.eval_fraction, args.seed)
     eval_records = eval_records[: args.num_eval_prompts]
     max_prompt = max_seq_len - args.max_new_tokens
-    prompt_ids, n_cut = encode_prompts(records, tokenizer, max_prompt, args.truncation, args.data)
-    eval_prompt_ids, _ = encode_prompts(eval_records, tokenizer, max_prompt, args.truncation, "eval data")
+    prompt_ids, n_cut, records = encode_prompts(records, tokenizer, max_prompt, args.truncation, args.data,
+                                                args.skip_invalid)
+    eval_prompt_ids, _, eval_records = encode_prompts(eval_records, tokenizer, max_prompt, args.truncation,
+                                                      "eval data", args.skip_invalid)
     ptx = None
     common.print0("example prompt:\n" + tokenizer.decode(prompt_ids[0]))
     if args.ptx_data:

@@ -119,17 +119,22 @@ RUN_FLAGS = ("model", "data", "data_split", "eval_split", "skip_invalid", "eval_
              "grad_clip", "seed", "zero_stage", "dtype", "lora_rank", "lora_alpha")
 
 
-def tokenize(records: list[dict], tokenizer, max_seq_len: int, truncation: str, source: str):
+def tokenize(records: list[dict], tokenizer, max_seq_len: int, truncation: str, source: str,
+             skip_invalid: bool = False):
     """Token ids and loss masks (True on each answer and the token ending its turn; on every token of a {"text"}
     record) for every record; counts left-truncations. A record whose trained tokens were all cut away is dropped
-    (said on stderr): it would train nothing."""
+    (said on stderr): it would train nothing. A record that cannot be encoded is an error naming it (dropped with
+    --skip_invalid)."""
+    def encode(record, where):
+        ids, mask = common.encode_record(tokenizer, record)
+        if len(ids) > max_seq_len and truncation == "error":
+            raise common.UserError(f"{where}: {len(ids)} tokens > --max_seq_len {max_seq_len} (pass --truncation "
+                                   "left to cut it)")
+        return ids, mask
+
     examples, n_truncated, n_empty = [], 0, 0
-    for i, r in enumerate(records):
-        ids, mask = common.encode_record(tokenizer, r)
+    for ids, mask in common.encode_records(records, encode, source, skip_invalid):
         if len(ids) > max_seq_len:
-            if truncation == "error":
-                raise common.UserError(f"{source} record {i + 1}: {len(ids)} tokens > --max_seq_len {max_seq_len} "
-                                       "(pass --truncation left to cut it)")
             ids, _ = common.truncate_left(ids, max_seq_len)
             mask, _ = common.truncate_left(mask, max_seq_len)
             n_truncated += 1
@@ -203,11 +208,11 @@ def main(args: Args):
     # tokenised before the eval split, so that an error names records in the order of the file
     train_records, eval_records = common.load_splits(args.data, args.eval_data, args.data_split, args.eval_split,
                                                      "sft", args.skip_invalid)
-    train, n_cut = tokenize(train_records, tokenizer, max_seq_len, args.truncation, args.data)
+    train, n_cut = tokenize(train_records, tokenizer, max_seq_len, args.truncation, args.data, args.skip_invalid)
     n_cut_eval = 0
     if eval_records is not None:
         evals, n_cut_eval = tokenize(eval_records, tokenizer, max_seq_len, args.truncation,
-                                     args.eval_data or args.data)
+                                     args.eval_data or args.data, args.skip_invalid)
     else:
         train, evals = common.split_eval(train, args.eval_fraction, args.seed)
     common.print0("example (trained tokens in [[ ]]):\n" + common.show_example(tokenizer, *train[0]))

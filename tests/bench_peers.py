@@ -74,8 +74,9 @@ def main():
 
     common.Logger = TimedLogger
 
-    def raw_prompts(records, tokenizer, max_len, truncation, source):  # the peers' [B, 16] queries: no template
-        return [tokenizer(r["prompt"][-1]["content"], add_special_tokens=False)["input_ids"] for r in records], 0
+    def raw_prompts(records, tokenizer, max_len, truncation, source, skip_invalid):  # the peers' [B, 16] queries:
+        ids = [tokenizer(r["prompt"][-1]["content"], add_special_tokens=False)["input_ids"] for r in records]
+        return ids, 0, records  # (no template)
 
     ppo.encode_prompts = raw_prompts
     if not a.verbose:

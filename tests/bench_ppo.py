@@ -147,7 +147,7 @@ def main(b: Bench):
 
     dtype = common.resolve_dtype(b.dtype)
     tok = common.load_tokenizer(args.actor)
-    prompts, _ = ppo.encode_prompts(common.load_data("toy", "prompts")[: b.batch], tok, 256, "left", "toy")
+    prompts, *_ = ppo.encode_prompts(common.load_data("toy", "prompts")[: b.batch], tok, 256, "left", "toy")
     steps = b.ppo_epochs * (b.batch // b.mini_batch_size)
     mb = b.mini_batch_size
     actor = ppo.trained_engine(no_dropout(common.load_causal_lm(args.actor, dtype, tok)), 1e-6, args, b.zero_stage,

@@ -14,6 +14,7 @@ import chat
 import common
 import ppo
 import reward
+import sft
 
 # ---------------------------------------------------------------------------------------------------------------
 # the template kinds (each a tokenizer as load_tokenizer leaves it)
@@ -242,6 +243,34 @@ def test_a_template_whose_answers_start_unlike_its_prompt_is_named():
     assert common.template_gap(tok) is None  # "Assistant:" ends the prompt, the answer's " hello" carries its space
 
 
+ALTERNATING = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+               "{{ raise_exception('roles must alternate') }}{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}"
+               "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_records_a_template_refuses_are_named_by_line_and_skippable(tiny_models, tmp_path, capsys):
+    """A record whose turns the chat template refuses (two user turns in a row under Mistral's, Llama 2's or
+    Gemma's) stopped the run with no file or line, and --skip_invalid did not drop it; --truncation error named
+    "record N" counted after skipped rows. Now file:line, and --skip_invalid drops and counts it, in every stage."""
+    tok = common.load_tokenizer(tiny_models["llama"])
+    tok.chat_template = ALTERNATING
+    twice = {"messages": [user("a"), user("b"), assistant("c")]}
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [{"prompt": "x", "response": "y"}, twice,
+                                                        {"prompt": "z" * 400, "response": "w"}]) + "\n")
+    records = common.load_data(str(path), "sft")
+    with pytest.raises(common.UserError) as e:
+        sft.tokenize(records, tok, 512, "left", str(path))
+    assert e.value.code.startswith(f"error: {path}:2: the chat template cannot render") and "\n" not in e.value.code
+    with pytest.raises(common.UserError, match=f"{path}:3: .* tokens > --max_seq_len 64"):
+        sft.tokenize(records[::2], tok, 64, "error", str(path))
+    examples, _ = sft.tokenize(records, tok, 512, "left", str(path), skip_invalid=True)
+    assert len(examples) == 2 and "--skip_invalid: dropped 1 records that cannot be encoded" in capsys.readouterr().out
+    prompts = common.load_data(str(path), "prompts")  # ppo.py: the records kept go with their ids
+    ids, _, kept = ppo.encode_prompts(prompts, tok, 512, "left", str(path), skip_invalid=True)
+    assert kept == [prompts[0], prompts[2]] and ids == [common.encode_prompt(tok, r["prompt"]) for r in kept]
+
+
 def test_real_world_file_quirks(tmp_path, monkeypatch):
     """A UTF-8 byte-order mark (JSONL and JSON arrays), `--data=~/x.jsonl` (no shell expands it), an UltraFeedback
     pair whose message lists repeat a prompt with white space around it, and a layout none fits (ShareGPT)."""
@@ -407,8 +436,6 @@ def test_dahoas_and_hh_rows_are_formatted_once(toks):
 
 
 def test_text_records_train_every_token(toks, tiny_models):
-    import sft
-
     llama = common.load_tokenizer(tiny_models["llama"])
     (ids, mask), = sft.tokenize([{"text": "Once upon a time."}], llama, 512, "left", "x")[0]
     assert common.show_example(llama, ids, mask) == "[[<s>Once upon a time.</s>]]"

@@ -604,7 +604,7 @@ def test_any_preference_file_moves_the_policy(demo, tmp_path):
 def test_encode_prompts_encodes_a_repeated_prompt_like_the_first():
     tok = common.toy_tokenizer()
     records = common.load_data("toy", "prompts")[:300]  # 300 draws from ~115 distinct prompts
-    ids, _ = ppo.encode_prompts(records, tok, 488, "left", "toy")
-    assert ids == [common.encode_prompt(tok, r["prompt"]) for r in records]
+    ids, _, kept = ppo.encode_prompts(records, tok, 488, "left", "toy")
+    assert ids == [common.encode_prompt(tok, r["prompt"]) for r in records] and kept == records
     repeat = next(j for j in range(1, len(records)) if records[j]["prompt"] == records[0]["prompt"])
     assert ids[repeat] is not ids[0]  # rows never share a list

@@ -74,7 +74,7 @@ def test_long_examples_are_cut_from_the_left_and_counted(tiny_models):
     assert examples[0] == common.encode_conversation(tok, short["messages"])
     with pytest.raises(common.UserError) as e:
         sft.tokenize([short, long], tok, 24, "error", "data.jsonl")
-    assert "data.jsonl record 2" in e.value.code and "--max_seq_len 24" in e.value.code
+    assert "data.jsonl record 2" in e.value.code and "--max_seq_len 24" in e.value.code  # (records not from a file)
     # a conversation that ends with a long user turn keeps, cut from the left, none of its trained tokens: dropped
     # (a batch of only such records divided by zero trained tokens); none left at all is a one-line error
     late = {"messages": [*TURNS[:2], {"role": "user", "content": "and dogs ? " * 30}]}
@@ -126,7 +126,7 @@ BAD_RUNS = {  # name: (extra flags, what the one-line error must say); {bad}/{ru
     "missing_model_or_hub_name": (["--model", "models/no_such_model"], "cannot load a tokenizer"),
     "zero_stage_5": (["--zero_stage", "5"], "--zero_stage 5"),
     "truncation_error": (["--data", "{long}", "--max_seq_len", "40", "--truncation", "error", "--eval_fraction",
-                          "0.3"], "long.jsonl record 7: "),  # counted in the file, though lines 4-5 are held out
+                          "0.3"], "long.jsonl:7: "),  # its line, though lines 4-5 are held out
     "output_dir_holds_a_run": (["--output_dir", "{run}"], "holds another run"),
     "overwrite_a_folder_that_is_no_run": (["--output_dir", "{notrun}", "--overwrite"], "has no args.json"),
     "output_dir_of_user_files": (["--output_dir", "{notrun}"], "holds files and no run of these scripts"),  # said
