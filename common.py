@@ -463,9 +463,12 @@ def _piece_ids(tokenizer, text: str, plain: bool, first: bool) -> list[int]:
     ids = _encode(tokenizer, text, plain)
     if first or not ids or not _traits(tokenizer)[1]:
         return ids
-    head = _encode(tokenizer, "\n", False)
-    both = _encode(tokenizer, "\n" + text, plain)
-    return both[len(head):] if both[: len(head)] == head else ids
+    for sentinel in ("\n", "\ue000"):  # a vocabulary that merges "\n" with what follows: a private-use character
+        head = _encode(tokenizer, sentinel, False)
+        both = _encode(tokenizer, sentinel + text, plain)
+        if both[: len(head)] == head:
+            return both[len(head):]
+    return ids
 
 
 def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: bool = False

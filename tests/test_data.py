@@ -271,6 +271,25 @@ def test_records_a_template_refuses_are_named_by_line_and_skippable(tiny_models,
     assert kept == [prompts[0], prompts[2]] and ids == [common.encode_prompt(tok, r["prompt"]) for r in kept]
 
 
+def test_a_sentencepiece_vocabulary_that_merges_the_newline_adds_no_space():
+    """A piece inside a conversation is tokenised after a sentinel whose ids are then cut, so that a SentencePiece
+    tokenizer's "▁" (a space) goes on the sentinel, not on the piece. With "\n" as the only sentinel, a vocabulary
+    that merges it with what follows ("\nbe", Phi-3-like) fell back to the piece alone: "▁be", a space the template
+    never wrote (`<|system|>\n be brief`)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "\n": 4, "b": 5, "e": 6, "be": 7, "▁b": 8, "▁be": 9, "\nb": 10,
+             "\nbe": 11}
+    merges = [("\n", "b"), ("\nb", "e"), ("▁", "b"), ("▁b", "e"), ("b", "e")]
+    backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert tok.convert_ids_to_tokens(tok("\nbe", add_special_tokens=False)["input_ids"]) == ["▁", "\nbe"]
+    assert tok.convert_ids_to_tokens(common._piece_ids(tok, "be", plain=True, first=False)) == ["be"]
+    assert tok.convert_ids_to_tokens(common._piece_ids(tok, "be", plain=True, first=True)) == ["▁be"]  # text start
+
+
 def test_real_world_file_quirks(tmp_path, monkeypatch):
     """A UTF-8 byte-order mark (JSONL and JSON arrays), `--data=~/x.jsonl` (no shell expands it), an UltraFeedback
     pair whose message lists repeat a prompt with white space around it, and a layout none fits (ShareGPT)."""
