@@ -373,7 +373,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, generat
     eos = torch.tensor(g.eos_token_id if isinstance(g.eos_token_id, list) else [g.eos_token_id],
                        device=input_ids.device)
     attn, pos = attention_mask, common.position_ids(attention_mask)
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    base = model.get_base_model() if hasattr(model, "peft_config") else model  # (peft passes the argument on)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
     out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True, **keep)
     cache_key = "cache" if "cache" in out else "past_key_values"  # transformers 5 renamed it
     ended = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
