@@ -35,8 +35,9 @@ class UserError(SystemExit):
 
 
 def _excepthook(kind, value, tb, other_errors=sys.__excepthook__):
-    """A full disk is one line, not a traceback (the newest checkpoint stays usable: DeepSpeed writes `latest`
-    last, save_hf moves config.json in last). torch.save reports it as a RuntimeError, safetensors as its own."""
+    """A full disk is one line, not a traceback (the newest checkpoint stays usable: `latest` is written last,
+    save_hf moves config.json in last). torch.save reports it as a RuntimeError, safetensors as its own. So is a
+    collective that fails because another rank stopped with its own error (one rank's bad --reward_fn call)."""
     chain, e = [], value
     while e is not None and len(chain) < 10:
         chain.append(e)
@@ -51,6 +52,10 @@ def _excepthook(kind, value, tb, other_errors=sys.__excepthook__):
             print(f"error: the disk is full{where}: {first}; free some space, then --resume from the last "
                   "checkpoint if the run saved one (--save_every), else run it again", file=sys.stderr)
             return
+    lost = ("Connection closed by peer", "Connection reset by peer", "remote process exited")  # gloo, NCCL
+    if isinstance(value, RuntimeError) and any(m in str(value) for m in lost):  # another rank stopped first
+        print("error: another rank stopped (its error is above); this one stops too", file=sys.stderr)
+        return
     if kind is KeyboardInterrupt:  # Ctrl-C: the output folder is as a kill leaves it (see README, Reliability)
         print("interrupted (Ctrl-C); --resume continues from the last checkpoint, if the run saved one",
               file=sys.stderr)

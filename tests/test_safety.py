@@ -572,6 +572,12 @@ def test_9_a_full_disk_is_one_line(tiny_models, tmp_path):
     with redirect_stderr(err):  # Ctrl-C printed a 20-line traceback
         common._excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)
     assert err.getvalue().startswith("interrupted (Ctrl-C)") and err.getvalue().count("\n") == 1
+    lost = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:15267. This is "
+                        "typically caused by a remote worker crashing.")
+    err = io.StringIO()
+    with redirect_stderr(err):  # rank 0 after rank 1 stopped with its one line: a 20-line traceback
+        common._excepthook(RuntimeError, lost, None)
+    one_line_error(err.getvalue(), "another rank stopped (its error is above)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
