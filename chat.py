@@ -53,7 +53,7 @@ class Args:
     """a system message put before every conversation"""
     # sampling
     temperature: float = 0.7
-    """sampling temperature (0: greedy, else >= 0.01)"""
+    """sampling temperature (0 or >= 0.01; 0: greedy)"""
     top_p: float = 0.9
     """nucleus sampling: sample from the smallest set of tokens whose probability reaches this (0 < x <= 1)"""
     max_new_tokens: int | None = None
