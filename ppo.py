@@ -561,17 +561,18 @@ def trim(seq: torch.Tensor, attn: torch.Tensor, n_prompt: int, prompt_lens: list
     return seq[:, left: n_prompt + width], attn[:, left: n_prompt + width], np_, width
 
 
-def minibatches(n_rows: int, n_batches: int, first_row: int, key: tuple) -> list[list[int]]:
+def minibatches(n_rows: int, n_batches: int, first_row: int, key: tuple, per_block: int = 1) -> list[list[int]]:
     """One PPO epoch's mini-batches as this rank's row indices, the same global mini-batches however the rollout is
-    split over ranks: each block of n_batches consecutive rows of the global batch (rows first_row... here) gives one
-    row to every mini-batch, in an order drawn from (key, the block's global index). A shuffle per rank would make
-    each global mini-batch depend on the split."""
-    batches = [[] for _ in range(n_batches)]
-    for start in range(0, n_rows, n_batches):
-        order = list(range(start, min(start + n_batches, n_rows)))
-        random.Random(str((*key, (first_row + start) // n_batches))).shuffle(order)
-        for batch, row in zip(batches, order):
-            batch.append(row)
+    split over ranks: each block of n_batches x per_block consecutive rows of the global batch (rows first_row...
+    here) is shuffled, seeded by (key, the block's global index), and gives per_block rows to every mini-batch. A
+    shuffle per rank would make each global mini-batch depend on the split. main passes per_block = the group size
+    when a mini-batch holds whole groups, so that the answers to one prompt are not always split apart."""
+    batches, block = [[] for _ in range(n_batches)], n_batches * per_block
+    for start in range(0, n_rows, block):
+        order = list(range(start, min(start + block, n_rows)))
+        random.Random(str((*key, (first_row + start) // block))).shuffle(order)
+        for j, batch in enumerate(batches):
+            batch += order[j * per_block: (j + 1) * per_block]
     return batches
 
 
@@ -1117,8 +1118,9 @@ def main(args: Args):
         # 6. update: PPO epochs over shuffled mini-batches, each loss a token-mean over the global mini-batch;
         #    shuffles, widths and token counts are set on the host first (one collective): no step waits for the device
         prompt_lens, response_lens = [len(prompt_ids[i]) for i in rows], lengths.tolist()
+        per_block = samples_per_prompt if mini % samples_per_prompt == 0 else 1
         steps = [(epoch, step, batch) for epoch in range(args.ppo_epochs) for step, batch in enumerate(
-            minibatches(len(rows), len(rows) // mini, rank * len(rows), (args.seed, iteration, epoch)))]
+            minibatches(len(rows), len(rows) // mini, rank * len(rows), (args.seed, iteration, epoch), per_block))]
         step_tokens = common.all_reduce_sum([sum(response_lens[i] for i in batch) for *_, batch in steps], device)
         token_weight = loss_weights(lengths, loss_agg, args.max_new_tokens)
         ptx_tokens_total = 0.0

@@ -312,17 +312,21 @@ def test_trim_keeps_the_numbers():
 def test_minibatches_are_the_same_global_draw_however_the_rollout_is_split():
     """PPO's mini-batches over a global batch of 48 rows in 4 mini-batches: on 1, 2, 3 or 4 ranks (each rank holding
     a contiguous share, as rollout_prompts gives it) mini-batch j is the same set of global rows; each epoch uses
-    every row once; another epoch or iteration draws other mini-batches."""
-    def global_batches(world, key):
+    every row once; another epoch or iteration draws other mini-batches. With blocks of 2 rows a mini-batch (groups of
+    2 answers), the two answers of a prompt land in one mini-batch sometimes, not never."""
+    def global_batches(world, key, per_block=1):
         n = 48 // world
-        per_rank = [ppo.minibatches(n, 4, rank * n, key) for rank in range(world)]
+        per_rank = [ppo.minibatches(n, 4, rank * n, key, per_block) for rank in range(world)]
         return [sorted(rank * n + i for rank in range(world) for i in per_rank[rank][j]) for j in range(4)]
 
-    one = global_batches(1, (0, 5, 0))
-    assert sorted(sum(one, [])) == list(range(48)) and all(len(b) == 12 for b in one)
-    assert all(global_batches(w, (0, 5, 0)) == one for w in (2, 3, 4))
-    assert global_batches(1, (0, 5, 1)) != one and global_batches(1, (0, 6, 0)) != one
+    for per_block, worlds in ((1, (2, 3, 4)), (2, (2, 3))):  # (each rank's share a whole number of blocks)
+        one = global_batches(1, (0, 5, 0), per_block)
+        assert sorted(sum(one, [])) == list(range(48)) and all(len(b) == 12 for b in one)
+        assert all(global_batches(w, (0, 5, 0), per_block) == one for w in worlds)
+        assert global_batches(1, (0, 5, 1), per_block) != one and global_batches(1, (0, 6, 0), per_block) != one
     assert one != [list(range(j, 48, 4)) for j in range(4)]  # not a fixed stride: drawn per block
+    together = sum(any({2 * g, 2 * g + 1} <= set(b) for b in one) for g in range(24))
+    assert 0 < together < 24
 
 
 def test_ptx_batch_is_one_global_draw_however_it_is_split():
