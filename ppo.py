@@ -363,12 +363,14 @@ def generation_mode(engine, zero_stage: int, sharded: bool):
 
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation_config, synced_gpus: bool = False):
-    """HF generate() for the one case PPO needs, without its per-token overhead (~25% of generation on a small model):
-    sampling at a temperature (or greedy), with the KV cache, from left-padded prompts whose positions are
-    common.position_ids' (those the scoring forward uses), until every row has ended (with `synced_gpus`, every
+    """HF generate() for the one case PPO needs, reading nothing from the model's own generation_config (whose
+    min_p, suppress_tokens... generate() would apply) and without its per-token overhead (10-15% of generation on a
+    small model): sampling at a temperature (or greedy), with the KV cache, from left-padded prompts whose positions
+    are common.position_ids' (those the scoring forward uses), until every row has ended (with `synced_gpus`, every
     rank's: ZeRO-3's sharded forward needs all ranks). A token is drawn by the exponential race argmax(p / E),
-    E ~ Exp(1), which picks token i with probability p_i exactly as torch.multinomial does, at a fraction of its cost
-    on a CPU. Returns prompt + response ids, in the layout generate() returns: pad after a row's first EOS."""
+    E ~ Exp(1), which picks token i with probability p_i: the draw torch.multinomial makes for one sample (so the
+    tokens are generate()'s for the same seed), without its input checks. Returns prompt + response ids, in the
+    layout generate() returns: pad after a row's first EOS."""
     g = generation_config
     eos = torch.tensor(g.eos_token_id if isinstance(g.eos_token_id, list) else [g.eos_token_id],
                        device=input_ids.device)
