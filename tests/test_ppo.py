@@ -434,7 +434,7 @@ def test_ema_is_saved_and_follows_its_decay(demo, few_prompts, tmp_path):
     """--ema end to end at its two extremes: decay 1 keeps the initial (SFT) weights, decay 0 the final actor's."""
     from safetensors.torch import load_file
 
-    flags = ["--actor", demo / "sft", "--reward", demo / "rm", *few_prompts, "--total_episodes", "128",
+    flags = ["--actor", demo / "sft", "--reward", demo / "rm", *few_prompts, "--total_episodes", "64",
              "--eval_every", "0", "--num_eval_prompts", "8", "--print_samples", "0", "--ema"]
     for decay in ("1", "0"):
         run_script("ppo.py", *flags, "--ema_decay", decay, "--output_dir", tmp_path / decay)
@@ -457,7 +457,7 @@ def rank_flags(demo, few_prompts, tmp_path_factory):
 
     def flags(stage, ranks):
         n = 32 // ranks
-        return ["--actor", demo / "sft", "--reward", demo / "rm", *few_prompts, "--total_episodes", "96",
+        return ["--actor", demo / "sft", "--reward", demo / "rm", *few_prompts, "--total_episodes", "64",
                 "--eval_every", "0", "--num_eval_prompts", "16", "--generation_batch_size", "16", "--ppo_epochs", "1",
                 "--print_samples", "0", "--ptx_data", ptx, "--ptx_coef", "0.5", "--zero_stage", stage,
                 "--rollout_batch_size", n, "--mini_batch_size", n // 2, "--per_device_batch_size", n // 2]
@@ -478,13 +478,13 @@ def test_two_ranks_match_one_rank(rank_flags, one_rank_run, tmp_path, stage):
     """The same global batch gives the same run on 1 rank (ZeRO-0) and 2 ranks (ZeRO-0, ZeRO-2 with --offload,
     ZeRO-3). Every generate call is seeded by its place in the global batch, so both runs draw the same samples; the
     two mini-batches of an iteration are the same global rows however they are split (ppo.minibatches), so the
-    updates must agree up to float reduction order. Tolerance
-    2e-3 relative: fp32 sums in a different order, compounded over 3 iterations of Adam (whose first steps move
-    every weight by ~lr whatever the gradient's size)."""
+    updates must agree up to float reduction order. Tolerance 2e-3 relative: fp32 sums in a different order,
+    compounded over 2 iterations (4 steps) of Adam (whose first steps move every weight by ~lr whatever the gradient's
+    size)."""
     run_script("ppo.py", *rank_flags(stage, 2), "--output_dir", tmp_path / "two",
                *(["--offload"] if stage == 2 else []), ranks=2)
     one, two = read_metrics(one_rank_run), read_metrics(tmp_path / "two")
-    assert len(one) == len(two) == 4 and "train/ptx_loss" in one[1]
+    assert len(one) == len(two) == 3 and "train/ptx_loss" in one[1]
     for a, b in zip(one, two):
         assert a.keys() == b.keys()
         for k in a:
