@@ -332,11 +332,7 @@ def main(args: Args):
 
     # --- output: a JSONL file, or the answers side by side ---
     if args.output:  # written whole, then renamed into place
-        output = os.path.expanduser(args.output)  # `--output=~/a.jsonl`: no shell expands it
-        tmp = f"{output}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        os.replace(tmp, output)
+        common.write_whole(os.path.expanduser(args.output), "".join(json.dumps(row) + "\n" for row in rows))
     else:
         width = max(len(p) for p in models.values())
         for n, (row, c) in enumerate(zip(rows, conversations), 1):

@@ -1074,7 +1074,7 @@ RUN_FILES = ("args.json", "args.json.next", "metrics.jsonl", "checkpoints", "cri
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
              "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model", "adapter_config.json",
              "adapter_model.safetensors")
-RUN_PATTERNS = ("model-*-of-*.safetensors", ".staging-*", "metrics.jsonl.tmp-*")
+RUN_PATTERNS = ("model-*-of-*.safetensors", ".staging-*", "metrics.jsonl.tmp-*", "args.json*.tmp-*")
 LOCK = ".lock"
 _held_locks = []  # (lock file, pid) taken by this process
 
@@ -1275,8 +1275,7 @@ def start_output_dir(output_dir: str, args, overwrite: bool, resume: bool, run: 
                         else:
                             f.unlink()
             saved = json.loads(json.dumps(vars(args), default=str)) | {"_run": run or {}}
-            (p / "args.json.tmp").write_text(json.dumps(saved, indent=2) + "\n")
-            os.replace(p / "args.json.tmp", p / ("args.json.next" if resume else "args.json"))  # see commit_args
+            write_whole(p / ("args.json.next" if resume else "args.json"), json.dumps(saved, indent=2) + "\n")
         except UserError as e:
             error = e
         except OSError as e:  # a read-only file system, /proc, a name too long: one line, nothing half made
@@ -1288,6 +1287,13 @@ def start_output_dir(output_dir: str, args, overwrite: bool, resume: bool, run: 
             raise UserError(f"rank 0 stopped: {message[0]}")
     if error:
         raise error
+
+
+def write_whole(path, text: str):
+    """Write a file through a temporary one moved into place: a kill or a full disk never leaves it half written."""
+    tmp = Path(f"{path}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def commit_args(output_dir: str):
@@ -1471,9 +1477,7 @@ def truncate_log(output_dir: str, step: int):
             continue
         if row.get("step", 0) <= step:
             rows.append(line)
-    tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")  # written whole, then moved: a kill here loses no row
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, p)
+    write_whole(p, "".join(r + "\n" for r in rows))  # a kill here loses no row
 
 
 def save_checkpoint(engine, folder: str, tag: str, state: dict):
@@ -1482,9 +1486,7 @@ def save_checkpoint(engine, folder: str, tag: str, state: dict):
     cannot be loaded. DeepSpeed's save ends with a barrier of all ranks."""
     engine.save_checkpoint(folder, tag=tag, client_state=state, save_latest=False)
     if is_rank0():
-        tmp = Path(folder) / f"latest.tmp-{os.getpid()}"
-        tmp.write_text(tag)
-        os.replace(tmp, Path(folder) / "latest")
+        write_whole(Path(folder) / "latest", tag)
 
 
 def latest_checkpoint(folder) -> str | None:

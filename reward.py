@@ -245,9 +245,12 @@ def main(args: Args):
     max_seq_len = common.fit_max_seq_len(args.max_seq_len, common.model_context(args.model, args.trust_remote_code))
 
     def encode(records, source):  # an error names the pair's file:line; --skip_invalid drops it instead
-        encoded = common.encode_records(records, lambda r, where: (*encode_pair(
-            tokenizer, r, max_seq_len, args.truncation, where), r.get("margin", 0.0)), source, args.skip_invalid)
-        return [(c, rj, margin) for c, rj, _, margin in encoded], sum(cut for _, _, cut, _ in encoded)
+        def one(r, where):
+            chosen, rejected, cut = encode_pair(tokenizer, r, max_seq_len, args.truncation, where)
+            return (chosen, rejected, r.get("margin", 0.0)), cut
+
+        encoded = common.encode_records(records, one, source, args.skip_invalid)
+        return [pair for pair, _ in encoded], sum(cut for _, cut in encoded)
 
     # encoded before the eval split, so that an error names pairs in the order of the file
     train_records, eval_records = common.load_splits(args.data, args.eval_data, args.data_split, args.eval_split,
