@@ -110,6 +110,7 @@ def init_distributed() -> torch.device:
     return torch.device("cpu")
 
 
+
 def watch_launcher(interval: float = 1.0):
     """A rank stops when its launcher is gone: its parent (deepspeed's launch.py, torchrun) and, under the
     `deepspeed` command, the runner above launch.py, which does not pass a SIGTERM on to its ranks (a killed
@@ -649,26 +650,38 @@ class _LinearLogprobs(torch.autograd.Function):
     """log p(token) at a chunk of positions for a plain linear head, in training: the forward keeps the chunk's
     inputs and its log-sum-exp, the backward recomputes the logits and turns them into the gradient in place
     (d logp / d z = onehot - softmax(z)), so a chunk costs about two V-wide fp32 buffers where autograd through
-    a recomputed log-softmax would hold five."""
+    a recomputed log-softmax would hold five. with_entropy: (log-probs, entropies), each with its gradient
+    (dH / dz = -p (log p + H)), for the same two buffers."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, tokens, temperature):
+    def forward(ctx, h, weight, bias, tokens, temperature, with_entropy=False):
         z = torch.nn.functional.linear(h, weight, bias).float().div_(temperature)  # a new tensor either way
         lse = torch.logsumexp(z, -1)
-        ctx.save_for_backward(h, weight, bias, tokens, lse)
+        logp = z.gather(-1, tokens[:, None]).squeeze(-1) - lse
+        entropy = None
+        if with_entropy:
+            log_p = z.sub_(lse[:, None])
+            entropy = -log_p.exp().mul_(log_p).sum(-1)
+        ctx.save_for_backward(h, weight, bias, tokens, lse, entropy)
         ctx.temperature = temperature
-        return z.gather(-1, tokens[:, None]).squeeze(-1) - lse
+        return (logp, entropy) if with_entropy else logp
 
     @staticmethod
-    def backward(ctx, grad):
-        h, weight, bias, tokens, lse = ctx.saved_tensors
+    def backward(ctx, grad, grad_entropy=None):
+        h, weight, bias, tokens, lse, entropy = ctx.saved_tensors
         z = torch.nn.functional.linear(h, weight, bias).float().div_(ctx.temperature)
-        g = z.sub_(lse[:, None]).exp_()  # softmax
-        g.scatter_add_(1, tokens[:, None], torch.full_like(lse[:, None], -1.0))  # softmax - onehot
-        g = g.mul_(grad[:, None] / -ctx.temperature).to(h.dtype)  # d loss / d (h W^T + b)
+        if entropy is None:
+            g = z.sub_(lse[:, None]).exp_()  # softmax
+            g.scatter_add_(1, tokens[:, None], torch.full_like(lse[:, None], -1.0))  # softmax - onehot
+            g = g.mul_(grad[:, None] / -ctx.temperature)
+        else:  # grad (onehot - p) - grad_entropy p (log p + H)
+            log_p = z.sub_(lse[:, None])
+            g = log_p.exp().mul_(log_p.add_(entropy[:, None]).mul_(grad_entropy[:, None]).add_(grad[:, None]))
+            g = g.neg_().scatter_add_(1, tokens[:, None], grad[:, None]).div_(ctx.temperature)
+        g = g.to(h.dtype)  # d loss / d (h W^T + b)
         need = ctx.needs_input_grad
         return (g @ weight if need[0] else None, g.t() @ h if need[1] else None,
-                g.sum(0) if bias is not None and need[2] else None, None, None)
+                g.sum(0) if bias is not None and need[2] else None, None, None, None)
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: int | torch.Tensor,
@@ -701,8 +714,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         args = (head, h, t, temperature, with_entropy)
         if not torch.is_grad_enabled():
             return _chunk_logprobs(*args)
-        if linear is not None and not with_entropy:  # inside the head's forward: ZeRO-3 has gathered its weights
-            return _LinearLogprobs.apply(h, linear.weight, linear.bias, t, temperature)
+        if linear is not None:  # inside the head's forward: ZeRO-3 has gathered its weights
+            out = _LinearLogprobs.apply(h, linear.weight, linear.bias, t, temperature, with_entropy)
+            return torch.stack(out, -1) if with_entropy else out
         return checkpoint(_chunk_logprobs, *args, use_reentrant=False)  # any other head: recomputed by autograd
 
     def scored(head, x):

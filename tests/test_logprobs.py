@@ -87,6 +87,19 @@ def test_seq_logprobs_entropy_and_gradients_match_reference(models, family):
     want = grads(model)
     (ppo.seq_logprobs(model, seq, attn, 6, 0.7, chunk_size=4) * weights).sum().backward()
     assert_grads_close(grads(model), want)
+    # with autograd and the entropy (ppo.py's one forward for the rollout and the update): the same figures, and the
+    # gradients of the log-probs alone and of log-probs and entropy together (a fork's entropy bonus)
+    ent_weights = torch.randn(3, 7, generator=torch.Generator().manual_seed(3))
+    ref_lp, ref_ent = ref_seq_logprobs(model, seq, attn, 6, 0.7, with_entropy=True)
+    ((ref_lp * weights).sum() + (ref_ent * ent_weights).sum()).backward()
+    want_both = grads(model)
+    lp, ent = ppo.seq_logprobs(model, seq, attn, 6, 0.7, with_entropy=True, chunk_size=4)
+    torch.testing.assert_close(lp.detach(), want_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent.detach(), want_ent, atol=1e-5, rtol=0)
+    (lp * weights).sum().backward(retain_graph=True)
+    assert_grads_close(grads(model), want)
+    ((lp * weights).sum() + (ent * ent_weights).sum()).backward()
+    assert_grads_close(grads(model), want_both)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
