@@ -2,13 +2,16 @@
 Hugging Face checkpoint (round trip, LoRA merge, atomic save) and the non-finite guard."""
 
 import copy
+import ctypes
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES
+from conftest import FAMILIES, script_env
 
 import common
 
@@ -316,3 +319,37 @@ def test_latest_names_a_checkpoint_only_once_every_rank_has_written_it(tmp_path)
     common.save_checkpoint(Engine(), str(tmp_path), "step2", {"step": 2})
     assert common.latest_checkpoint(tmp_path) == "step2" and sorted(p.name for p in tmp_path.iterdir()) == [
         "latest", "step2"]
+
+
+
+FAULTS = """
+import os, random, resource
+import common
+
+def faults():  # page faults while blocks of 64 KiB to 8 MiB are written and freed, as a step's tensors are
+    rng, before = random.Random(0), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        blocks = [b"x" * rng.randint(1 << 16, 1 << 23) for _ in range(8)]
+        del blocks
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+default = faults()
+os.environ["MALLOC_ARENA_MAX"] = "4"  # the user's own malloc setting: left as it is
+common.keep_freed_memory()
+user = faults()
+del os.environ["MALLOC_ARENA_MAX"]
+common.keep_freed_memory()
+faults()  # the heap grows once
+print(default, user, faults())
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallopt"), reason="not glibc")
+def test_cpu_runs_keep_freed_memory_unless_the_user_tunes_malloc():
+    """glibc by default returns freed blocks of a few MiB to the kernel and faults them in again on the next
+    allocation; after common.keep_freed_memory() (CPU runs, from init_distributed) the same allocations fault no
+    page in. Where the user set MALLOC_* (or GLIBC_TUNABLES, LD_PRELOAD), it does nothing."""
+    env = {k: v for k, v in script_env().items() if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    p = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True)
+    default, user, kept = map(int, p.stdout.split())
+    assert default > 10_000 and user > default / 2 and kept < default / 100
