@@ -101,7 +101,8 @@ def main():
     other = max(0.0, (busy_seconds() - m0 - cpu) / seconds)
     print(json.dumps({
         "peer": "floor" if a.estimator == "gae" else f"floor-{a.estimator}", "version": "main",
-        "episodes": steps * a.batch, "seconds": round(seconds, 3), "episodes_per_s": round(steps * a.batch / seconds, 3),
+        "episodes": steps * a.batch, "seconds": round(seconds, 3),
+        "episodes_per_s": round(steps * a.batch / seconds, 3),
         "cpu_seconds": round(cpu, 3), "other_cores": round(other, 3), "batch": a.batch,
         "max_new_tokens": a.max_new_tokens, "optimizer_steps": steps,
         "response_len": round(sum(lengths_seen) / len(lengths_seen), 2), "samples_per_prompt": k,

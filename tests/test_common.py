@@ -349,7 +349,8 @@ def test_cpu_runs_keep_freed_memory_unless_the_user_tunes_malloc():
     """glibc by default returns freed blocks of a few MiB to the kernel and faults them in again on the next
     allocation; after common.keep_freed_memory() (CPU runs, from init_distributed) the same allocations fault no
     page in. Where the user set MALLOC_* (or GLIBC_TUNABLES, LD_PRELOAD), it does nothing."""
-    env = {k: v for k, v in script_env().items() if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    env = {k: v for k, v in script_env().items()
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
     p = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True)
     default, user, kept = map(int, p.stdout.split())
     assert default > 10_000 and user > default / 2 and kept < default / 100
