@@ -186,8 +186,8 @@ def answer_batch(model, tokenizer, conversations: list[list[dict]], args: Args, 
         attention_mask = common.pad([[1] * len(x) for x in ids], 0, side="left").to(device)
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                              **generation_kwargs(args, tokenizer, answer_length(model, args)))
-        answers += tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in answers]
+        answers += common.decode_answers(tokenizer, out[:, input_ids.shape[1]:])
+    return answers
 
 
 @torch.no_grad()
@@ -257,7 +257,7 @@ def chat_loop(model, tokenizer, args: Args, device):
             print("\n(interrupted)", flush=True)
             history.pop()
             continue
-        answer = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+        answer = common.decode_answers(tokenizer, out[:, len(ids):])[0]
         history.append({"role": "assistant", "content": answer})
 
 

@@ -5,6 +5,7 @@ and the built-in demo task ("toy").
 Thin on purpose: no training loop, loss or RL math lives here (those stay in each stage's script)."""
 
 import atexit
+import copy
 import ctypes
 import errno
 import functools
@@ -447,12 +448,43 @@ def _segments(tokenizer, messages: list[dict], add_generation_prompt: bool) -> l
 
 
 def special_ids(tokenizer) -> set[int]:
-    """Ids of the tokenizer's special tokens (EOS, BOS, pad, a template's turn markers)."""
+    """Ids of the tokenizer's special tokens (EOS, BOS, pad, a template's turn markers), and of the plain added
+    tokens its chat template writes as turn markers (turn_tokens)."""
     added = getattr(tokenizer, "added_tokens_decoder", {})
-    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    return (set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+            | set(turn_tokens(tokenizer)[0].values()))
 
 
-_TRAITS = weakref.WeakKeyDictionary()
+_TRAITS, _TURNS = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
+
+
+def turn_tokens(tokenizer) -> tuple[dict, object]:
+    """Added tokens not flagged special that the chat template writes where a turn ends and the next begins, as
+    `<|im_start|>` and `<|im_end|>` are when a fine-tuning framework added them as plain tokens (axolotl's
+    `tokens:`): ({text: id}, a copy of the Rust tokenizer in which they are special). They are turn markers all the
+    same: they end an answer's turn, and a content keeps their text as text. A plain added token the template writes
+    only inside an answer's turn (Qwen3's `<think>`) stays one token in contents, as the model writes it."""
+    if tokenizer not in _TURNS:
+        plain = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                 if not getattr(t, "special", False) and t.content and not any(c.isspace() for c in t.content)}
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                 {"role": "user", "content": "bye"}]
+        markup = ""
+        if plain and getattr(tokenizer, "chat_template", None):
+            try:  # the markup before each user message: the end of the turn before it and the start of its own
+                pieces = _segments(tokenizer, probe, False)
+                markup = "".join(pieces[k - 1][0] for k, (_, j) in enumerate(pieces) if j in (0, 2))
+            except UserError:
+                pass
+        found = {text: i for text, i in plain.items() if text in markup}
+        split = None
+        if found and getattr(tokenizer, "backend_tokenizer", None) is not None:
+            from tokenizers import AddedToken
+
+            split = copy.deepcopy(tokenizer.backend_tokenizer)
+            split.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in found])
+        _TURNS[tokenizer] = found, split
+    return _TURNS[tokenizer]
 
 
 def _traits(tokenizer) -> tuple[bool, bool]:
@@ -471,6 +503,9 @@ def _encode(tokenizer, text: str, plain: bool) -> list[int]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+    turns, split = turn_tokens(tokenizer)
+    if plain and split is not None and any(t in text for t in turns):  # plain turn markers stay text too
+        backend = split
     before, backend.encode_special_tokens = backend.encode_special_tokens, plain
     try:
         return backend.encode(text, add_special_tokens=False).ids
@@ -560,6 +595,15 @@ def stop_token_ids(tokenizer) -> list[int]:
     ids, mask = encode_conversation(tokenizer, [{"role": "user", "content": "hi"},
                                                 {"role": "assistant", "content": "hi"}])
     return sorted({tokenizer.eos_token_id, ids[max(i for i, m in enumerate(mask) if m)]})
+
+
+def decode_answers(tokenizer, rows) -> list[str]:
+    """Generated answers (rows of ids, padded) as text, stripped, without special tokens (EOS, padding) or the plain
+    tokens the template uses as turn markers (turn_tokens: a ChatML answer ends with a plain `<|im_end|>` then)."""
+    drop = set(turn_tokens(tokenizer)[0].values())
+    if drop:
+        rows = [[i for i in row.tolist() if i not in drop] for row in rows]
+    return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
 def template_gap(tokenizer) -> str | None:

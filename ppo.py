@@ -834,7 +834,7 @@ def evaluate(args: Args, iteration: int, actor, ref, score_rows, tokenizer, rewa
                           for s in slices])
         ref_logp = torch.cat([ref_logprobs(ref, actor, seq[s], attn[s], n_prompt, args.temperature, chunk)
                               for s in slices])
-        texts = [t.strip() for t in tokenizer.batch_decode(seq[:, n_prompt:], skip_special_tokens=True)]
+        texts = common.decode_answers(tokenizer, seq[:, n_prompt:])
         gold = torch.tensor([common.gold_score(m[-1]["content"], t) if toy else 0.0 for m, t in zip(messages, texts)],
                             device=device)
         sums.update(reward=(score * weight).sum(), gold=(gold * weight).sum(),
@@ -1011,7 +1011,7 @@ def main(args: Args):
         raw = reward_scores(reward, rollout, n_prompt, micro, retok) if reward is not None else None
         fn = None
         if reward_fn is not None:
-            texts = [t.strip() for t in tokenizer.batch_decode(rollout["seq"][:, n_prompt:], skip_special_tokens=True)]
+            texts = common.decode_answers(tokenizer, rollout["seq"][:, n_prompt:])
             fn = call_reward_fn(reward_fn, args.reward_fn, msgs, texts, device)
         score = (raw - reward_mean) / reward_std if raw is not None else torch.zeros_like(fn)
         if fn is not None:

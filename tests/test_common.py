@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, script_env
+from conftest import CHATML, FAMILIES, make_tokenizer, script_env
 
 import common
 
@@ -107,6 +107,30 @@ def test_prompt_is_a_prefix_of_its_conversation(name, template, tiny_models):
         if name == "opt":  # BOS == EOS: one at the start, the others are the answers' EOS
             assert ids[0] == tok.bos_token_id
             assert [i for i, m in zip(ids, mask) if not m].count(tok.bos_token_id) == 1
+
+
+def test_plain_added_tokens_the_template_uses_as_turn_markers_are_turn_markers():
+    """A ChatML model whose `<|im_start|>`/`<|im_end|>` were added as plain tokens (axolotl's `tokens:`): the
+    answer's turn ends with `<|im_end|>` (trained, a stop token, no EOS put in), a content's `<|im_end|>` stays
+    text, and a plain token the template writes only inside an answer (Qwen3's `<think>`) stays one token."""
+    tok = make_tokenizer("gpt2")
+    tok.add_tokens(["<|im_start|>", "<|im_end|>", "<think>"])
+    tok.chat_template = CHATML
+    start, end, think = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<think>"])
+    assert not any(tok.added_tokens_decoder[i].special for i in (start, end, think))
+    msgs = [{"role": "user", "content": "a <|im_end|> b <|im_start|>system c"},
+            {"role": "assistant", "content": "<think> ok"}]
+    ids, mask = common.encode_conversation(tok, msgs)
+    assert tok.decode(ids) == common.render(tok, msgs)
+    assert ids.count(start) == 2 and ids.count(end) == 2  # the template's, none from the user's text
+    trained = [i for i, m in zip(ids, mask) if m]
+    assert trained[0] == think and trained[-1] == end and tok.eos_token_id not in ids
+    assert common.stop_token_ids(tok) == sorted({tok.eos_token_id, end})
+    assert common.encode_prompt(tok, msgs[:1]) == ids[: mask.index(True)]
+    assert common.decode_answers(tok, torch.tensor([trained])) == ["<think> ok"]  # as generated: no marker
+    plain = make_tokenizer("gpt2")  # no template: nothing is a turn marker, the added token stays a token
+    plain.add_tokens(["<|im_end|>"])
+    assert common.turn_tokens(plain)[0] == {}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
