@@ -466,7 +466,8 @@ def turn_tokens(tokenizer) -> tuple[dict, object]:
     only inside an answer's turn (Qwen3's `<think>`) stays one token in contents, as the model writes it."""
     if tokenizer not in _TURNS:
         plain = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
-                 if not getattr(t, "special", False) and t.content and not any(c.isspace() for c in t.content)}
+                 if not getattr(t, "special", False) and t.content and not t.content.isalnum()  # markup, not a word
+                 and not any(c.isspace() for c in t.content)}  # nor white space the template writes anyway
         probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                  {"role": "user", "content": "bye"}]
         markup = ""
