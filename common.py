@@ -1247,7 +1247,10 @@ def check_resume(output_dir: str, args, tag: str, defining: tuple, run: dict, le
     --resume_changes."""
     saved = json.loads((Path(output_dir) / "args.json").read_text())
     old = {**saved, **saved["_run"]}
-    new = {**json.loads(json.dumps(vars(args), default=str)), **json.loads(json.dumps(run, default=str))}
+    given, derived = (json.loads(json.dumps(x, default=str)) for x in (vars(args), run))
+    # a flag whose default is worked out (--max_seq_len, --learning_rate) is compared as worked out, so that passing
+    # the value it took is the same run; against an args.json from before `run` held it, as passed
+    new = {**given, **{k: v for k, v in derived.items() if k in saved["_run"] or k not in given}}
     step = checkpoint_step(tag)
     if step >= 0 and new[length] <= step:
         raise UserError(f"--resume: the checkpoint is at {step}, this run ends at {new[length]} ({length}); a run "

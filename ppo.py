@@ -953,7 +953,8 @@ def main(args: Args):
     forward_once = steps_per_iter == 1 and gas == 1
     reuse_logprobs = forward_once or (steps_per_iter == 1 and (args.kl_in_loss or args.kl_coef == 0))
     run = {"script": "ppo.py", "world_size": world, "rollout_batch": per_iter, "mini_batch": mini * world,
-           "prompts": len(prompt_ids), "actor_stage": actor_stage, "critic_stage": critic_stage, "iterations": n_iters}
+           "prompts": len(prompt_ids), "actor_stage": actor_stage, "critic_stage": critic_stage, "iterations": n_iters,
+           "max_seq_len": max_seq_len, "learning_rate": actor_lr, "critic_learning_rate": critic_lr}
     if tag:
         common.check_resume(args.output_dir, args, tag, RUN_FLAGS, run, "iterations",
                             fixed=("actor_stage", "critic_stage", "lora_rank", "critic_lora_rank")

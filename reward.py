@@ -289,7 +289,7 @@ def main(args: Args):
     common.print0(f"{len(train)} train / {len(evals)} eval pairs, {total_steps} steps of {global_batch}; "
                   f"{n_cut} pairs truncated from the left to {max_seq_len} tokens")
     run = {"script": "reward.py", "world_size": world, "global_batch": global_batch, "train_examples": len(train),
-           "total_steps": total_steps}
+           "total_steps": total_steps, "max_seq_len": max_seq_len, "learning_rate": lr}
     if tag:
         common.check_resume(args.output_dir, args, tag, RUN_FLAGS, run, "total_steps",
                             fixed=("zero_stage", "lora_rank") + (("world_size",) if args.zero_stage else ()))

@@ -332,6 +332,21 @@ def test_6_resume_compares_ranks_through_the_global_batch(tmp_path):
         one_line_error(e, "global_batch 16 -> 8")
 
 
+def test_6_resume_with_the_values_the_defaults_took_is_the_same_run(sft_run, tmp_path, no_models):
+    """A flag whose default is worked out at start-up (--max_seq_len: the model's context; --learning_rate: the
+    script's rate) is compared as worked out: a resume that passed the value it took was refused ("max_seq_len None
+    -> 256")."""
+    run = copy_run(sft_run[0], tmp_path)
+    saved = json.loads((run / "args.json").read_text())
+    assert saved["max_seq_len"] is None  # the first run did not pass it
+    took = saved["_run"]["max_seq_len"]
+    args = sft_args(sft_run[1], output_dir=str(run), resume=True)
+    with pytest.raises(ModelsWouldLoadNow):  # every check passed
+        sft.main(dataclasses.replace(args, max_seq_len=took))
+    with pytest.raises(common.UserError) as e:  # another value is another run, named with the value it took
+        sft.main(dataclasses.replace(args, max_seq_len=took // 2))
+    one_line_error(e, "this is not the run of the checkpoint", f"max_seq_len {took} -> {took // 2}")
+
 def test_6_resume_with_the_same_paths_written_otherwise_is_the_same_run(sft_run, tmp_path, no_models):
     """`--model sft1` then `--model ./sft1/` was refused as another run ("model sft1 -> ./sft1/")."""
     run = copy_run(sft_run[0], tmp_path)
