@@ -1252,6 +1252,9 @@ def check_resume(output_dir: str, args, tag: str, defining: tuple, run: dict, le
     # the value it took is the same run; against an args.json from before `run` held it, as passed
     new = {**given, **{k: v for k, v in derived.items() if k in saved["_run"] or k not in given}}
     step = checkpoint_step(tag)
+    if step >= 0 and new[length] == step == old.get(length):
+        raise UserError(f"--resume: the run finished: its checkpoint is at its end ({length} {step}), so nothing is "
+                        "left to train; a longer run continues from it")
     if step >= 0 and new[length] <= step:
         raise UserError(f"--resume: the checkpoint is at {step}, this run ends at {new[length]} ({length}); a run "
                         "that ends before its checkpoint would replace the model with an older one")

@@ -229,6 +229,11 @@ def test_5_a_run_shorter_than_its_checkpoint_is_refused(sft_run, tmp_path, no_mo
     with pytest.raises(ModelsWouldLoadNow):
         sft.main(sft_args(sft_run[1], output_dir=str(run), resume=True, max_steps=9))
     assert snapshot(run) == before  # args.json too: it is written after the checks
+    (run / "checkpoints" / "latest").write_text("step6")  # a run whose last checkpoint is its end: finished
+    (run / "checkpoints" / "step6").mkdir()
+    with pytest.raises(common.UserError) as e:
+        sft.main(sft_args(sft_run[1], output_dir=str(run), resume=True))
+    one_line_error(e, "the run finished", "total_steps 6", "nothing is left to train")
 
 
 # ----------------------------------------------------------------------------------------------------------------
