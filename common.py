@@ -930,6 +930,28 @@ def _split_shared(where: str, obj: dict) -> tuple[list[dict], list[dict], list[d
     return chosen[:n], _answer(where, chosen[:n], chosen[n:], "chosen"), _answer(where, [], rejected[n:], "rejected")
 
 
+SYSTEM_FIELDS = ("system", "system_prompt")  # a record's system message beside its layout (Orca's, OpenOrca's)
+
+
+def _with_system(where: str, obj: dict, msgs: list[dict]) -> list[dict]:
+    """A conversation with the record's `system` (or `system_prompt`) field, a string, as its first message; an empty
+    one adds none, and one the conversation already starts with is not written twice."""
+    field = next((f for f in SYSTEM_FIELDS if f in obj), None)
+    if field is None:
+        return msgs
+    if not isinstance(obj[field], str):
+        raise UserError(f"{where}: field '{field}' must be a string (the conversation's system message)")
+    system = obj[field].strip()
+    if not system:
+        return msgs
+    if msgs and msgs[0]["role"] == "system":
+        if msgs[0]["content"].strip() == system:
+            return msgs
+        raise UserError(f"{where}: field '{field}' and the conversation's own system message differ; expected one "
+                        "system message")
+    return [{"role": "system", "content": system}] + msgs
+
+
 LAYOUTS = {"sft": '{"messages"}, {"prompt", "response" or "completion"}, {"prompt", "chosen"}, {"chosen"} (HH) or '
                   '{"text"}',
            "pairs": '{"prompt", "chosen", "rejected"} or {"chosen", "rejected"} (HH)',
@@ -951,7 +973,7 @@ def validate(where: str, obj: dict, kind: str) -> dict:
             msgs = turns(where, obj, "messages")
             if not any(m["role"] == "assistant" for m in msgs):
                 raise UserError(f"{where}: field 'messages' has no assistant turn to learn from")
-            return {"messages": msgs}
+            return {"messages": _with_system(where, obj, msgs)}
         if "text" in obj and "prompt" not in obj:
             _check_text(where, obj, "text")
             if not isinstance(obj["text"], str):
@@ -961,20 +983,21 @@ def validate(where: str, obj: dict, kind: str) -> dict:
             msgs = turns(where, obj, "chosen")
             if msgs[-1]["role"] != "assistant":
                 raise UserError(f"{where}: field 'chosen' must end with an assistant turn")
-            return {"messages": msgs}
+            return {"messages": _with_system(where, obj, msgs)}
         prompt = turns(where, obj, "prompt")
         field = next((f for f in ("response", "completion", "chosen") if f in obj), None)
         if field is None:
             raise UserError(f"{where}: field 'response' is missing (nor 'completion' or 'chosen'); expected the "
                             "answer as a non-empty string or message list")
-        return {"messages": prompt + _answer(where, prompt, turns(where, obj, field, "assistant"), field)}
+        answer = _answer(where, prompt, turns(where, obj, field, "assistant"), field)
+        return {"messages": _with_system(where, obj, prompt + answer)}
     if kind == "pairs":
         if "prompt" in obj:
             prompt = turns(where, obj, "prompt")
             sides = [_answer(where, prompt, turns(where, obj, f, "assistant"), f) for f in ("chosen", "rejected")]
         else:
             prompt, *sides = _split_shared(where, obj)
-        out = {"prompt": prompt, "chosen": sides[0], "rejected": sides[1]}
+        out = {"prompt": _with_system(where, obj, prompt), "chosen": sides[0], "rejected": sides[1]}
         if "margin" in obj:
             if not isinstance(obj["margin"], (int, float)) or isinstance(obj["margin"], bool) or not math.isfinite(
                     obj["margin"]):
@@ -994,7 +1017,7 @@ def validate(where: str, obj: dict, kind: str) -> dict:
             raise UserError(f"{where}: field '{field}' has no user turn to answer"
                             if not any(m["role"] == "user" for m in msgs) else
                             f"{where}: field '{field}' must end with a user turn")
-        return {"prompt": msgs}
+        return {"prompt": _with_system(where, obj, msgs)}
     raise ValueError(kind)
 
 

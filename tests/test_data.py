@@ -471,7 +471,29 @@ BAD_ROWS = {  # row: what the error names
     '{"prompt": "a", "chosen": "b", "rejected": "c", "margin": "big"}': "field 'margin' must be a finite number",
     '{"prompt": "a", "chosen": "b", "rejected": "c", "margin": NaN}': "field 'margin' must be a finite number",
     '{"prompt": "\\n\\nHuman: \\n\\nAssistant:", "chosen": "b", "rejected": "c"}': "field 'prompt[0]'",
+    '{"system": 3, "prompt": "a", "chosen": "b", "rejected": "c"}': "field 'system' must be a string",
+    '{"system": "x", "prompt": [{"role": "system", "content": "y"}, {"role": "user", "content": "a"}], '
+    '"chosen": "b", "rejected": "c"}': "field 'system' and the conversation's own system message differ",
 }
+
+
+def test_a_system_field_is_the_conversations_system_message():
+    """A `system` (Orca's) or `system_prompt` (OpenOrca's) string beside any conversation layout was dropped without
+    a word: it is the conversation's first message now (an empty one adds none; the same one is not doubled)."""
+    system = [{"role": "system", "content": "Be terse."}]
+    user, answer = [{"role": "user", "content": "2+2?"}], [{"role": "assistant", "content": "4"}]
+    for kind, row, want in (
+            ("pairs", {"system": "Be terse.", "prompt": "2+2?", "chosen": "4", "rejected": "5"},
+             {"prompt": system + user, "chosen": answer, "rejected": [{"role": "assistant", "content": "5"}]}),
+            ("pairs", {"system": "Be terse.", "chosen": "\n\nHuman: 2+2?\n\nAssistant: 4",
+                       "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5"},
+             {"prompt": system + user, "chosen": answer, "rejected": [{"role": "assistant", "content": "5"}]}),
+            ("sft", {"system_prompt": " Be terse.\n", "prompt": "2+2?", "response": "4"},
+             {"messages": system + user + answer}),
+            ("sft", {"system": "Be terse.", "messages": system + user + answer}, {"messages": system + user + answer}),
+            ("prompts", {"system": "Be terse.", "prompt": "2+2?"}, {"prompt": system + user}),
+            ("prompts", {"system": "", "messages": user + answer}, {"prompt": user})):
+        assert common.validate("d.jsonl:1", row, kind) == want, (kind, row)
 
 
 @pytest.mark.parametrize("row", BAD_ROWS)
