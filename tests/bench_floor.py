@@ -9,7 +9,6 @@ bench_peers.py's flags and prints the same JSON line (peer "floor" or "floor-rlo
 beside ppo.py and TRL: ppo.py's episodes/s over the floor's is what its framework costs.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -21,17 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 import ppo  # noqa: E402
-from bench_peers import busy_seconds  # noqa: E402
+from bench_peers import busy_seconds, peer_args  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    for flag, default in (("--policy", None), ("--reward", None), ("--prompts", None), ("--episodes", 256),
-                          ("--batch", 16), ("--max_new_tokens", 24), ("--lr", 1e-5), ("--seed", 0),
-                          ("--threads", 0), ("--estimator", "gae"), ("--samples_per_prompt", 1)):
-        ap.add_argument(flag, type=type(default) if default is not None else str, default=default,
-                        required=default is None)
-    a = ap.parse_args()
+    a = peer_args()
     assert a.estimator in ("gae", "rloo"), "the floor has PPO (gae) and RLOO"
     if a.threads:
         torch.set_num_threads(a.threads)

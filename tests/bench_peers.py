@@ -40,7 +40,8 @@ def busy_seconds() -> float:
     return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
 
 
-def main():
+def peer_args():
+    """The peers' flags (../shared/peers/bench_common.py), with --estimator and --samples_per_prompt."""
     ap = argparse.ArgumentParser()
     for flag, default in (("--policy", None), ("--reward", None), ("--prompts", None), ("--episodes", 256),
                           ("--batch", 16), ("--max_new_tokens", 24), ("--lr", 1e-5), ("--seed", 0),
@@ -49,7 +50,11 @@ def main():
                         required=default is None)
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--local_rank", type=int, default=-1)
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main():
+    a = peer_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     out = tempfile.mkdtemp(prefix="bench_peers_")
