@@ -21,6 +21,9 @@ import torch
 import tyro
 
 import common
+import common.data
+import common.flags
+import common.toy
 
 
 @dataclass
@@ -83,7 +86,7 @@ def check_output(args: Args):
     out = Path(os.path.expanduser(args.output))
     if out.is_dir():
         raise common.UserError(f"--output {args.output}: is a folder; expected a file name")
-    for path in common.input_paths(args.prompts):  # each file of --prompts a.jsonl,b.jsonl; ~ expanded
+    for path in common.data.input_paths(args.prompts):  # each file of --prompts a.jsonl,b.jsonl; ~ expanded
         if os.path.exists(path) and Path(path).resolve() == out.resolve():
             raise common.UserError(f"--output {args.output}: would overwrite --prompts {path}")
     for flag, folder in (("--model", args.model), ("--compare", args.compare), ("--reward", args.reward)):
@@ -271,7 +274,7 @@ def main(args: Args):
         raise common.UserError("pass --prompt or --prompts, not both")
     if args.output and args.prompt is None and args.prompts is None:
         raise common.UserError("--output needs --prompt or --prompts (the interactive chat writes no file)")
-    common.check_numbers(args, RANGES)
+    common.flags.check_numbers(args, RANGES)
     if args.output:
         check_output(args)
     for flag, text in (("--prompt", args.prompt), ("--system", args.system)):
@@ -300,9 +303,9 @@ def main(args: Args):
     if args.prompts is None:
         records = [{"prompt": common.to_messages(args.prompt)}]
     elif args.prompts == "toy":
-        records = common.load_data("toy", "prompts", split="eval")  # the demo's held-out prompts, each once
+        records = common.data.load_data("toy", "prompts", split="eval")  # the demo's held-out prompts, each once
     else:
-        records = common.load_data(args.prompts, "prompts", args.data_split, args.skip_invalid)
+        records = common.data.load_data(args.prompts, "prompts", args.data_split, args.skip_invalid)
     conversations = [system + r["prompt"] for r in records]
     rows = [{"prompt": r["prompt"][0]["content"] if len(r["prompt"]) == 1 else r["prompt"]} for r in records]
     models = {"": args.model, "_compare": args.compare} if args.compare else {"": args.model}
@@ -328,7 +331,7 @@ def main(args: Args):
     if args.prompts == "toy":
         for row, c in zip(rows, conversations):
             for suffix in models:
-                row["gold" + suffix] = common.gold_score(c[-1]["content"], row["response" + suffix])
+                row["gold" + suffix] = common.toy.gold_score(c[-1]["content"], row["response" + suffix])
 
     # --- output: a JSONL file, or the answers side by side ---
     if args.output:  # written whole, then renamed into place

@@ -37,6 +37,11 @@ import transformers
 import tyro
 
 import common
+import common.data
+import common.flags
+import common.logprobs
+import common.runs
+import common.toy
 
 TORCH_LINEAR = F.linear  # before any ZeRO-3 engine replaces it (see generation_mode)
 
@@ -53,7 +58,7 @@ class Args:
     reward_fn: str | None = None
     """a Python reward `FILE.py:NAME` or `module:NAME`, NAME(prompts: list[list[dict]], responses: list[str]) ->
     list[float], called on each rank's rows; its scores x --reward_fn_weight are added to the reward model's
-    normalised score (the whole score with --reward none). The demo's gold: common:gold_reward_fn"""
+    normalised score (the whole score with --reward none). The demo's gold: common.toy:gold_reward_fn"""
     reward_fn_weight: float = 1.0
     """weight of --reward_fn's scores (>= 0)"""
     critic: str | None = None
@@ -550,8 +555,8 @@ def adaptive_kl_coef(kl_coef: float, current_kl: float, target: float, horizon: 
 def seq_logprobs(model, seq: torch.Tensor, attn: torch.Tensor, n_prompt: int, temperature: float,
                  with_entropy: bool = False, chunk_size: int = 1024):
     """Log-probs of the response tokens seq[:, n_prompt:] (and their entropies) from one forward over prompt +
-    response; the LM head runs on the response positions alone, chunk_size at a time (common.token_logprobs)."""
-    return common.token_logprobs(model, seq, attn, n_prompt, temperature, chunk_size, with_entropy)
+    response; the LM head runs on the response positions alone, chunk_size at a time (common.logprobs.token_logprobs)."""
+    return common.logprobs.token_logprobs(model, seq, attn, n_prompt, temperature, chunk_size, with_entropy)
 
 
 def micro_slices(n: int, size: int):
@@ -597,7 +602,7 @@ def ptx_nll(actor, rows: list, pad_id: int, device, chunk_size: int = 1024) -> t
     ids = common.pad([r[0] for r in rows], pad_id).to(device)
     mask = common.pad([[int(x) for x in r[1]] for r in rows], 0).to(device).bool()
     attn = common.pad([[1] * len(r[0]) for r in rows], 0).to(device)
-    return -common.token_logprobs(actor, ids, attn, mask, chunk_size=chunk_size).sum()
+    return -common.logprobs.token_logprobs(actor, ids, attn, mask, chunk_size=chunk_size).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -619,7 +624,7 @@ def encode_prompts(records: list[dict], tokenizer, max_len: int, truncation: str
                                    f"{max_len} (pass --truncation left to cut it)")
         return record, common.truncate_left(list(known[key]), max_len)
 
-    encoded = common.encode_records(records, encode, source, skip_invalid)
+    encoded = common.data.encode_records(records, encode, source, skip_invalid)
     return [ids for _, (ids, _) in encoded], sum(cut for _, (_, cut) in encoded), [r for r, _ in encoded]
 
 
@@ -835,7 +840,7 @@ def evaluate(args: Args, iteration: int, actor, ref, score_rows, tokenizer, rewa
         ref_logp = torch.cat([ref_logprobs(ref, actor, seq[s], attn[s], n_prompt, args.temperature, chunk)
                               for s in slices])
         texts = common.decode_answers(tokenizer, seq[:, n_prompt:])
-        gold = torch.tensor([common.gold_score(m[-1]["content"], t) if toy else 0.0 for m, t in zip(messages, texts)],
+        gold = torch.tensor([common.toy.gold_score(m[-1]["content"], t) if toy else 0.0 for m, t in zip(messages, texts)],
                             device=device)
         sums.update(reward=(score * weight).sum(), gold=(gold * weight).sum(),
                     kl=(kl_per_response(logp, ref_logp, rollout["mask"]) * weight).sum())
@@ -854,7 +859,7 @@ def main(args: Args):
     # --- setup ---
     actor_stage = args.zero_stage if args.actor_zero_stage is None else args.actor_zero_stage
     critic_stage = args.zero_stage if args.critic_zero_stage is None else args.critic_zero_stage
-    common.check_numbers(args, RANGES)
+    common.flags.check_numbers(args, RANGES)
     for stage, flag in ((args.zero_stage, "--zero_stage"), (actor_stage, "--actor_zero_stage"),
                         (critic_stage, "--critic_zero_stage")):
         common.check_zero_stage(stage, flag)
@@ -872,10 +877,10 @@ def main(args: Args):
                                "--save_critic")
     inputs = {"--actor": args.actor, "--reward": args.reward, "--critic": args.critic, "--ref": args.ref,
               "--data": args.data, "--eval_data": args.eval_data, "--ptx_data": args.ptx_data}
-    tag = common.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "ppo.py", inputs,
+    tag = common.runs.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "ppo.py", inputs,
                                     checkpoints="checkpoints/actor")
     if tag:  # the critic's checkpoint is written first, so it is there whenever the actor's `latest` names it
-        common.latest_checkpoint(Path(args.output_dir) / "checkpoints" / "critic")
+        common.runs.latest_checkpoint(Path(args.output_dir) / "checkpoints" / "critic")
     common.check_report_to(args.report_to)
     no_rm = args.reward == "none"
     if no_rm and not args.reward_fn:
@@ -892,7 +897,7 @@ def main(args: Args):
     toy = args.data == "toy"
     actor_lr = args.learning_rate if args.learning_rate is not None else (2e-4 if toy else 1e-6)
     critic_lr = args.critic_learning_rate if args.critic_learning_rate is not None else (5e-4 if toy else 5e-6)
-    max_seq_len = common.fit_max_seq_len(args.max_seq_len, common.model_context(args.actor, args.trust_remote_code))
+    max_seq_len = common.flags.fit_max_seq_len(args.max_seq_len, common.flags.model_context(args.actor, args.trust_remote_code))
     if args.max_new_tokens >= max_seq_len:
         raise common.UserError(f"--max_new_tokens {args.max_new_tokens} must be below --max_seq_len {max_seq_len}")
     if args.hybrid_engine and int(transformers.__version__.split(".")[0]) >= 5:
@@ -921,10 +926,10 @@ def main(args: Args):
     if not same_tok and not args.reward_tokenizer:
         raise common.UserError(f"--reward {args.reward}: its tokenizer differs from the actor's ({args.actor}); pass "
                                "--reward_tokenizer to re-tokenise responses for it")
-    records, eval_records = common.load_splits(args.data, args.eval_data, args.data_split, args.eval_split,
+    records, eval_records = common.data.load_splits(args.data, args.eval_data, args.data_split, args.eval_split,
                                                "prompts", args.skip_invalid)
     if eval_records is None:
-        records, eval_records = common.split_eval(records, args.eval_fraction, args.seed)
+        records, eval_records = common.data.split_eval(records, args.eval_fraction, args.seed)
     eval_records = eval_records[: args.num_eval_prompts]
     max_prompt = max_seq_len - args.max_new_tokens
     prompt_ids, n_cut, records = encode_prompts(records, tokenizer, max_prompt, args.truncation, args.data,
@@ -934,7 +939,7 @@ def main(args: Args):
     ptx = None
     common.print0("example prompt:\n" + tokenizer.decode(prompt_ids[0]))
     if args.ptx_data:
-        ptx = [common.encode_record(tokenizer, r) for r in common.load_data(args.ptx_data, "sft", None,
+        ptx = [common.encode_record(tokenizer, r) for r in common.data.load_data(args.ptx_data, "sft", None,
                                                                             args.skip_invalid)]
         common.print0("example ptx (trained tokens in [[ ]]):\n" + common.show_example(tokenizer, *ptx[0]))
         ptx = [(common.truncate_left(i, max_seq_len)[0], common.truncate_left(m, max_seq_len)[0])
@@ -956,7 +961,7 @@ def main(args: Args):
            "prompts": len(prompt_ids), "actor_stage": actor_stage, "critic_stage": critic_stage, "iterations": n_iters,
            "max_seq_len": max_seq_len, "learning_rate": actor_lr, "critic_learning_rate": critic_lr}
     if tag:
-        common.check_resume(args.output_dir, args, tag, RUN_FLAGS, run, "iterations",
+        common.runs.check_resume(args.output_dir, args, tag, RUN_FLAGS, run, "iterations",
                             fixed=("actor_stage", "critic_stage", "lora_rank", "critic_lora_rank")
                             + (("world_size",) if actor_stage or critic_stage else ()))
     common.print0(f"{len(prompt_ids)} prompts ({n_cut} cut from the left), {n_iters} iterations of {per_iter} "
@@ -1023,16 +1028,16 @@ def main(args: Args):
                    eval_prompt_ids, eval_config, actor_stage, gen_chunk, micro, device)  # evaluate(args, it, *these)
 
     # --- resume ---
-    common.start_output_dir(args.output_dir, args, args.overwrite, args.resume, run)
+    common.runs.start_output_dir(args.output_dir, args, args.overwrite, args.resume, run)
     ckpt = Path(args.output_dir) / "checkpoints"
     start_iter, kl_coef = 0, args.kl_coef
     if tag:
         changed = set(args.resume_changes)  # a new learning rate or weight decay replaces the checkpoint's
         decay = args.weight_decay if "weight_decay" in changed else None
         if critic is not None:
-            common.load_checkpoint(critic, str(ckpt / "critic"), tag,
+            common.runs.load_checkpoint(critic, str(ckpt / "critic"), tag,
                                    critic_lr if "critic_learning_rate" in changed else None, decay)
-        state = common.load_checkpoint(actor, str(ckpt / "actor"), tag,
+        state = common.runs.load_checkpoint(actor, str(ckpt / "actor"), tag,
                                        actor_lr if "learning_rate" in changed else None, decay)
         start_iter = state["iteration"]
         if args.adaptive_kl and "kl_coef" not in args.resume_changes:  # the controller goes on from where it was
@@ -1040,7 +1045,7 @@ def main(args: Args):
         if args.ema and common.is_rank0():  # fp32 (a checkpoint from before the fp32 copy has the model's dtype)
             ema = {k: v.float() if v.is_floating_point() else v for k, v in state["ema"].items()}
         common.print0(f"resumed from {ckpt}/*/{tag} at iteration {start_iter}")
-        common.truncate_log(args.output_dir, start_iter)  # drop rows logged after the checkpoint
+        common.runs.truncate_log(args.output_dir, start_iter)  # drop rows logged after the checkpoint
 
     # --- loop ---
     logger = common.Logger(args.output_dir, n_iters, "ppo", initial=start_iter, report_to=args.report_to,
@@ -1224,10 +1229,10 @@ def main(args: Args):
         if args.save_every and (iteration + 1) % args.save_every == 0 and iteration + 1 < n_iters:
             tag = f"iter{iteration + 1}"
             if critic is not None:
-                common.save_checkpoint(critic, str(ckpt / "critic"), tag, {})  # the actor's `latest` is written last
-            common.save_checkpoint(actor, str(ckpt / "actor"), tag, {"iteration": iteration + 1, "kl_coef": kl_coef,
+                common.runs.save_checkpoint(critic, str(ckpt / "critic"), tag, {})  # the actor's `latest` is written last
+            common.runs.save_checkpoint(actor, str(ckpt / "actor"), tag, {"iteration": iteration + 1, "kl_coef": kl_coef,
                                                                      "ema": ema})
-            common.commit_args(args.output_dir)  # args.json describes the run from its first save on
+            common.runs.commit_args(args.output_dir)  # args.json describes the run from its first save on
 
     # --- save ---
     logger.close()
@@ -1238,7 +1243,7 @@ def main(args: Args):
     if args.ema:  # rank 0's copy (no gather), staged and moved into place as the model is
         common.save_hf(actor.module, tokenizer, str(Path(args.output_dir) / "ema"), 0,
                        state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in ema.items()})
-    common.commit_args(args.output_dir)
+    common.runs.commit_args(args.output_dir)
     common.print0(f"saved {args.output_dir}")
 
 def ema_copy(model) -> dict:

@@ -30,6 +30,10 @@ import torch.nn.functional as F
 import tyro
 
 import common
+import common.data
+import common.flags
+import common.runs
+import common.toy
 
 
 @dataclass
@@ -227,9 +231,9 @@ def normalisation(engine, seqs: list[list[int]], batch_size: int, pad_id: int, d
 
 def main(args: Args):
     # --- setup ---
-    common.check_numbers(args, RANGES)
+    common.flags.check_numbers(args, RANGES)
     common.check_zero_stage(args.zero_stage)
-    tag = common.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "reward.py",
+    tag = common.runs.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "reward.py",
                                     {"--model": args.model, "--data": args.data, "--eval_data": args.eval_data})
     common.check_report_to(args.report_to)
     common.check_model_path(args.model, "--model")
@@ -242,27 +246,27 @@ def main(args: Args):
 
     # --- data ---
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    max_seq_len = common.fit_max_seq_len(args.max_seq_len, common.model_context(args.model, args.trust_remote_code))
+    max_seq_len = common.flags.fit_max_seq_len(args.max_seq_len, common.flags.model_context(args.model, args.trust_remote_code))
 
     def encode(records, source):  # an error names the pair's file:line; --skip_invalid drops it instead
         def one(r, where):
             chosen, rejected, cut = encode_pair(tokenizer, r, max_seq_len, args.truncation, where)
             return (chosen, rejected, r.get("margin", 0.0)), cut
 
-        encoded = common.encode_records(records, one, source, args.skip_invalid)
+        encoded = common.data.encode_records(records, one, source, args.skip_invalid)
         return [pair for pair, _ in encoded], sum(cut for _, cut in encoded)
 
     # encoded before the eval split, so that an error names pairs in the order of the file
-    train_records, eval_records = common.load_splits(args.data, args.eval_data, args.data_split, args.eval_split,
+    train_records, eval_records = common.data.load_splits(args.data, args.eval_data, args.data_split, args.eval_split,
                                                      "pairs", args.skip_invalid)
     train, n_cut = encode(train_records, args.data)
     if eval_records is not None:
         evals, _ = encode(eval_records, args.eval_data or args.data)
     else:
-        train, evals = common.split_eval(train, args.eval_fraction, args.seed)
+        train, evals = common.data.split_eval(train, args.eval_fraction, args.seed)
     gold = None
     if toy and not args.eval_data:
-        gold = [common.gold_score(r["prompt"][-1]["content"], r[side][-1]["content"])
+        gold = [common.toy.gold_score(r["prompt"][-1]["content"], r[side][-1]["content"])
                 for side in ("chosen", "rejected") for r in eval_records]
     r = train_records[0]
     for side in ("chosen", "rejected"):  # the score is read at the last token
@@ -273,12 +277,12 @@ def main(args: Args):
     # normalisation set: SFT-style responses (demo: held-out demonstrations; else both sides of the eval pairs, or
     # of up to 512 training pairs when nothing is held out)
     if toy:
-        sft_eval = common.load_data("toy", "sft", split="eval")
+        sft_eval = common.data.load_data("toy", "sft", split="eval")
         norm_seqs = [common.encode_scored(tokenizer, r["messages"])[-max_seq_len:] for r in sft_eval]
     else:
         norm_pairs = evals or random.Random(args.seed).sample(train, min(len(train), 512))
         norm_seqs = [p[0] for p in norm_pairs] + [p[1] for p in norm_pairs]
-    micro = common.fit_micro_batch(args.per_device_batch_size, len(train), world * args.gradient_accumulation_steps,
+    micro = common.flags.fit_micro_batch(args.per_device_batch_size, len(train), world * args.gradient_accumulation_steps,
                                    "pairs")
     global_batch = micro * world * args.gradient_accumulation_steps
     steps_per_epoch = len(train) // global_batch
@@ -291,14 +295,14 @@ def main(args: Args):
     run = {"script": "reward.py", "world_size": world, "global_batch": global_batch, "train_examples": len(train),
            "total_steps": total_steps, "max_seq_len": max_seq_len, "learning_rate": lr}
     if tag:
-        common.check_resume(args.output_dir, args, tag, RUN_FLAGS, run, "total_steps",
+        common.runs.check_resume(args.output_dir, args, tag, RUN_FLAGS, run, "total_steps",
                             fixed=("zero_stage", "lora_rank") + (("world_size",) if args.zero_stage else ()))
 
     # --- model ---
     from transformers import AutoModelForSequenceClassification
 
     if args.model == "toy":  # the demo's untrained model, for trying the script without sft.py
-        cfg = common.toy_model(tokenizer).config
+        cfg = common.toy.toy_model(tokenizer).config
         cfg.num_labels = 1
         model = AutoModelForSequenceClassification.from_config(cfg)
     else:
@@ -330,17 +334,17 @@ def main(args: Args):
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
 
     # --- resume ---
-    common.start_output_dir(args.output_dir, args, args.overwrite, args.resume, run)
+    common.runs.start_output_dir(args.output_dir, args, args.overwrite, args.resume, run)
     ckpt_dir = os.path.join(args.output_dir, "checkpoints")
     start_step = 0
     if tag:
         changed = set(args.resume_changes)  # a new learning rate or weight decay replaces the checkpoint's
-        state = common.load_checkpoint(engine, ckpt_dir, tag, lr if "learning_rate" in changed else None,
+        state = common.runs.load_checkpoint(engine, ckpt_dir, tag, lr if "learning_rate" in changed else None,
                                        args.weight_decay if "weight_decay" in changed else None)
         start_step = state["step"]
-        common.set_rng_state(state["rng"])
+        common.runs.set_rng_state(state["rng"])
         common.print0(f"resumed from {ckpt_dir}/{tag} at step {start_step}")
-        common.truncate_log(args.output_dir, start_step)  # drop rows logged after the checkpoint
+        common.runs.truncate_log(args.output_dir, start_step)  # drop rows logged after the checkpoint
 
     # --- loop ---
     logger = common.Logger(args.output_dir, total_steps, "reward", initial=start_step, report_to=args.report_to,
@@ -380,14 +384,14 @@ def main(args: Args):
             common.check_finite(metrics, step + 1)
         logger.log(step + 1, metrics, advance=1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            common.save_checkpoint(engine, ckpt_dir, f"step{step + 1}", {"step": step + 1, "rng": common.rng_state()})
-            common.commit_args(args.output_dir)  # args.json describes the run from its first save on
+            common.runs.save_checkpoint(engine, ckpt_dir, f"step{step + 1}", {"step": step + 1, "rng": common.runs.rng_state()})
+            common.runs.commit_args(args.output_dir)  # args.json describes the run from its first save on
 
     # --- save ---
     logger.close()
     stats = {"reward_mean": metrics["eval/reward_mean"], "reward_std": metrics["eval/reward_std"]}
     common.save_hf(engine.module, tokenizer, args.output_dir, args.zero_stage, extra_config=stats)
-    common.commit_args(args.output_dir)
+    common.runs.commit_args(args.output_dir)
     common.print0(f"saved {args.output_dir} (reward mean {stats['reward_mean']:.3f}, std {stats['reward_std']:.3f}, "
                   f"{time.time() - t0:.0f}s)")
 

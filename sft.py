@@ -21,6 +21,10 @@ import torch
 import tyro
 
 import common
+import common.data
+import common.flags
+import common.logprobs
+import common.runs
 
 
 @dataclass
@@ -133,7 +137,7 @@ def tokenize(records: list[dict], tokenizer, max_seq_len: int, truncation: str, 
         return ids, mask
 
     examples, n_truncated, n_empty = [], 0, 0
-    for ids, mask in common.encode_records(records, encode, source, skip_invalid):
+    for ids, mask in common.data.encode_records(records, encode, source, skip_invalid):
         if len(ids) > max_seq_len:
             ids, _ = common.truncate_left(ids, max_seq_len)
             mask, _ = common.truncate_left(mask, max_seq_len)
@@ -160,9 +164,9 @@ def collate(examples: list, pad_id: int, device) -> dict:
 
 def token_nll(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL over the masked (response) tokens, and their count. The LM head runs on those tokens'
-    positions alone, chunk_size at a time, with an fp32 log-sum-exp (common.token_logprobs)."""
+    positions alone, chunk_size at a time, with an fp32 log-sum-exp (common.logprobs.token_logprobs)."""
     mask = batch["loss_mask"]  # its first column is never predicted, so never counted
-    logp = common.token_logprobs(model, batch["input_ids"], batch["attention_mask"], mask, chunk_size=chunk_size)
+    logp = common.logprobs.token_logprobs(model, batch["input_ids"], batch["attention_mask"], mask, chunk_size=chunk_size)
     return -logp.sum(), mask[:, 1:].sum()
 
 
@@ -187,12 +191,12 @@ def evaluate(engine, examples: list, batch_size: int, pad_id: int, device, chunk
 
 def main(args: Args):
     # --- setup ---
-    common.check_numbers(args, RANGES)
+    common.flags.check_numbers(args, RANGES)
     if args.lora_save_adapter and (not args.lora_rank or args.model == "toy"):
         raise common.UserError("--lora_save_adapter saves a LoRA adapter for a base model that loads from a path: "
                                "it needs --lora_rank > 0 and a --model other than the demo's toy")
     common.check_zero_stage(args.zero_stage)
-    tag = common.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "sft.py",
+    tag = common.runs.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "sft.py",
                                     {"--model": args.model, "--data": args.data, "--eval_data": args.eval_data})
     common.check_report_to(args.report_to)
     device = common.init_distributed()
@@ -204,9 +208,9 @@ def main(args: Args):
     # --- data ---
     common.check_model_path(args.model, "--model")
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    max_seq_len = common.fit_max_seq_len(args.max_seq_len, common.model_context(args.model, args.trust_remote_code))
+    max_seq_len = common.flags.fit_max_seq_len(args.max_seq_len, common.flags.model_context(args.model, args.trust_remote_code))
     # tokenised before the eval split, so that an error names records in the order of the file
-    train_records, eval_records = common.load_splits(args.data, args.eval_data, args.data_split, args.eval_split,
+    train_records, eval_records = common.data.load_splits(args.data, args.eval_data, args.data_split, args.eval_split,
                                                      "sft", args.skip_invalid)
     train, n_cut = tokenize(train_records, tokenizer, max_seq_len, args.truncation, args.data, args.skip_invalid)
     n_cut_eval = 0
@@ -214,11 +218,11 @@ def main(args: Args):
         evals, n_cut_eval = tokenize(eval_records, tokenizer, max_seq_len, args.truncation,
                                      args.eval_data or args.data, args.skip_invalid)
     else:
-        train, evals = common.split_eval(train, args.eval_fraction, args.seed)
+        train, evals = common.data.split_eval(train, args.eval_fraction, args.seed)
     common.print0("example (trained tokens in [[ ]]):\n" + common.show_example(tokenizer, *train[0]))
     if gap := common.template_gap(tokenizer):
         common.note(gap)
-    micro = common.fit_micro_batch(args.per_device_batch_size, len(train), world * args.gradient_accumulation_steps,
+    micro = common.flags.fit_micro_batch(args.per_device_batch_size, len(train), world * args.gradient_accumulation_steps,
                                    "examples")
     global_batch = micro * world * args.gradient_accumulation_steps
     steps_per_epoch = len(train) // global_batch
@@ -231,7 +235,7 @@ def main(args: Args):
     run = {"script": "sft.py", "world_size": world, "global_batch": global_batch, "train_examples": len(train),
            "total_steps": total_steps, "max_seq_len": max_seq_len, "learning_rate": lr}
     if tag:
-        common.check_resume(args.output_dir, args, tag, RUN_FLAGS, run, "total_steps",
+        common.runs.check_resume(args.output_dir, args, tag, RUN_FLAGS, run, "total_steps",
                             fixed=("zero_stage", "lora_rank") + (("world_size",) if args.zero_stage else ()))
 
     # --- model ---
@@ -256,17 +260,17 @@ def main(args: Args):
     engine.train()  # from_pretrained returns eval mode: dropout would stay off until the first evaluation
 
     # --- resume ---
-    common.start_output_dir(args.output_dir, args, args.overwrite, args.resume, run)
+    common.runs.start_output_dir(args.output_dir, args, args.overwrite, args.resume, run)
     ckpt_dir = os.path.join(args.output_dir, "checkpoints")
     start_step = 0
     if tag:
         changed = set(args.resume_changes)  # a new learning rate or weight decay replaces the checkpoint's
-        state = common.load_checkpoint(engine, ckpt_dir, tag, lr if "learning_rate" in changed else None,
+        state = common.runs.load_checkpoint(engine, ckpt_dir, tag, lr if "learning_rate" in changed else None,
                                        args.weight_decay if "weight_decay" in changed else None)
         start_step = state["step"]
-        common.set_rng_state(state["rng"])
+        common.runs.set_rng_state(state["rng"])
         common.print0(f"resumed from {ckpt_dir}/{tag} at step {start_step}")
-        common.truncate_log(args.output_dir, start_step)  # drop rows logged after the checkpoint
+        common.runs.truncate_log(args.output_dir, start_step)  # drop rows logged after the checkpoint
 
     # --- loop ---
     logger = common.Logger(args.output_dir, total_steps, "sft", initial=start_step, report_to=args.report_to,
@@ -302,13 +306,13 @@ def main(args: Args):
             metrics |= evaluate(engine, evals, micro, tokenizer.pad_token_id, device, args.logprob_chunk_size)
         logger.log(step + 1, metrics, advance=1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            common.save_checkpoint(engine, ckpt_dir, f"step{step + 1}", {"step": step + 1, "rng": common.rng_state()})
-            common.commit_args(args.output_dir)  # args.json describes the run from its first save on
+            common.runs.save_checkpoint(engine, ckpt_dir, f"step{step + 1}", {"step": step + 1, "rng": common.runs.rng_state()})
+            common.runs.commit_args(args.output_dir)  # args.json describes the run from its first save on
 
     # --- save ---
     logger.close()
     common.save_hf(engine.module, tokenizer, args.output_dir, args.zero_stage, lora_adapter=args.lora_save_adapter)
-    common.commit_args(args.output_dir)
+    common.runs.commit_args(args.output_dir)
     common.print0(f"saved {args.output_dir} ({time.time() - t0:.0f}s)")
 
 

@@ -8,7 +8,7 @@ a run that finished before (its model is saved) is not run again, so an interrup
     python sft.py && python reward.py                    # ./sft_ckpt and ./reward_ckpt, once
     python experiments/ablate.py                         # every variant, 3 seeds -> ablation/ablation.md
     python experiments/ablate.py --seeds 1 --total_episodes 512 --variants baseline "KL coefficient 0"
-    python experiments/ablate.py --reward none --ppo_args="--reward_fn common:gold_reward_fn"   # against the gold
+    python experiments/ablate.py --reward none --ppo_args="--reward_fn common.toy:gold_reward_fn"   # against the gold
 """
 
 import json

@@ -60,11 +60,11 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 def _corpus():
     import common
 
-    prompts = sum((common.toy_prompts(s) for s in common.SPLITS), [])
+    prompts = sum((common.toy.toy_prompts(s) for s in common.toy.SPLITS), [])
     import random
 
     rng = random.Random(0)
-    return prompts + [common.toy_response(p, rng) for p in prompts] + ["Human: Assistant: hello world"] * 5
+    return prompts + [common.toy.toy_response(p, rng) for p in prompts] + ["Human: Assistant: hello world"] * 5
 
 
 def make_tokenizer(family: str):
@@ -214,7 +214,7 @@ def few_prompts(tmp_path_factory) -> list:
     files = {}
     for split, n in (("train", 128), ("eval", 16)):
         files[split] = d / f"{split}.jsonl"
-        files[split].write_text("".join(json.dumps(r) + "\n" for r in common.toy_data("prompts", split)[:n]))
+        files[split].write_text("".join(json.dumps(r) + "\n" for r in common.toy.toy_data("prompts", split)[:n]))
     return ["--data", files["train"], "--eval_data", files["eval"], "--learning_rate", "2e-4",
             "--critic_learning_rate", "5e-4"]
 

@@ -46,9 +46,9 @@ def test_bf16_pipeline_end_to_end(tiny_models, tmp_path):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         return tmp_path / name
 
-    sft_data = write("sft.jsonl", common.toy_data("sft", "train")[:40])
-    pairs = write("pairs.jsonl", common.toy_data("pairs", "train")[:40])
-    prompts = write("prompts.jsonl", common.toy_data("prompts", "train")[:24])
+    sft_data = write("sft.jsonl", common.toy.toy_data("sft", "train")[:40])
+    pairs = write("pairs.jsonl", common.toy.toy_data("pairs", "train")[:40])
+    prompts = write("prompts.jsonl", common.toy.toy_data("prompts", "train")[:24])
     bf16 = ["--dtype", "bf16", "--eval_every", "0", "--per_device_batch_size", "8"]
     run_script("sft.py", *bf16, "--model", tiny_models["llama"], "--data", sft_data, "--eval_fraction", "0.2",
                "--output_dir", tmp_path / "sft", "--max_steps", "4", "--learning_rate", "3e-3")

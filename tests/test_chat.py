@@ -16,6 +16,8 @@ from conftest import FAMILIES, ROOT
 
 import chat
 import common
+import common.data
+import common.toy
 
 MAX_NEW = 16
 
@@ -36,11 +38,11 @@ def ckpts(tmp_path_factory) -> dict:
     from transformers import AutoModelForSequenceClassification, GPT2Config
 
     d = tmp_path_factory.mktemp("chat")
-    tok = common.toy_tokenizer()
+    tok = common.toy.toy_tokenizer()
     torch.manual_seed(0)
-    model = common.toy_model(tok)
+    model = common.toy.toy_model(tok)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    data, rng = common.load_data("toy", "sft"), random.Random(0)
+    data, rng = common.data.load_data("toy", "sft"), random.Random(0)
     for step in range(1, 81):
         rows = [common.encode_conversation(tok, r["messages"])[0] for r in rng.sample(data, 16)]
         ids, attn = common.pad(rows, tok.pad_token_id), common.pad([[1] * len(r) for r in rows], 0)
@@ -150,12 +152,12 @@ def fit_reference(tokenizer, messages: list[dict], budget: int) -> list[dict]:
 
 
 def test_history_truncation_keeps_whole_turns():
-    tok = common.toy_tokenizer()
+    tok = common.toy.toy_tokenizer()
     rng = random.Random(0)
     msgs = []
     for _ in range(6):
-        p = rng.choice(common.toy_prompts("eval"))
-        msgs += [user(p), bot(common.toy_response(p, rng))]
+        p = rng.choice(common.toy.toy_prompts("eval"))
+        msgs += [user(p), bot(common.toy.toy_response(p, rng))]
     msgs.append(user("tell me about cats"))
     full = len(common.encode_prompt(tok, msgs))
     for budget in (3, 30, 60, full // 2, full - 1, full):
@@ -203,7 +205,7 @@ def test_compare_and_reward(ckpts, tmp_path, capsys):
                         output=str(out), greedy=True, max_new_tokens=MAX_NEW))
     printed = capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    prompts = common.toy_prompts("eval")
+    prompts = common.toy.toy_prompts("eval")
     assert [r["prompt"] for r in rows] == prompts
     # rw_eval: the logit at the last token of prompt + answer + EOS, one unpadded row at a time
     tok, rm = plain(ckpts["rm"], reward=True)
@@ -213,7 +215,7 @@ def test_compare_and_reward(ckpts, tmp_path, capsys):
             ids = common.encode_prompt(tok, [user(r["prompt"])]) + answer + [tok.eos_token_id]
             ref = rm(torch.tensor([ids])).logits[0, 0].item()
             assert r["reward" + key] == pytest.approx(ref, abs=1e-4)
-            assert r["gold" + key] == common.gold_score(r["prompt"], r["response" + key])
+            assert r["gold" + key] == common.toy.gold_score(r["prompt"], r["response" + key])
     win = {k: chat.win_rate([r[k] for r in rows], [r[k + "_compare"] for r in rows]) for k in ("reward", "gold")}
     assert (f"win rate of {ckpts['policy']} over {ckpts['early']}: reward {win['reward']:.2f} (n={len(prompts)}), "
             f"gold {win['gold']:.2f}") in printed.splitlines()

@@ -14,6 +14,10 @@ import torch
 from conftest import CHATML, FAMILIES, make_tokenizer, script_env
 
 import common
+import common.data
+import common.launcher
+import common.runs
+import common.toy
 
 SINGLE = [{"role": "user", "content": "tell me about cats"}, {"role": "assistant", "content": "cats are lovely ."}]
 MULTI = [{"role": "system", "content": "be kind"}, *SINGLE, {"role": "user", "content": "and dogs ?"},
@@ -30,7 +34,7 @@ def tokenizer_of(name: str, tiny_models: dict, template: bool = True):
     """The tokenizer as the scripts see it; `template=False` drops a chat template (to test the fallback);
     `llama_bos_template` is the Llama tokenizer (which adds a BOS) with a template that writes one as well."""
     if name == "toy":
-        tok = common.toy_tokenizer()
+        tok = common.toy.toy_tokenizer()
     else:
         tok = common.load_tokenizer(tiny_models[name.removesuffix("_bos_template")])
     if name.endswith("_bos_template"):
@@ -170,7 +174,7 @@ def test_bad_jsonl_is_a_user_error_naming_file_line_and_field(case, tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_bytes(content)
     with pytest.raises(common.UserError) as e:
-        common.load_data(str(path), "sft")
+        common.data.load_data(str(path), "sft")
     msg = e.value.code
     assert msg.startswith("error: ") and "\n" not in msg
     assert f"{path}:{line}:" in msg if line else f"{path}:" in msg
@@ -183,7 +187,7 @@ def test_bad_jsonl_is_a_user_error_naming_file_line_and_field(case, tmp_path):
 def test_good_jsonl_in_both_formats(tmp_path):
     path = tmp_path / "ok.jsonl"
     path.write_text(GOOD + "\n\n" + json.dumps({"messages": MULTI}) + "\n")
-    records = common.load_data(str(path), "sft")
+    records = common.data.load_data(str(path), "sft")
     assert records[0]["messages"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello ."}]
     assert records[1]["messages"] == MULTI
 
@@ -333,15 +337,15 @@ def test_check_finite_names_the_step_and_the_value():
 
 def test_latest_names_a_checkpoint_only_once_every_rank_has_written_it(tmp_path):
     """DeepSpeed's rank 0 wrote `latest` before the other ranks' shards were on disk (a kill then left a `latest`
-    that cannot be loaded): common.save_checkpoint asks DeepSpeed for no `latest` and writes it after the save's
+    that cannot be loaded): common.runs.save_checkpoint asks DeepSpeed for no `latest` and writes it after the save's
     closing barrier, whole (through a temporary file)."""
     class Engine:
         def save_checkpoint(self, folder, tag, client_state, save_latest):
             assert not save_latest and not (tmp_path / "latest").exists() and client_state == {"step": 2}
             (tmp_path / tag).mkdir()
 
-    common.save_checkpoint(Engine(), str(tmp_path), "step2", {"step": 2})
-    assert common.latest_checkpoint(tmp_path) == "step2" and sorted(p.name for p in tmp_path.iterdir()) == [
+    common.runs.save_checkpoint(Engine(), str(tmp_path), "step2", {"step": 2})
+    assert common.runs.latest_checkpoint(tmp_path) == "step2" and sorted(p.name for p in tmp_path.iterdir()) == [
         "latest", "step2"]
 
 
@@ -359,10 +363,10 @@ def faults():  # page faults while blocks of 64 KiB to 8 MiB are written and fre
 
 default = faults()
 os.environ["MALLOC_ARENA_MAX"] = "4"  # the user's own malloc setting: left as it is
-common.keep_freed_memory()
+common.launcher.keep_freed_memory()
 user = faults()
 del os.environ["MALLOC_ARENA_MAX"]
-common.keep_freed_memory()
+common.launcher.keep_freed_memory()
 faults()  # the heap grows once
 print(default, user, faults())
 """
@@ -371,7 +375,7 @@ print(default, user, faults())
 @pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallopt"), reason="not glibc")
 def test_cpu_runs_keep_freed_memory_unless_the_user_tunes_malloc():
     """glibc by default returns freed blocks of a few MiB to the kernel and faults them in again on the next
-    allocation; after common.keep_freed_memory() (CPU runs, from init_distributed) the same allocations fault no
+    allocation; after common.launcher.keep_freed_memory() (CPU runs, from init_distributed) the same allocations fault no
     page in. Where the user set MALLOC_* (or GLIBC_TUNABLES, LD_PRELOAD), it does nothing."""
     env = {k: v for k, v in script_env().items()
            if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}

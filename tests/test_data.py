@@ -12,6 +12,8 @@ from conftest import FAMILIES, make_tokenizer, read_metrics, run_script
 
 import chat
 import common
+import common.data
+import common.toy
 import ppo
 import reward
 import sft
@@ -258,7 +260,7 @@ def test_records_a_template_refuses_are_named_by_line_and_skippable(tiny_models,
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [{"prompt": "x", "response": "y"}, twice,
                                                         {"prompt": "z" * 400, "response": "w"}]) + "\n")
-    records = common.load_data(str(path), "sft")
+    records = common.data.load_data(str(path), "sft")
     with pytest.raises(common.UserError) as e:
         sft.tokenize(records, tok, 512, "left", str(path))
     assert e.value.code.startswith(f"error: {path}:2: the chat template cannot render") and "\n" not in e.value.code
@@ -266,7 +268,7 @@ def test_records_a_template_refuses_are_named_by_line_and_skippable(tiny_models,
         sft.tokenize(records[::2], tok, 64, "error", str(path))
     examples, _ = sft.tokenize(records, tok, 512, "left", str(path), skip_invalid=True)
     assert len(examples) == 2 and "--skip_invalid: dropped 1 records that cannot be encoded" in capsys.readouterr().out
-    prompts = common.load_data(str(path), "prompts")  # ppo.py: the records kept go with their ids
+    prompts = common.data.load_data(str(path), "prompts")  # ppo.py: the records kept go with their ids
     ids, _, kept = ppo.encode_prompts(prompts, tok, 512, "left", str(path), skip_invalid=True)
     assert kept == [prompts[0], prompts[2]] and ids == [common.encode_prompt(tok, r["prompt"]) for r in kept]
 
@@ -299,12 +301,12 @@ def test_real_world_file_quirks(tmp_path, monkeypatch):
     (tmp_path / "b.json").write_bytes(b"\xef\xbb\xbf[" + json.dumps(row).encode() + b"]")
     monkeypatch.setenv("HOME", str(tmp_path))
     for spec in ("~/a.jsonl", str(tmp_path / "b.json")):
-        (pair,) = common.load_data(spec, "pairs")
+        (pair,) = common.data.load_data(spec, "pairs")
         assert pair == {"prompt": [user("Write a poem.")], "chosen": [assistant("Roses .")],
                         "rejected": [assistant("No .")]}
     (tmp_path / "c.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}]}) + "\n")
     with pytest.raises(common.UserError) as e:
-        common.load_data(str(tmp_path / "c.jsonl"), "sft")
+        common.data.load_data(str(tmp_path / "c.jsonl"), "sft")
     assert e.value.code.startswith(f"error: {tmp_path / 'c.jsonl'}:1: field 'prompt' is missing: no sft layout fits "
                                    "the fields ['conversations']")
     assert "\n" not in e.value.code
@@ -318,7 +320,7 @@ def test_special_token_strings_in_data_and_chat_input_stay_text(family, tiny_mod
     """Issue 11 part 6: on every family, with and without a template, in every place text comes in (a user turn, an
     answer, a system message, a prompt for generation, a {"text"} record), a special-token string is encoded as
     text: the sequence has exactly the special ids of the same conversation with harmless words."""
-    tok = common.toy_tokenizer() if family == "toy" else common.load_tokenizer(tiny_models[family])
+    tok = common.toy.toy_tokenizer() if family == "toy" else common.load_tokenizer(tiny_models[family])
     specials = common.special_ids(tok)
     for template in (tok.chat_template, None):
         tok.chat_template = template
@@ -410,7 +412,7 @@ LAYOUTS = {  # kind: [(row, canonical record)]
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_every_layout_gives_its_canonical_record(kind):
     for i, (row, expect) in enumerate(LAYOUTS[kind]):
-        assert common.validate(f"f:{i}", row, kind) == expect, row
+        assert common.data.validate(f"f:{i}", row, kind) == expect, row
 
 
 # each SFT layout of LAYOUTS as the ChatML model trains on it
@@ -431,7 +433,7 @@ DECODED_SFT = [
 def test_every_sft_layout_gives_its_exact_sequence(toks):
     tok = toks["chatml"]
     for (row, _), expect in zip(LAYOUTS["sft"], DECODED_SFT, strict=True):
-        assert common.show_example(tok, *common.encode_record(tok, common.validate("x", row, "sft"))) == expect
+        assert common.show_example(tok, *common.encode_record(tok, common.data.validate("x", row, "sft"))) == expect
 
 
 def test_dahoas_and_hh_rows_are_formatted_once(toks):
@@ -439,17 +441,17 @@ def test_dahoas_and_hh_rows_are_formatted_once(toks):
     template) writes each turn once."""
     dahoas = {"prompt": "\n\nHuman: What is the capital of France?\n\nAssistant:",
               "response": " The capital is Paris."}
-    record = common.validate("x", dahoas, "sft")
+    record = common.data.validate("x", dahoas, "sft")
     tok = toks["none"]
     assert common.show_example(tok, *common.encode_conversation(tok, record["messages"])) == (
         "\n\nHuman: What is the capital of France?\n\nAssistant:[[ The capital is Paris.<|endoftext|>]]")
     tok = toks["chatml"]
-    hh = common.validate("x", {"chosen": HH + " Madrid.", "rejected": HH + " Rome."}, "pairs")
+    hh = common.data.validate("x", {"chosen": HH + " Madrid.", "rejected": HH + " Rome."}, "pairs")
     ids = reward.encode_pair(tok, hh, 512, "left", "x")[0]
     assert decode(tok, ids) == ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
                                 "Paris.<|im_end|>\n<|im_start|>user\nAnd Spain?<|im_end|>\n<|im_start|>assistant\n"
                                 "Madrid.<|im_end|>")
-    uf = common.validate("x", LAYOUTS["pairs"][2][0], "pairs")  # UltraFeedback: the prompt once
+    uf = common.data.validate("x", LAYOUTS["pairs"][2][0], "pairs")  # UltraFeedback: the prompt once
     assert decode(tok, reward.encode_pair(tok, uf, 512, "left", "x")[1]) == (
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nbad .<|im_end|>")
 
@@ -493,7 +495,7 @@ def test_a_system_field_is_the_conversations_system_message():
             ("sft", {"system": "Be terse.", "messages": system + user + answer}, {"messages": system + user + answer}),
             ("prompts", {"system": "Be terse.", "prompt": "2+2?"}, {"prompt": system + user}),
             ("prompts", {"system": "", "messages": user + answer}, {"prompt": user})):
-        assert common.validate("d.jsonl:1", row, kind) == want, (kind, row)
+        assert common.data.validate("d.jsonl:1", row, kind) == want, (kind, row)
 
 
 @pytest.mark.parametrize("row", BAD_ROWS)
@@ -502,7 +504,7 @@ def test_bad_rows_name_file_line_and_field(row, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c", "response": "d"}\n\n' + row + "\n")
     with pytest.raises(common.UserError) as e:
-        common.load_data(str(path), kind)
+        common.data.load_data(str(path), kind)
     assert e.value.code.startswith(f"error: {path}:3: ") and BAD_ROWS[row] in e.value.code and "\n" not in e.value.code
 
 
@@ -514,28 +516,28 @@ def test_json_arrays_skip_invalid_and_splits(tmp_path, capsys):
     path = tmp_path / "d.json"
     path.write_text("[\n" + ",\n".join(json.dumps(r, indent=1) for r in rows) + "\n]\n")
     with pytest.raises(common.UserError) as e:
-        common.load_data(str(path), "sft")
+        common.data.load_data(str(path), "sft")
     assert e.value.code.startswith(f"error: {path}:6: field 'response' is missing")  # the line where row 2 starts
-    records = common.load_data(str(path), "sft", skip_invalid=True)
+    records = common.data.load_data(str(path), "sft", skip_invalid=True)
     assert records == [{"messages": [user("a"), assistant("b")]}, {"messages": [user("d"), assistant("e")]}]
     assert "--skip_invalid: dropped 2 invalid records" in capsys.readouterr().out
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "x"}\n{"prompt": \n')
-    assert len(common.load_data(str(jsonl), "sft", skip_invalid=True)) == 1
+    assert len(common.data.load_data(str(jsonl), "sft", skip_invalid=True)) == 1
     for split, needle in (("test", "a file has no split 'test'"),):
         with pytest.raises(common.UserError, match=needle):
-            common.load_data(str(jsonl), "sft", split)
-    train, held = common.load_splits(str(path), None, "train", None, "sft", True)
+            common.data.load_data(str(jsonl), "sft", split)
+    train, held = common.data.load_splits(str(path), None, "train", None, "sft", True)
     assert held is None and len(train) == 2
     with pytest.raises(common.UserError, match="no such data file"):
-        common.load_data(str(tmp_path / "missing.jsonl"), "sft")
+        common.data.load_data(str(tmp_path / "missing.jsonl"), "sft")
     # an array cut short after a whole record, or with text after it: refused, not read in part
     whole = path.read_text()
     for text, why in ((whole[:whole.rindex("}") + 1] + ",\n", "no closing ]"),
                       (whole + "<html>\n", "after its closing ]")):
         path.write_text(text)
         with pytest.raises(common.UserError, match=f"malformed JSON array \\(.*{why}"):
-            common.load_data(str(path), "sft", skip_invalid=True)
+            common.data.load_data(str(path), "sft", skip_invalid=True)
 
 
 def test_dataset_folders_without_splits_and_with_empty_columns(tmp_path, monkeypatch):
@@ -553,9 +555,9 @@ def test_dataset_folders_without_splits_and_with_empty_columns(tmp_path, monkeyp
                                         {"prompt": "yo", "chosen": "c", "rejected": "d", "margin": 2}]
     monkeypatch.setitem(sys.modules, "datasets", fake)
     (tmp_path / "one").mkdir()
-    assert [p.get("margin") for p in common.load_data(str(tmp_path / "one"), "pairs")] == [None, 2.0]
+    assert [p.get("margin") for p in common.data.load_data(str(tmp_path / "one"), "pairs")] == [None, 2.0]
     with pytest.raises(common.UserError, match="saved without splits has no split 'test'"):
-        common.load_splits(str(tmp_path / "one"), None, "train", "test", "pairs", False)
+        common.data.load_splits(str(tmp_path / "one"), None, "train", "test", "pairs", False)
 
 
 def test_hub_names_fail_in_one_line_at_once(monkeypatch):
@@ -563,7 +565,7 @@ def test_hub_names_fail_in_one_line_at_once(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no network
     t0 = time.time()
     with pytest.raises(common.UserError) as e:
-        common.load_data("someone/no-such-dataset-xyz", "pairs", "train_prefs")
+        common.data.load_data("someone/no-such-dataset-xyz", "pairs", "train_prefs")
     assert time.time() - t0 < 30 and "\n" not in e.value.code and "someone/no-such-dataset-xyz" in e.value.code
 
 
@@ -574,14 +576,14 @@ def test_save_to_disk_folder_and_its_splits(tmp_path):
     ds = datasets.DatasetDict({"train_prefs": datasets.Dataset.from_dict(rows),
                                "test_prefs": datasets.Dataset.from_dict({k: v[:1] for k, v in rows.items()})})
     ds.save_to_disk(str(tmp_path / "uf"))
-    train, held = common.load_splits(str(tmp_path / "uf"), None, "train_prefs", "test_prefs", "pairs", False)
+    train, held = common.data.load_splits(str(tmp_path / "uf"), None, "train_prefs", "test_prefs", "pairs", False)
     assert [r["chosen"] for r in train] == [[assistant("good")], [assistant("ok")]] and len(held) == 1
     with pytest.raises(common.UserError, match="no split 'train'"):
-        common.load_data(str(tmp_path / "uf"), "pairs")
+        common.data.load_data(str(tmp_path / "uf"), "pairs")
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "one"))
-    assert len(common.load_data(str(tmp_path / "one"), "prompts")) == 2
+    assert len(common.data.load_data(str(tmp_path / "one"), "prompts")) == 2
     with pytest.raises(common.UserError, match="saved without splits has no split 'test_prefs'"):
-        common.load_data(str(tmp_path / "one"), "prompts", "test_prefs")
+        common.data.load_data(str(tmp_path / "one"), "prompts", "test_prefs")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -600,7 +602,7 @@ def test_pipeline_on_public_layouts_with_a_turn_end_that_is_not_eos(tiny_models,
         shutil.copy(f"{tiny_models['qwen2']}/{f}", model / f)
     hh = [{"chosen": f"\n\nHuman: tell me about {t}\n\nAssistant: {t} are lovely .\n\nHuman: more ?\n\nAssistant: "
                      f"{t} are <|im_end|> fun .", "rejected": f"\n\nHuman: tell me about {t}\n\nAssistant: {t} are "
-                     f"lovely .\n\nHuman: more ?\n\nAssistant: no ."} for t in common.TOPICS[:16]]
+                     f"lovely .\n\nHuman: more ?\n\nAssistant: no ."} for t in common.toy.TOPICS[:16]]
     data = tmp_path / "hh.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in hh) + '{"chosen": "broken"}\n')
     out = {s: tmp_path / s for s in ("sft", "rm", "ppo")}

@@ -10,6 +10,7 @@ import torch
 from conftest import FAMILIES, read_metrics, run_script
 
 import common
+import common.toy
 
 
 def write_jsonl(path, rows):
@@ -21,10 +22,10 @@ def write_jsonl(path, rows):
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     sft = [{"prompt": r["messages"][0]["content"], "response": r["messages"][1]["content"]}
-           for r in common.toy_data("sft", "train")[:96]]
+           for r in common.toy.toy_data("sft", "train")[:96]]
     pairs = [{"prompt": r["prompt"][0]["content"], "chosen": r["chosen"], "rejected": r["rejected"]}
-             for r in common.toy_data("pairs", "train")[:96]]
-    prompts = [{"prompt": p} for p in common.toy_prompts("ppo")[:64]]
+             for r in common.toy.toy_data("pairs", "train")[:96]]
+    prompts = [{"prompt": p} for p in common.toy.toy_prompts("ppo")[:64]]
     return {"sft": write_jsonl(d / "sft.jsonl", sft), "pairs": write_jsonl(d / "pairs.jsonl", pairs),
             "prompts": write_jsonl(d / "prompts.jsonl", prompts)}
 

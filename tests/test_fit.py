@@ -7,6 +7,8 @@ import pytest
 from conftest import make_tokenizer, run_script
 
 import common
+import common.flags
+import common.toy
 import ppo
 
 
@@ -32,22 +34,22 @@ def short_context(tmp_path_factory):
 
 
 def test_model_context_and_max_seq_len(short_context, capsys):
-    assert common.model_context(str(short_context / "lm")) == 128
-    assert common.model_context("toy") == common.TOY_CONTEXT
-    assert common.fit_max_seq_len(None, 128) == 128 and "--max_seq_len 128" in capsys.readouterr().err
-    assert common.fit_max_seq_len(None, 4096) == 512 and capsys.readouterr().err == ""
-    assert common.fit_max_seq_len(None, None) == 512
-    assert common.fit_max_seq_len(100, 128) == 100
+    assert common.flags.model_context(str(short_context / "lm")) == 128
+    assert common.flags.model_context("toy") == common.toy.TOY_CONTEXT
+    assert common.flags.fit_max_seq_len(None, 128) == 128 and "--max_seq_len 128" in capsys.readouterr().err
+    assert common.flags.fit_max_seq_len(None, 4096) == 512 and capsys.readouterr().err == ""
+    assert common.flags.fit_max_seq_len(None, None) == 512
+    assert common.flags.fit_max_seq_len(100, 128) == 100
     with pytest.raises(common.UserError, match="--max_seq_len 300 is longer than the model's context of 128"):
-        common.fit_max_seq_len(300, 128)
+        common.flags.fit_max_seq_len(300, 128)
 
 
 def test_micro_batch_fits_small_data(capsys):
-    assert common.fit_micro_batch(None, 1000, 2, "examples") == 16 and capsys.readouterr().err == ""
-    assert common.fit_micro_batch(None, 20, 2, "examples") == 10 and "--per_device_batch_size 10" in \
+    assert common.flags.fit_micro_batch(None, 1000, 2, "examples") == 16 and capsys.readouterr().err == ""
+    assert common.flags.fit_micro_batch(None, 20, 2, "examples") == 10 and "--per_device_batch_size 10" in \
         capsys.readouterr().err
-    assert common.fit_micro_batch(None, 1, 2, "pairs") == 1
-    assert common.fit_micro_batch(4, 1, 2, "pairs") == 4  # set by the user: kept (main then reports the conflict)
+    assert common.flags.fit_micro_batch(None, 1, 2, "pairs") == 1
+    assert common.flags.fit_micro_batch(4, 1, 2, "pairs") == 4  # set by the user: kept (main then reports the conflict)
 
 
 @pytest.mark.parametrize("rollout,mini,micro,gas,expect", [

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import common.toy
 import ppo
 from conftest import ROOT, read_metrics, run_script
 
@@ -41,8 +42,8 @@ def test_reward_fn_loads_from_a_file_or_a_module_and_checks_what_it_returns(tmp_
     prompts, responses = [[{"role": "user", "content": "tell me about cats"}]] * 2, ["cats are nice .", "a b"]
     fn = ppo.load_reward_fn(f"{f}:length")
     assert ppo.call_reward_fn(fn, "x", prompts, responses, "cpu").tolist() == [4.0, 2.0]
-    gold = ppo.load_reward_fn("common:gold_reward_fn")
-    expect = [common.gold_score("tell me about cats", r) for r in responses]
+    gold = ppo.load_reward_fn("common.toy:gold_reward_fn")
+    expect = [common.toy.gold_score("tell me about cats", r) for r in responses]
     assert ppo.call_reward_fn(gold, "x", prompts, responses, "cpu").tolist() == pytest.approx(expect)
     for spec, needle in ((f"{f}:nope", "has no function nope"), (f"{tmp_path}/none.py:f", "no such file"),
                          ("length", "expected FILE.py:NAME"), ("no_such_module_xyz:f", "ModuleNotFoundError")):
@@ -193,8 +194,8 @@ def test_ablation_patches_change_what_they_say(monkeypatch):
     for name in ("seq_logprobs", "generation_config"):
         monkeypatch.setattr(ppo, name, getattr(ppo, name))
     monkeypatch.setattr(common, "disable_dropout", common.disable_dropout)
-    tok = common.toy_tokenizer()
-    model = common.toy_model(tok).eval()
+    tok = common.toy.toy_tokenizer()
+    model = common.toy.toy_model(tok).eval()
     seq = torch.randint(3, len(tok), (2, 7))
     attn = torch.ones_like(seq)
     with torch.no_grad():
@@ -208,7 +209,7 @@ def test_ablation_patches_change_what_they_say(monkeypatch):
     rollout, evaluation = ppo.generation_config(args, tok), ppo.generation_config(args, tok)
     assert rollout.do_sample is False and evaluation.do_sample is True
     ablate.dropout_on(0.1)
-    model = common.toy_model(tok)
+    model = common.toy.toy_model(tok)
     common.disable_dropout(model)
     assert all(m.attention_dropout == 0.1 for m in model.modules() if hasattr(m, "attention_dropout"))
     assert any(hasattr(m, "attention_dropout") for m in model.modules())

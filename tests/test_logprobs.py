@@ -1,4 +1,4 @@
-"""common.token_logprobs (chunked LM head, only at the scored positions) against the straightforward implementation
+"""common.logprobs.token_logprobs (chunked LM head, only at the scored positions) against the straightforward implementation
 it replaced, kept here as the slow reference: whole fp32 logits, log-softmax over all of them."""
 
 import subprocess
@@ -10,6 +10,7 @@ import torch
 from conftest import FAMILIES, ROOT, make_model, make_tokenizer, script_env
 
 import common
+import common.logprobs
 import ppo
 import sft
 

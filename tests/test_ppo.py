@@ -11,6 +11,9 @@ from conftest import FAMILIES, make_model, make_tokenizer, read_metrics, run_scr
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import common
+import common.data
+import common.logprobs
+import common.toy
 
 ppo = stage_module("ppo")  # the repo's, or a fork given with --script (conftest.py)
 
@@ -22,7 +25,7 @@ def rand_mask(B, T, seed=0):
 
 
 def test_logprobs_with_temperature_against_loop():
-    """seq_logprobs (the chunked head of common.token_logprobs) against softmax(logits / T) token by token."""
+    """seq_logprobs (the chunked head of common.logprobs.token_logprobs) against softmax(logits / T) token by token."""
     tok = make_tokenizer("llama")
     model = make_model("llama", tok).eval()
     torch.manual_seed(0)
@@ -453,7 +456,7 @@ def rank_flags(demo, few_prompts, tmp_path_factory):
     import json
 
     ptx = tmp_path_factory.mktemp("ptx") / "ptx.jsonl"
-    ptx.write_text("".join(json.dumps(r) + "\n" for r in common.toy_data("sft", "train")[:64]))
+    ptx.write_text("".join(json.dumps(r) + "\n" for r in common.toy.toy_data("sft", "train")[:64]))
 
     def flags(stage, ranks):
         n = 32 // ranks
@@ -572,7 +575,7 @@ def negative_share(folder, prompts) -> float:
     out = model.generate(input_ids=batch, attention_mask=attn, do_sample=True, top_k=0, max_new_tokens=16,
                          pad_token_id=tok.pad_token_id)
     words = " ".join(tok.batch_decode(out[:, batch.shape[1]:], skip_special_tokens=True)).split()
-    neg, pos = sum(w in common.NEGATIVE for w in words), sum(w in common.POSITIVE for w in words)
+    neg, pos = sum(w in common.toy.NEGATIVE for w in words), sum(w in common.toy.POSITIVE for w in words)
     return neg / max(1, neg + pos)
 
 
@@ -582,11 +585,11 @@ def test_any_preference_file_moves_the_policy(demo, tmp_path):
     toward negative words."""
     rng = random.Random(0)
     rows = []
-    for p in common.toy_prompts("reward"):
+    for p in common.toy.toy_prompts("reward"):
         for _ in range(5):
-            words = common.toy_response(p, rng).split()
-            gloomy = [rng.choice(common.NEGATIVE) if w in common.POSITIVE else w for w in words]
-            sunny = [rng.choice(common.POSITIVE) if w in common.NEGATIVE else w for w in words]
+            words = common.toy.toy_response(p, rng).split()
+            gloomy = [rng.choice(common.toy.NEGATIVE) if w in common.toy.POSITIVE else w for w in words]
+            sunny = [rng.choice(common.toy.POSITIVE) if w in common.toy.NEGATIVE else w for w in words]
             if gloomy != sunny:
                 rows.append({"prompt": p, "chosen": " ".join(gloomy), "rejected": " ".join(sunny)})
     pairs = tmp_path / "gloomy.jsonl"
@@ -599,15 +602,15 @@ def test_any_preference_file_moves_the_policy(demo, tmp_path):
     # 8 iterations of 64 (measured after 20: a share of 0.40 -> 0.97)
     run_script("ppo.py", "--actor", demo / "sft", "--reward", tmp_path / "rm", "--output_dir", tmp_path / "p",
                "--total_episodes", "512", "--eval_every", "0", "--num_eval_prompts", "16")
-    prompts = common.toy_prompts("eval")[:64] * 2
+    prompts = common.toy.toy_prompts("eval")[:64] * 2
     before, after = negative_share(demo / "sft", prompts), negative_share(tmp_path / "p", prompts)
     assert after > before + 0.25, (before, after)
     print(f"negative share {before:.2f} -> {after:.2f}")
 
 
 def test_encode_prompts_encodes_a_repeated_prompt_like_the_first():
-    tok = common.toy_tokenizer()
-    records = common.load_data("toy", "prompts")[:300]  # 300 draws from ~115 distinct prompts
+    tok = common.toy.toy_tokenizer()
+    records = common.data.load_data("toy", "prompts")[:300]  # 300 draws from ~115 distinct prompts
     ids, _, kept = ppo.encode_prompts(records, tok, 488, "left", "toy")
     assert ids == [common.encode_prompt(tok, r["prompt"]) for r in records] and kept == records
     repeat = next(j for j in range(1, len(records)) if records[j]["prompt"] == records[0]["prompt"])

@@ -11,6 +11,8 @@ import torch
 from conftest import make_model, make_tokenizer, read_metrics, run_script, stage_module
 
 import common
+import common.data
+import common.toy
 
 reward = stage_module("reward")  # the repo's, or a fork given with --script (conftest.py)
 
@@ -28,7 +30,7 @@ def seq_cls(family):
     tok = common.load_tokenizer("toy") if family == "toy" else make_tokenizer(family)
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": "<|pad|>"})
-    lm = common.toy_model(tok) if family == "toy" else make_model(family, tok)
+    lm = common.toy.toy_model(tok) if family == "toy" else make_model(family, tok)
     common.resize_for_tokenizer(lm, tok)
     cfg = lm.config
     cfg.num_labels = 1
@@ -98,7 +100,7 @@ def test_spearman_against_a_reference():
 
 def write_pairs(path, n: int, start: int = 0):
     rows = [{"prompt": r["prompt"][0]["content"], "chosen": r["chosen"], "rejected": r["rejected"]}
-            for r in common.toy_data("pairs", "train")[start: start + n]]
+            for r in common.toy.toy_data("pairs", "train")[start: start + n]]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -124,7 +126,7 @@ def test_round_trip_through_plain_transformers(tiny_models, tmp_path, lora):
     last = read_metrics(out)[-1]
     assert last["step"] == 3 and {"eval/loss", "eval/accuracy", "eval/chosen_reward", "eval/rejected_reward",
                                   "eval/reward_mean", "eval/reward_std", "train/loss", "train/accuracy"} <= set(last)
-    pairs = [reward.encode_pair(tok, common.validate("x", json.loads(x), "pairs"), 512, "left", "x")
+    pairs = [reward.encode_pair(tok, common.data.validate("x", json.loads(x), "pairs"), 512, "left", "x")
              for x in evals.read_text().splitlines()]
     with torch.no_grad():
         chosen = torch.tensor([alone(model, p[0]) for p in pairs])

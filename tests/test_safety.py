@@ -25,6 +25,10 @@ from conftest import ROOT, free_port, read_metrics, run_script, script_env
 
 import chat
 import common
+import common.flags
+import common.launcher
+import common.runs
+import common.toy
 import ppo
 import reward
 import sft
@@ -37,7 +41,7 @@ def write_jsonl(path, rows):
 
 def sft_rows(n):
     return [{"prompt": r["messages"][0]["content"], "response": r["messages"][1]["content"]}
-            for r in common.toy_data("sft", "train")[:n]]
+            for r in common.toy.toy_data("sft", "train")[:n]]
 
 
 def snapshot(folder) -> dict:
@@ -139,16 +143,16 @@ def test_1_an_output_dir_that_cannot_be_made_is_one_line_before_loading(tmp_path
             sft.main(sft.Args(output_dir=str(out)))
         one_line_error(e, f"--output_dir {out}", needle)
     with pytest.raises(common.UserError) as e:
-        common.start_output_dir("/proc/hackable_rlhf_test", sft.Args(), False, False)
+        common.runs.start_output_dir("/proc/hackable_rlhf_test", sft.Args(), False, False)
     one_line_error(e, "--output_dir /proc/hackable_rlhf_test: ")
     # a save killed half-way left a staging folder (a whole model) that no later run removed, but --overwrite
     run = tmp_path / "run"
-    common.start_output_dir(str(run), sft.Args(), False, False, {"script": "sft.py"})
+    common.runs.start_output_dir(str(run), sft.Args(), False, False, {"script": "sft.py"})
     for stage in (run / ".staging-123", run / "ema" / ".staging-123"):
         stage.mkdir(parents=True)
         (stage / "model.safetensors").write_text("x")
-    common._release_lock(run / common.LOCK, os.getpid())
-    common.start_output_dir(str(run), sft.Args(), False, True, {"script": "sft.py"})
+    common.launcher._release_lock(run / common.runs.LOCK, os.getpid())
+    common.runs.start_output_dir(str(run), sft.Args(), False, True, {"script": "sft.py"})
     assert not list(run.glob("**/.staging-*")) and (run / "ema").is_dir() and (run / "args.json").exists()
 
 
@@ -178,9 +182,9 @@ def test_3_overwrite_removes_only_the_files_of_a_run(sft_run, tmp_path):
     (run / "mydata").mkdir()
     (run / "mydata" / "train.jsonl").write_text("{}\n")
     args = sft_args(sft_run[1], output_dir=str(run), overwrite=True)
-    common.prepare_output_dir(str(run), True, False, "sft.py", {"--data": args.data})
-    common.start_output_dir(str(run), args, True, False, {"script": "sft.py"})
-    common._release_lock(run / common.LOCK, os.getpid())
+    common.runs.prepare_output_dir(str(run), True, False, "sft.py", {"--data": args.data})
+    common.runs.start_output_dir(str(run), args, True, False, {"script": "sft.py"})
+    common.launcher._release_lock(run / common.runs.LOCK, os.getpid())
     assert sorted(f.name for f in run.iterdir()) == ["args.json", "mydata", "notes.txt"]
     assert (run / "notes.txt").read_text() == "mine" and (run / "mydata" / "train.jsonl").exists()
     assert json.loads((run / "args.json").read_text())["_run"] == {"script": "sft.py"}
@@ -189,7 +193,7 @@ def test_3_overwrite_removes_only_the_files_of_a_run(sft_run, tmp_path):
     (foreign / "args.json").write_text("{}")
     (foreign / "model.safetensors").write_text("x")
     with pytest.raises(common.UserError) as e:
-        common.prepare_output_dir(str(foreign), True, False, "sft.py")
+        common.runs.prepare_output_dir(str(foreign), True, False, "sft.py")
     one_line_error(e, "--overwrite only takes a run of these scripts", "args.json they did not write")
     assert (foreign / "model.safetensors").exists()
 
@@ -269,7 +273,7 @@ def test_6_resume_with_other_flags_is_refused_by_name(sft_run, tmp_path, no_mode
 def test_6_an_accepted_learning_rate_change_is_the_one_used(tmp_path):
     """--resume --resume_changes learning_rate (or weight_decay): args.json said the new value, but the optimizer and
     scheduler states loaded from the checkpoint kept the old ones (train/lr went on at the old peak). Now
-    common.load_checkpoint puts the new ones in: the schedule goes on from the checkpoint's step at the new peak.
+    common.runs.load_checkpoint puts the new ones in: the schedule goes on from the checkpoint's step at the new peak.
     (A stand-in engine whose load restores a run at step 5 of 8 with lr 1e-3; sft.py, reward.py and ppo.py pass
     their flags when named in --resume_changes.)"""
     schedule = common.lr_lambda("cosine", 2, 8)
@@ -286,10 +290,10 @@ def test_6_an_accepted_learning_rate_change_is_the_one_used(tmp_path):
             return folder, {"step": 5}
 
     old = Engine()
-    assert common.load_checkpoint(old, str(tmp_path), "step5") == {"step": 5}
+    assert common.runs.load_checkpoint(old, str(tmp_path), "step5") == {"step": 5}
     assert old.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * schedule(5))  # unchanged without the names
     new = Engine()
-    common.load_checkpoint(new, str(tmp_path), "step5", learning_rate=2e-3, weight_decay=0.1)
+    common.runs.load_checkpoint(new, str(tmp_path), "step5", learning_rate=2e-3, weight_decay=0.1)
     group = new.optimizer.param_groups[0]
     assert group["lr"] == new.lr_scheduler.get_last_lr()[0] == pytest.approx(2e-3 * schedule(5))
     assert group["weight_decay"] == 0.1
@@ -306,11 +310,11 @@ def test_6_a_resumed_run_rewrites_args_json_only_once_it_has_saved(sft_run, tmp_
     run = copy_run(sft_run[0], tmp_path)
     before = (run / "args.json").read_text()
     args = sft_args(sft_run[1], output_dir=str(run), resume=True, max_steps=8, resume_changes=("total_steps",))
-    common.start_output_dir(str(run), args, False, True, {"script": "sft.py"})
-    common._release_lock(run / common.LOCK, os.getpid())
+    common.runs.start_output_dir(str(run), args, False, True, {"script": "sft.py"})
+    common.launcher._release_lock(run / common.runs.LOCK, os.getpid())
     assert (run / "args.json").read_text() == before and json.loads((run / "args.json.next").read_text())[
         "max_steps"] == 8
-    common.commit_args(str(run))  # what a checkpoint or the final save does
+    common.runs.commit_args(str(run))  # what a checkpoint or the final save does
     assert json.loads((run / "args.json").read_text())["max_steps"] == 8 and not (run / "args.json.next").exists()
 
 
@@ -326,13 +330,13 @@ def test_6_resume_compares_ranks_through_the_global_batch(tmp_path):
         now = saved | {"world_size": 1}
         fixed = ("zero_stage",) + (("world_size",) if stage else ())
         if stage == 0:
-            common.check_resume(str(out), args, "step4", sft.RUN_FLAGS, now, "total_steps", fixed)
+            common.runs.check_resume(str(out), args, "step4", sft.RUN_FLAGS, now, "total_steps", fixed)
         else:
             with pytest.raises(common.UserError) as e:
-                common.check_resume(str(out), args, "step4", sft.RUN_FLAGS, now, "total_steps", fixed)
+                common.runs.check_resume(str(out), args, "step4", sft.RUN_FLAGS, now, "total_steps", fixed)
             one_line_error(e, "cannot be loaded with another world_size (2 -> 1)")
         with pytest.raises(common.UserError) as e:
-            common.check_resume(str(out), args, "step4", sft.RUN_FLAGS, saved | {"global_batch": 8}, "total_steps",
+            common.runs.check_resume(str(out), args, "step4", sft.RUN_FLAGS, saved | {"global_batch": 8}, "total_steps",
                                 fixed)
         one_line_error(e, "global_batch 16 -> 8")
 
@@ -366,14 +370,14 @@ def test_6_resume_with_the_same_paths_written_otherwise_is_the_same_run(sft_run,
 
 def test_6_ppo_resume_with_another_kl_coef_is_refused(tiny_models, tmp_path, no_models):
     """ppo.py --resume with another --kl_coef was ignored (metrics bit-identical): now refused by name."""
-    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"tell me about {t}"} for t in common.TOPICS])
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"tell me about {t}"} for t in common.toy.TOPICS])
     model = tiny_models["llama"]
     args = ppo.Args(actor=model, reward=model, data=str(data), output_dir=str(tmp_path / "run"), rollout_batch_size=4,
                     per_device_batch_size=4, max_new_tokens=8, max_seq_len=64)
     run = {"script": "ppo.py", "world_size": 1, "rollout_batch": 4, "mini_batch": 4, "prompts": 23,
            "actor_stage": 0, "critic_stage": 0, "iterations": 5}
-    common.start_output_dir(args.output_dir, args, False, False, run)
-    common._release_lock(tmp_path / "run" / common.LOCK, os.getpid())
+    common.runs.start_output_dir(args.output_dir, args, False, False, run)
+    common.launcher._release_lock(tmp_path / "run" / common.runs.LOCK, os.getpid())
     for model_kind in ("actor", "critic"):
         (tmp_path / "run" / "checkpoints" / model_kind / "iter4").mkdir(parents=True)
         (tmp_path / "run" / "checkpoints" / model_kind / "latest").write_text("iter4")
@@ -415,28 +419,28 @@ def test_8_one_run_per_folder(tmp_path):
     a lock whose process is gone (a SIGKILL) is stale and taken over."""
     live = subprocess.Popen(["sleep", "60"])
     try:
-        stat = common._proc_stat(live.pid)
-        (tmp_path / common.LOCK).write_text(json.dumps({"pid": live.pid, "host": socket.gethostname(),
+        stat = common.launcher._proc_stat(live.pid)
+        (tmp_path / common.runs.LOCK).write_text(json.dumps({"pid": live.pid, "host": socket.gethostname(),
                                                         "start": stat[19]}))
         (tmp_path / "args.json").write_text(json.dumps({"_run": {"script": "sft.py"}}))
         before = snapshot(tmp_path)
         with pytest.raises(common.UserError) as e:
-            common.start_output_dir(str(tmp_path), sft.Args(), False, True, {"script": "sft.py"})
+            common.runs.start_output_dir(str(tmp_path), sft.Args(), False, True, {"script": "sft.py"})
         one_line_error(e, f"in use by another run (pid {live.pid}")
         assert snapshot(tmp_path) == before
     finally:
         live.kill()
         live.wait()
-    common.take_lock(tmp_path)  # the owner is gone: stale, taken over
-    assert json.loads((tmp_path / common.LOCK).read_text())["pid"] == os.getpid()
+    common.runs.take_lock(tmp_path)  # the owner is gone: stale, taken over
+    assert json.loads((tmp_path / common.runs.LOCK).read_text())["pid"] == os.getpid()
     with pytest.raises(common.UserError) as e:  # held by this process now
-        common.take_lock(tmp_path)
+        common.runs.take_lock(tmp_path)
     one_line_error(e, f"pid {os.getpid()}")
-    common._release_lock(tmp_path / common.LOCK, os.getpid())
-    assert not (tmp_path / common.LOCK).exists()
-    (tmp_path / common.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "start": "1"}))
+    common.launcher._release_lock(tmp_path / common.runs.LOCK, os.getpid())
+    assert not (tmp_path / common.runs.LOCK).exists()
+    (tmp_path / common.runs.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "start": "1"}))
     with pytest.raises(common.UserError) as e:  # another machine's lock cannot be checked: say so
-        common.take_lock(tmp_path)
+        common.runs.take_lock(tmp_path)
     one_line_error(e, "in use by pid 1 on elsewhere", "if no run is going there, remove that file")
 
 
@@ -444,12 +448,12 @@ def test_8_a_torn_last_metrics_line_is_dropped_with_a_notice(tmp_path, capsys):
     """A crash mid-write left half a line; --resume then failed with a JSONDecodeError."""
     rows = [json.dumps({"step": i, "train/loss": 1.0}) for i in range(6)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 6, "train/lo')
-    common.truncate_log(str(tmp_path), 4)
+    common.runs.truncate_log(str(tmp_path), 4)
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3, 4]
     assert "dropped a line cut short" in capsys.readouterr().err
     (tmp_path / "metrics.jsonl").write_text(rows[0] + "\n{bad\n" + rows[1] + "\n")
     with pytest.raises(common.UserError) as e:  # not at the end: not a crash, say where
-        common.truncate_log(str(tmp_path), 4)
+        common.runs.truncate_log(str(tmp_path), 4)
     one_line_error(e, "metrics.jsonl:2: not a JSON line")
 
 
@@ -473,9 +477,9 @@ def test_8_ranks_stop_when_the_launcher_is_killed(tmp_path):
     runner.send_signal(signal.SIGTERM)
     runner.wait(timeout=30)
     deadline = time.time() + 30
-    while any(common._alive(p) for p in pids) and time.time() < deadline:
+    while any(common.launcher._alive(p) for p in pids) and time.time() < deadline:
         time.sleep(0.2)
-    alive = [p for p in pids if common._alive(p)]
+    alive = [p for p in pids if common.launcher._alive(p)]
     for p in alive:
         os.kill(p, signal.SIGKILL)
     assert not alive, "ranks outlived their launcher"
@@ -507,9 +511,9 @@ def test_9_every_numeric_flag_is_checked_and_its_range_is_in_help(module):
             if "int" in str(f.type) and isinstance(bad, float):
                 continue
             with pytest.raises(common.UserError) as e:
-                common.check_numbers(module.Args(**{f.name: bad}), module.RANGES)
+                common.flags.check_numbers(module.Args(**{f.name: bad}), module.RANGES)
             one_line_error(e, f"--{f.name} {bad}: expected")
-        common.check_numbers(module.Args(), module.RANGES)  # the defaults pass
+        common.flags.check_numbers(module.Args(), module.RANGES)  # the defaults pass
 
 
 ISSUE_CASES = [
@@ -632,7 +636,7 @@ def test_10_a_causal_lm_as_reward_model_is_refused(tiny_models, tmp_path, monkey
     assert model.config.num_labels == 1
     monkeypatch.setattr(common, "init_distributed", lambda: torch.device("cpu"))
     monkeypatch.setenv("WORLD_SIZE", "1")
-    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"tell me about {t}"} for t in common.TOPICS])
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"tell me about {t}"} for t in common.toy.TOPICS])
     with pytest.raises(common.UserError) as e:  # main passes the flag name on
         ppo.main(ppo.Args(actor=tiny_models["llama"], reward=tiny_models["llama"], output_dir=str(tmp_path / "o"),
                           data=str(data), max_seq_len=64, max_new_tokens=8, rollout_batch_size=4,

@@ -16,6 +16,8 @@ from conftest import kill_when, read_metrics, run_script, script_path, stage_mod
 from test_common import reference_mask  # the whole text tokenised, each answer by its offsets
 
 import common
+import common.data
+import common.toy
 
 sft = stage_module("sft")  # the repo's, or a fork given with --script (conftest.py)
 
@@ -115,7 +117,7 @@ def write_jsonl(path: Path, rows) -> Path:
 def toy_jsonl(path: Path, n: int) -> Path:
     """Demo demonstrations as JSONL, half as prompt/response, half as message lists."""
     rows = [r if i % 2 else {"prompt": r["messages"][0]["content"], "response": r["messages"][1]["content"]}
-            for i, r in enumerate(common.toy_data("sft", "train")[:n])]
+            for i, r in enumerate(common.toy.toy_data("sft", "train")[:n])]
     return write_jsonl(path, rows)
 
 
@@ -205,12 +207,12 @@ def test_demo_end_to_end(tmp_path):
     assert args["max_steps"] == 60 and args["model"] == "toy" and args["output_dir"] == str(out)
     # the saved folder is the trained model: plain transformers reproduces the logged final eval loss
     model, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
-    examples, _ = sft.tokenize(common.load_data("toy", "sft", split="eval"), tok, 512, "left", "toy")
+    examples, _ = sft.tokenize(common.data.load_data("toy", "sft", split="eval"), tok, 512, "left", "toy")
     assert eval_loss_of(out, examples) == pytest.approx(evals[-1]["eval/loss"], abs=1e-4)
     ids = torch.tensor([common.encode_prompt(tok, common.to_messages("tell me about cats"))])
     gen = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     words = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).split()
-    vocab = set(common.TOPICS + common.POSITIVE + common.NEGATIVE + common.VERBS + ["and", "."])
+    vocab = set(common.toy.TOPICS + common.toy.POSITIVE + common.toy.NEGATIVE + common.toy.VERBS + ["and", "."])
     assert words and sum(w in vocab for w in words) >= len(words) / 2  # demo words, not random bytes
 
 
@@ -229,12 +231,12 @@ def test_jsonl_run_with_lora_on_a_model_without_pad_token(tiny_models, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.get_input_embeddings().weight.shape[0] == len(tok) and model.config.pad_token_id == tok.pad_token_id
     assert not (out / "adapter_config.json").exists() and not any("lora" in k for k in final_weights(out))
-    examples, n_cut = sft.tokenize(common.load_data(str(data), "sft"), tok, 24, "left", "x")
+    examples, n_cut = sft.tokenize(common.data.load_data(str(data), "sft"), tok, 24, "left", "x")
     assert n_cut > 0 and f"{n_cut} examples truncated from the left to 24 tokens" in p.stdout
     assert "96 train / 24 eval examples" in p.stdout
     rows = read_metrics(out)
     assert rows[-1]["eval/loss"] < rows[0]["eval/loss"] - 0.1
-    _, evals = common.split_eval(examples, 0.2, 42)
+    _, evals = common.data.split_eval(examples, 0.2, 42)
     assert eval_loss_of(out, evals) == pytest.approx(rows[-1]["eval/loss"], abs=1e-4)
 
 

@@ -1,0 +1,731 @@
+"""The thin shared part of sft.py, reward.py, ppo.py and chat.py: errors, ranks and start-up, the DeepSpeed
+config, tokenization and chat templates, model loading and HF checkpoints, logging. The other shared concerns are
+modules beside this one (data, runs, flags, logprobs, toy, launcher); this file imports only the leaves (toy,
+launcher), and no module of common imports a stage script. No training loop, loss or RL math lives here."""
+
+import atexit
+import copy
+import errno
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common import launcher, toy
+
+
+class UserError(SystemExit):
+    """A mistake in the user's input (flag, file, data). Python prints the message as one line and exits with
+    status 1, without a traceback, because this is a SystemExit."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+def _excepthook(kind, value, tb, other_errors=sys.__excepthook__):
+    """A full disk is one line, not a traceback (the newest checkpoint stays usable: `latest` is written last,
+    save_hf moves config.json in last). torch.save reports it as a RuntimeError, safetensors as its own. So is a
+    collective that fails because another rank stopped with its own error (one rank's bad --reward_fn call)."""
+    chain, e = [], value
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    full = ("No space left on device", "Disk quota exceeded", "File too large", "file write failed", "StorageFull",
+            "iostream error", "unexpected pos")  # the last two: torch.save's zip writer when a write fails
+    for e in chain:
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) or any(
+                m in str(e) for m in full):
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            print(f"error: the disk is full{where}: {first}; free some space, then --resume from the last "
+                  "checkpoint if the run saved one (--save_every), else run it again", file=sys.stderr)
+            return
+    lost = ("Connection closed by peer", "Connection reset by peer", "remote process exited")  # gloo, NCCL
+    if isinstance(value, RuntimeError) and any(m in str(value) for m in lost):  # another rank stopped first
+        print("error: another rank stopped (its error is above); this one stops too", file=sys.stderr)
+        return
+    if kind is KeyboardInterrupt:  # Ctrl-C: the output folder is as a kill leaves it (see README, Reliability)
+        print("interrupted (Ctrl-C); --resume continues from the last checkpoint, if the run saved one",
+              file=sys.stderr)
+        return
+    other_errors(kind, value, tb)
+
+
+sys.excepthook = _excepthook
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# distributed set-up
+
+
+def init_distributed() -> torch.device:
+    """One code path for `python x.py`, `deepspeed x.py` and `torchrun`: without a launcher we set up a one-process
+    world ourselves, because deepspeed.init_distributed would otherwise look for MPI."""
+    import deepspeed
+
+    launched = "RANK" in os.environ
+    if not launched:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU backend compiles its shared-memory all-reduce op (deepspeed_shm_comm) at start-up, used
+        # only by inference_all_reduce (tensor-parallel inference), which these scripts never call. A run killed
+        # during that build leaves torch_extensions/.../deepspeed_shm_comm/lock behind and every later run waits on
+        # it forever, silently; so the op is not built (nor its build lock taken).
+        import deepspeed.comm.torch  # noqa: F401 (the module; `deepspeed.comm.torch` names torch itself)
+
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    if launched and not dist.is_initialized() and Path("/proc/self/stat").exists():
+        launcher.watch_launcher()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        # tear the process group down at exit while the interpreter is whole: left to the interpreter's own teardown,
+        # gloo's threads can abort a finished rank ("terminate called without an active exception", pytorch#190489)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        # torch prefixes every line of an uncaught error with "[rankN]: " (its hook wraps ours): keep that for
+        # tracebacks, and a full disk one plain line
+        sys.excepthook = functools.partial(_excepthook, other_errors=sys.excepthook)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    # CPU ranks on one machine: share the cores instead of each taking all of them (oversubscribed OpenMP threads
+    # spin against each other and the gloo/shm collectives: 30x slower PPO iterations with 2 ranks on 2 cores)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ["WORLD_SIZE"])
+    if local > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    launcher.keep_freed_memory()
+    return torch.device("cpu")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few Python floats over all ranks (one collective for the whole list)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto`: bf16 on a GPU that supports it, else fp32 (fp16 does not run on CPU)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in table:
+        raise UserError(f"--dtype {name}: expected one of auto, fp32, bf16, fp16")
+    return table[name]
+
+
+def check_zero_stage(stage: int, flag: str = "--zero_stage"):
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"{flag} {stage}: expected 0, 1, 2 or 3")
+
+
+def ds_config(zero_stage: int, micro_batch: int, grad_accum: int, dtype: torch.dtype, offload: bool = False,
+              grad_clip: float = 1.0, offload_params: bool = False) -> dict:
+    """The DeepSpeed config for a trained engine. The optimizer and scheduler are torch objects passed to
+    deepspeed.initialize (DeepSpeed's fused/CPU Adam would be compiled on first use, which costs minutes)."""
+    check_zero_stage(zero_stage)
+    zero = {"stage": zero_stage, "overlap_comm": False, "contiguous_gradients": True}
+    if offload and zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if offload_params and zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size(),
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0, "initial_scale_power": 16},
+        "zero_force_ds_cpu_optimizer": False,  # allow a torch AdamW with ZeRO-Offload
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    """Linear warmup, then cosine or linear decay to 0 (or constant)."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(1.0, progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return f
+
+
+def disable_dropout(model: torch.nn.Module):
+    """Dropout off everywhere: PPO's ratio and the reference's log-probs assume a deterministic model. Many models
+    copy the config's rate into a float attribute at init (OPT's `self.dropout`, Llama's `self.attention_dropout`,
+    OPT's `layerdrop`), so those are zeroed too, not only nn.Dropout modules and the config."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for key, value in list(vars(m).items()):
+            if type(value) is float and ("dropout" in key or key.endswith(("pdrop", "layerdrop"))):
+                setattr(m, key, 0.0)
+    cfg = getattr(model, "config", None)
+    for key in ("dropout", "attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                "activation_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob", "classifier_dropout",
+                "layerdrop"):
+        if cfg is not None and isinstance(getattr(cfg, key, None), float):
+            setattr(cfg, key, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenizer, model loading and prompt formatting
+
+
+def check_model_path(name: str, flag: str):
+    """A local-looking path that does not exist is a user error, not a hub lookup that fails deep inside."""
+    if name == "toy":
+        return
+    looks_local = (name.startswith((".", "/", "~")) or os.sep in name.rstrip("/") and name.count("/") != 1
+                   or os.path.isdir(name.split("/")[0]))  # `run/typo` beside a folder `run`: not a hub org
+    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+        raise UserError(f"{flag} {name}: no such model folder")
+    if os.path.isdir(name) and not os.path.exists(os.path.join(name, "config.json")):
+        raise UserError(f"{flag} {name}: folder has no config.json (not a Hugging Face model)")
+
+
+def note(message: str):
+    """A default adapted to the model, the data or another flag: said once, on stderr, by rank 0."""
+    if is_rank0():
+        print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer of a model folder or hub name, with a pad token that is *not* EOS: with pad == EOS the EOS is
+    masked as padding, never learned, never detected (PPO_DETAILS 1). A missing pad token becomes a new <|pad|>;
+    callers resize the embeddings with `resize_for_tokenizer`."""
+    from transformers import AutoTokenizer
+
+    if name == "toy":
+        return toy.toy_tokenizer()
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as e:  # not a folder, not on the hub, or no network ("models/x" looks like a hub name)
+        raise UserError(f"{name}: cannot load a tokenizer: {str(e).strip().splitlines()[0]}")
+    if tok.eos_token_id is None:
+        raise UserError(f"{name}: the tokenizer has no EOS token; set one in its tokenizer_config.json")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": "<|pad|>"})
+    tok.padding_side = "right"
+    return tok
+
+
+def resize_for_tokenizer(model, tokenizer):
+    """Make room for a pad token we added, and write the ids into the config (needed by sequence classifiers)."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def to_messages(example) -> list[dict]:
+    """A prompt string or a message list, as a message list."""
+    if isinstance(example, str):
+        return [{"role": "user", "content": example}]
+    return list(example)
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The text of a conversation: the tokenizer's chat template when it has one, else DeepSpeed-Chat's format
+    "\\n\\nHuman: {user}\\n\\nAssistant: {answer}<eos>" (a system message is written as it is, before the turns). A
+    prompt for generation ends before a space the template writes where an answer begins (DeepSpeed-Chat's prompts
+    end with "Assistant:"): the answer's first token carries it, as in the whole text (`Ġcats`)."""
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja's own errors (a template that refuses a role or an empty conversation)
+            raise UserError(f"the chat template cannot render {[m['role'] for m in messages]}: {e}")
+    else:
+        text = ""
+        for m in messages:
+            head = {"user": "\n\nHuman: ", "assistant": "\n\nAssistant: "}.get(m["role"], "")
+            text += head + m["content"] + (tokenizer.eos_token if m["role"] == "assistant" else "")
+        text += "\n\nAssistant: " if add_generation_prompt else ""
+    return text.rstrip(" ") if add_generation_prompt else text
+
+
+def format_prompt(tokenizer, messages: list[dict]) -> str:
+    """The prompt text of every script; it ends where the next assistant answer begins."""
+    return render(tokenizer, messages, add_generation_prompt=True)
+
+
+def _segments(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, int | None]]:
+    """The rendered conversation cut into (text, message index) pieces, in the text's order: a message's content
+    where the template wrote it (index j), the template's own markup between them (None). Each content is found by
+    rendering the conversation again with a marker in its place: the text before the marker is the text before the
+    content. So a template may trim a content (Llama 2 and 3 do), strip the text around it (Llama 2's system block)
+    or move it (Mistral's system message goes into the last user turn; written nowhere when an answer follows)."""
+    text, found = render(tokenizer, messages, add_generation_prompt), []
+    mark = "\ufffc"  # the object replacement character, made longer while the text holds it
+    while mark in text:
+        mark += "\ufffc"
+    for j, m in enumerate(messages):
+        marked = render(tokenizer, messages[:j] + [{**m, "content": mark}] + messages[j + 1:], add_generation_prompt)
+        if marked == text:  # a message the template leaves out (Mistral's system message, but in the last turn)
+            continue
+        k = marked.find(mark)
+        piece = next((p for p in dict.fromkeys((m["content"], m["content"].strip())) if marked.count(mark) == 1
+                      and text == marked[:k] + p + marked[k + len(mark):]), None)
+        if piece is None:
+            raise UserError(f"the chat template rewrites the text of a {m['role']} message, or writes it twice "
+                            f"(cannot place {m['content'][:40]!r} in its rendering)")
+        found.append((k, j, piece))
+    out, start = [], 0
+    for k, j, piece in sorted(found):
+        if k < start:
+            raise UserError(f"the chat template writes {messages[j]['role']} message {j} inside another message")
+        out += [(text[start:k], None), (piece, j)]
+        start = k + len(piece)
+    return out + [(text[start:], None)]
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens (EOS, BOS, pad, a template's turn markers), and of the plain added
+    tokens its chat template writes as turn markers (turn_tokens)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return (set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+            | set(turn_tokens(tokenizer)[0].values()))
+
+
+_TRAITS, _TURNS = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
+
+
+def turn_tokens(tokenizer) -> tuple[dict, object]:
+    """Added tokens not flagged special that the chat template writes where a turn ends and the next begins, as
+    `<|im_start|>` and `<|im_end|>` are when a fine-tuning framework added them as plain tokens (axolotl's
+    `tokens:`): ({text: id}, a copy of the Rust tokenizer in which they are special). They are turn markers all the
+    same: they end an answer's turn, and a content keeps their text as text. A plain added token the template writes
+    only inside an answer's turn (Qwen3's `<think>`) stays one token in contents, as the model writes it."""
+    if tokenizer not in _TURNS:
+        plain = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                 if not getattr(t, "special", False) and t.content and not t.content.isalnum()  # markup, not a word
+                 and not any(c.isspace() for c in t.content)}  # nor white space the template writes anyway
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                 {"role": "user", "content": "bye"}]
+        markup = ""
+        if plain and getattr(tokenizer, "chat_template", None):
+            try:  # the markup before each user message: the end of the turn before it and the start of its own
+                pieces = _segments(tokenizer, probe, False)
+                markup = "".join(pieces[k - 1][0] for k, (_, j) in enumerate(pieces) if j in (0, 2))
+            except UserError:
+                pass
+        found = {text: i for text, i in plain.items() if text in markup}
+        split = None
+        if found and getattr(tokenizer, "backend_tokenizer", None) is not None:
+            from tokenizers import AddedToken
+
+            split = copy.deepcopy(tokenizer.backend_tokenizer)
+            split.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in found])
+        _TURNS[tokenizer] = found, split
+    return _TURNS[tokenizer]
+
+
+def _traits(tokenizer) -> tuple[bool, bool]:
+    """(adds a BOS to every input, puts a SentencePiece "▁" before every input), worked out once per tokenizer."""
+    if tokenizer not in _TRAITS:
+        ids = tokenizer("a")["input_ids"]
+        bare = tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"])
+        _TRAITS[tokenizer] = (tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id],
+                              bool(bare) and bare[0].startswith("▁"))
+    return _TRAITS[tokenizer]
+
+
+def _encode(tokenizer, text: str, plain: bool) -> list[int]:
+    """Ids of a text, no special tokens added (`plain`: special-token strings stay text), through the Rust tokenizer
+    where there is one: the Python wrapper costs ~0.1 ms a call, 4 s for the demo's 6,000 conversations."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+    turns, split = turn_tokens(tokenizer)
+    if plain and split is not None and any(t in text for t in turns):  # plain turn markers stay text too
+        backend = split
+    before, backend.encode_special_tokens = backend.encode_special_tokens, plain
+    try:
+        return backend.encode(text, add_special_tokens=False).ids
+    finally:
+        backend.encode_special_tokens = before
+
+
+def _piece_ids(tokenizer, text: str, plain: bool, first: bool) -> list[int]:
+    """Token ids of one piece of a conversation (`plain`: special-token strings stay text). SentencePiece-style
+    tokenizers put a "▁" (a space) before every input: a piece inside the text is tokenised after a newline whose
+    ids are then cut, so it gets no space the template did not write."""
+    ids = _encode(tokenizer, text, plain)
+    if first or not ids or not _traits(tokenizer)[1]:
+        return ids
+    for sentinel in ("\n", "\ue000"):  # a vocabulary that merges "\n" with what follows: a private-use character
+        head = _encode(tokenizer, sentinel, False)
+        both = _encode(tokenizer, sentinel + text, plain)
+        if both[: len(head)] == head:
+            return both[len(head):]
+    return ids
+
+
+def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: bool = False
+                        ) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation, the template's own rendering (see render), and a mask that is True on each
+    assistant answer and the token(s) that end its turn: up to the first special token the template writes after
+    it (`<|im_end|>`, `<|eot_id|>`, the EOS), or an EOS id put in when the template writes none.
+
+    Contents are tokenised as plain text, so a `<|im_start|>` typed by a user or found in data never becomes a
+    special id; only the template's markup is tokenised with special tokens. The tokenizer's BOS comes first (once,
+    also when the template writes it). With `add_generation_prompt` the ids end where the next answer begins."""
+    specials = special_ids(tokenizer)
+    ids, mask, answer_ended = [], [], True
+    segments = _segments(tokenizer, messages, add_generation_prompt)
+    for i in range(0, len(segments) - 1, 2):  # (markup, content) pairs, then the last markup
+        (markup, _), (content, j) = segments[i], segments[i + 1]
+        head = markup.rstrip(" ")
+        if content:  # spaces the markup writes before a content are tokenised with it, as in the whole text:
+            segments[i], segments[i + 1] = (head, None), (markup[len(head):] + content, j)  # `:` `Ġcats`, not `Ġ`
+    for text, j in segments:
+        new = _piece_ids(tokenizer, text, plain=j is not None, first=not ids)
+        if j is not None:
+            answer_ended = messages[j]["role"] != "assistant"
+            ids, mask = ids + new, mask + [not answer_ended] * len(new)
+            continue
+        end = next((i + 1 for i, t in enumerate(new) if t in specials), 0) if not answer_ended else 0
+        if not answer_ended and not end:  # a template that writes nothing special after an answer
+            new, end = [tokenizer.eos_token_id] + new, 1
+        ids, mask = ids + new, mask + [i < end for i in range(len(new))]
+        answer_ended = True
+    if _traits(tokenizer)[0] and ids[:1] != [tokenizer.bos_token_id]:
+        ids, mask = [tokenizer.bos_token_id] + ids, [False] + mask
+    return ids, mask
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a prompt, ready for generation (ends with the assistant prefix): a prefix of the ids of the
+    conversation that continues it (encode_conversation)."""
+    return encode_conversation(tokenizer, messages, add_generation_prompt=True)[0]
+
+
+def encode_scored(tokenizer, messages: list[dict]) -> list[int]:
+    """Ids of a conversation that ends with an answer, cut after the token that ends that answer's turn: where a
+    reward model reads its score (reward.py, ppo.py and chat.py agree on it)."""
+    ids, mask = encode_conversation(tokenizer, messages)
+    return ids[: max((i for i, m in enumerate(mask) if m), default=len(ids) - 1) + 1]
+
+
+def encode_plain(tokenizer, text: str) -> tuple[list[int], list[bool]]:
+    """A `{"text"}` record: plain language-model data, no template; BOS (if the tokenizer adds one) + text + EOS,
+    every token trained; special-token strings in it stay text."""
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    ids = ([tokenizer.bos_token_id] if _traits(tokenizer)[0] else []) + ids
+    return ids, [True] * len(ids)
+
+
+def encode_record(tokenizer, record: dict) -> tuple[list[int], list[bool]]:
+    """ids and trained mask of an SFT record: {"messages"} or {"text"}."""
+    if "text" in record:
+        return encode_plain(tokenizer, record["text"])
+    return encode_conversation(tokenizer, record["messages"])
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids that end an answer in generation: the EOS and the chat template's end of turn (ChatML's `<|im_end|>`,
+    Llama 3's `<|eot_id|>`) when it is another token."""
+    ids, mask = encode_conversation(tokenizer, [{"role": "user", "content": "hi"},
+                                                {"role": "assistant", "content": "hi"}])
+    return sorted({tokenizer.eos_token_id, ids[max(i for i, m in enumerate(mask) if m)]})
+
+
+def decode_answers(tokenizer, rows) -> list[str]:
+    """Generated answers (rows of ids, padded) as text, stripped, without special tokens (EOS, padding) or the plain
+    tokens the template uses as turn markers (turn_tokens: a ChatML answer ends with a plain `<|im_end|>` then)."""
+    drop = set(turn_tokens(tokenizer)[0].values())
+    if drop:
+        rows = [[i for i in row.tolist() if i not in drop] for row in rows]
+    return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+
+def template_gap(tokenizer) -> str | None:
+    """What a chat template writes at the start of an answer turn and its generation prompt does not (Qwen3 puts an
+    empty `<think></think>` block in past answers only): SFT trains answers after tokens that a prompt never ends
+    with, so generation starts where training never did. None when the prompt ends where the answer begins."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    ids, mask = encode_conversation(tokenizer, msgs)
+    prompt, first = encode_prompt(tokenizer, msgs[:1]), mask.index(True)
+    if ids[:first] == prompt:
+        return None
+    same = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b), min(len(prompt), first))
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return (f"the chat template starts an answer turn with {decode(ids[same:first])!r} where its generation prompt "
+            f"ends with {decode(prompt[same:])!r}: answers are trained after text that generation does not give "
+            "(pass a template whose generation prompt ends where an answer begins)")
+
+
+def show_example(tokenizer, ids: list[int], mask: list[bool]) -> str:
+    """A decoded example with the trained tokens in [[ ]], to print before training (each run is what it adds to
+    the decoded text, so a SentencePiece run keeps its leading space)."""
+    out, shown, i = "", "", 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and mask[j] == mask[i]:
+            j += 1
+        text = tokenizer.decode(ids[:j], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        out += f"[[{text[len(shown):]}]]" if mask[i] else text[len(shown):]
+        shown, i = text, j
+    return out
+
+
+def truncate_left(ids: list, max_len: int) -> tuple[list, bool]:
+    """Keep the last `max_len` items; say whether anything was cut."""
+    return (ids[-max_len:], True) if len(ids) > max_len else (ids, False)
+
+
+def pad(rows: list[list[int]], value: int, side: str = "right", length: int | None = None) -> torch.Tensor:
+    """Pad lists of ids to one length (the longest row unless `length` is given) on the given side."""
+    n = length or max(len(r) for r in rows)
+    out = torch.full((len(rows), n), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            if side == "right":
+                out[i, : len(r)] = torch.as_tensor(r)
+            else:
+                out[i, n - len(r):] = torch.as_tensor(r)
+    return out
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding, so a row gets the same numbers alone or in a padded batch (models with
+    absolute positions such as GPT-2 and OPT would otherwise shift; PPO_DETAILS 3)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def load_causal_lm(name: str, dtype: torch.dtype, tokenizer, trust_remote_code: bool = False, flag: str = "--model"):
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(name, flag)
+    if name == "toy":
+        model = toy.toy_model(tokenizer)
+    else:
+        model = from_pretrained(AutoModelForCausalLM, name, flag, dtype=dtype, trust_remote_code=trust_remote_code)
+    resize_for_tokenizer(model, tokenizer)
+    return model.to(dtype)
+
+
+def from_pretrained(cls, name: str, flag: str, **kwargs):
+    """cls.from_pretrained(name, **kwargs), with one line for a model whose files are damaged (a weights file cut
+    short by a failed copy or a full disk fails deep inside safetensors or torch)."""
+    from safetensors import SafetensorError
+
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{flag} {name}: cannot load the model ({first}); are its files complete?")
+
+
+def write_whole(path, text: str):
+    """Write a file through a temporary one moved into place: a kill or a full disk never leaves it half written."""
+    tmp = Path(f"{path}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def merged_state_dict(model) -> dict:
+    """Weights on CPU; for a peft LoRA model, the base weights with `B @ A * scale` added (the adapter merged)."""
+    if not hasattr(model, "peft_config"):
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    from peft.tuners.lora import LoraLayer
+
+    state = {}
+    for name, module in model.get_base_model().named_modules():
+        if isinstance(module, LoraLayer):
+            w = module.get_base_layer().weight.detach()
+            for adapter in module.active_adapters:
+                w = w + module.get_delta_weight(adapter).to(w.dtype)
+            state[f"{name}.weight"] = w.cpu().clone()
+    for k, v in model.get_base_model().state_dict().items():
+        if "lora_" in k or ".original_module." in k:  # adapters (merged above); heads replaced by a trained copy
+            continue
+        k = k.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        state.setdefault(k, v.detach().cpu().clone())
+    return state
+
+
+def save_hf(model, tokenizer, output_dir: str, zero_stage: int, extra_config: dict | None = None,
+            lora_adapter: bool = False, state_dict: dict | None = None):
+    """Save a Hugging Face folder (safetensors + tokenizer) from rank 0, gathering ZeRO-3 shards first; LoRA weights
+    are merged in unless `lora_adapter` (then a peft adapter folder is written, naming a local base model by its
+    absolute path); `state_dict`: these weights instead of the model's (ppo.py's EMA). Every rank must call this.
+    Files go to a staging folder and are moved into place with config.json last, after the old config.json is
+    removed: whenever config.json exists, the files beside it are one complete model."""
+    import deepspeed
+
+    params = list(model.parameters())
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else _nullcontext()
+    with ctx:
+        if is_rank0():
+            out = Path(output_dir)
+            stage = out / f".staging-{os.getpid()}"
+            shutil.rmtree(stage, ignore_errors=True)
+            stage.mkdir(parents=True)
+            atexit.register(shutil.rmtree, stage, ignore_errors=True)  # a failed save (a full disk) leaves nothing
+            if lora_adapter and hasattr(model, "peft_config"):
+                for config in model.peft_config.values():  # so that the adapter loads from any working folder
+                    if config.base_model_name_or_path and os.path.isdir(config.base_model_name_or_path):
+                        config.base_model_name_or_path = os.path.abspath(config.base_model_name_or_path)
+                model.save_pretrained(stage, safe_serialization=True)
+                (stage / "README.md").unlink(missing_ok=True)  # peft's model card: it would replace a user's README
+            else:
+                base = model.get_base_model() if hasattr(model, "peft_config") else model
+                for k, v in (extra_config or {}).items():
+                    setattr(base.config, k, v)
+                weights = merged_state_dict(model) if state_dict is None else state_dict
+                base.save_pretrained(stage, state_dict=weights, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(stage)
+            for name in ("config.json", "adapter_config.json"):
+                (out / name).unlink(missing_ok=True)
+            files = sorted(stage.iterdir(), key=lambda f: f.name in ("config.json", "adapter_config.json"))
+            for f in files:
+                os.replace(f, out / f.name)
+            stage.rmdir()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def check_finite(values: dict, step: int):
+    """A NaN/inf loss or reward stops the run before anything new is saved."""
+    for k, v in values.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"step {step}: {k} is {v}; stopping without saving (try a lower learning rate, "
+                            "--dtype fp32, or check the data)")
+
+
+REPORT_TO = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}  # --report_to: the package it needs
+
+
+def check_report_to(report_to: str):
+    """--report_to names a tracker whose package is installed (checked before anything is loaded)."""
+    import importlib.util
+
+    if report_to not in REPORT_TO:
+        raise UserError(f"--report_to {report_to}: expected one of {', '.join(REPORT_TO)}")
+    package = REPORT_TO[report_to]
+    if package and importlib.util.find_spec(package) is None:
+        raise UserError(f"--report_to {report_to}: the `{package}` package is not installed (pip install {package}); "
+                        "metrics.jsonl is written without it")
+
+
+class Logger:
+    """Rank 0 writes metrics.jsonl (the source of truth), a tqdm bar, and with `report_to` the same rows to
+    TensorBoard (output_dir/tensorboard) or Weights & Biases (run named after output_dir, `config` as its config;
+    WANDB_MODE=offline works without a network); other ranks get a logger that does nothing."""
+
+    def __init__(self, output_dir: str, total: int, desc: str, initial: int = 0, report_to: str = "none",
+                 config: dict | None = None):
+        self.on = is_rank0()
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.t0 = time.time()
+        self.bar = self.tb = self.wandb = None
+        if self.on:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True, file=sys.stdout,
+                            disable=os.environ.get("TQDM_DISABLE") == "1")
+            check_report_to(report_to)
+            config = json.loads(json.dumps(config or {}, default=str))
+            name = Path(output_dir).resolve().name
+            if report_to == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+                self.tb.add_text("args", "    " + json.dumps(config, indent=2).replace("\n", "\n    "), initial)
+            elif report_to == "wandb":
+                import wandb
+
+                self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "hackable-rlhf"), name=name,
+                                        job_type=desc, config=config, dir=str(output_dir))
+
+    def log(self, step: int, metrics: dict, advance: int = 0):
+        if not self.on:
+            return
+        row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+        if advance:
+            self.bar.update(advance)
+        shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)}
+        self.bar.set_postfix(shown, refresh=False)
+        if any(k.startswith("eval/") for k in metrics):
+            self.bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                        if isinstance(v, float)))
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

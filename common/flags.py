@@ -1,0 +1,76 @@
+"""Flags: each Args field declares its range and whether it defines a run beside it (`flag`); the checks of
+numbers against ranges, and the defaults worked out from the model (--max_seq_len, --per_device_batch_size)."""
+
+import math
+
+import common
+from common import toy
+
+_COMPARE = {">=": float.__ge__, ">": float.__gt__, "<=": float.__le__, "<": float.__lt__}
+
+
+def in_range(x: float, spec: str) -> bool:
+    """Whether x meets a range written as in --help: `>= 1`, `> 0`, `0 <= x < 1`, `-1 or >= 1` (never NaN/inf)."""
+    x = float(x)
+    if not math.isfinite(x):
+        return False
+    for alt in spec.split(" or "):
+        t = alt.split()
+        if len(t) == 1 and x == float(t[0]):
+            return True
+        if len(t) == 2 and _COMPARE[t[0]](x, float(t[1])):
+            return True
+        if len(t) == 5 and _COMPARE[t[1]](float(t[0]), x) and _COMPARE[t[3]](x, float(t[4])):
+            return True
+    return False
+
+
+def check_numbers(args, ranges: dict[str, str]):
+    """Every numeric flag against its range (the same text is in its --help); None (a default) passes."""
+    for name, spec in ranges.items():
+        value = getattr(args, name)
+        if value is not None and not in_range(value, spec):
+            raise common.UserError(f"--{name} {value}: expected {spec.replace('x', name)}")
+
+
+def model_context(name: str, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence a model's positions allow (its config's max_position_embeddings or alike), or None."""
+    if name == "toy":
+        return toy.TOY_CONTEXT
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None  # the model's own loader reports it
+    cfg = getattr(cfg, "text_config", None) or cfg
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(getattr(cfg, key, None), int) and getattr(cfg, key) > 0:
+            return getattr(cfg, key)
+    return None
+
+
+def fit_max_seq_len(max_seq_len: int | None, context: int | None, default: int = 512) -> int:
+    """--max_seq_len: the user's value (refused when the model's positions stop earlier), else `default` cut to the
+    model's context."""
+    if max_seq_len is not None:
+        if context is not None and max_seq_len > context:
+            raise common.UserError(f"--max_seq_len {max_seq_len} is longer than the model's context of {context} tokens "
+                            "(max_position_embeddings)")
+        return max_seq_len
+    if context is not None and context < default:
+        common.note(f"--max_seq_len {context}: the model's context (max_position_embeddings) is shorter than {default}")
+        return context
+    return default
+
+
+def fit_micro_batch(per_device: int | None, n_examples: int, ranks_x_accum: int, what: str,
+                    default: int = 16) -> int:
+    """--per_device_batch_size: the user's value, else `default`, shrunk so that the data holds one global batch."""
+    if per_device is not None:
+        return per_device
+    fit = max(1, min(default, n_examples // ranks_x_accum))
+    if fit < default:
+        common.note(f"--per_device_batch_size {fit}: {n_examples} training {what} hold no global batch of the default "
+             f"{default}")
+    return fit
