@@ -24,6 +24,7 @@ import common
 import common.data
 import common.flags
 import common.toy
+from common.flags import flag
 
 
 @dataclass
@@ -55,29 +56,25 @@ class Args:
     system: str | None = None
     """a system message put before every conversation"""
     # sampling
-    temperature: float = 0.7
+    temperature: float = flag(0.7, "0 or >= 0.01")
     """sampling temperature (0 or >= 0.01; 0: greedy)"""
-    top_p: float = 0.9
+    top_p: float = flag(0.9, "0 < x <= 1")
     """nucleus sampling: sample from the smallest set of tokens whose probability reaches this (0 < x <= 1)"""
-    max_new_tokens: int | None = None
+    max_new_tokens: int | None = flag(None, ">= 1")
     """longest answer in tokens (>= 1); default 128, or half the model's context when that is shorter than 256"""
     greedy: bool = False
     """always pick the most likely token instead of sampling"""
-    seed: int = 0
+    seed: int = flag(0, "0 <= x <= 4294967295")
     """sampling seed (each model of a comparison starts from it) (0 <= x <= 4294967295)"""
     # context and batching
-    max_context: int = 0
+    max_context: int = flag(0, ">= 0")
     """context length in tokens (prompt + answer; >= 0); 0: the model's max_position_embeddings. Older whole turns of
     the history are dropped to keep the prompt within max_context - max_new_tokens"""
-    batch_size: int = 16
+    batch_size: int = flag(16, ">= 1")
     """prompts per generate call (left padding) and per reward-model forward (>= 1)"""
     # launcher
     local_rank: int = -1
     """set by the deepspeed launcher; do not pass by hand"""
-
-
-RANGES = {"temperature": "0 or >= 0.01", "top_p": "0 < x <= 1", "max_new_tokens": ">= 1",
-          "seed": "0 <= x <= 4294967295", "max_context": ">= 0", "batch_size": ">= 1"}
 
 
 def check_output(args: Args):
@@ -89,9 +86,9 @@ def check_output(args: Args):
     for path in common.data.input_paths(args.prompts):  # each file of --prompts a.jsonl,b.jsonl; ~ expanded
         if os.path.exists(path) and Path(path).resolve() == out.resolve():
             raise common.UserError(f"--output {args.output}: would overwrite --prompts {path}")
-    for flag, folder in (("--model", args.model), ("--compare", args.compare), ("--reward", args.reward)):
+    for name, folder in (("--model", args.model), ("--compare", args.compare), ("--reward", args.reward)):
         if folder and os.path.isdir(folder) and Path(folder).resolve() in out.resolve().parents:
-            raise common.UserError(f"--output {args.output}: is inside {flag} {folder}; expected a file elsewhere")
+            raise common.UserError(f"--output {args.output}: is inside {name} {folder}; expected a file elsewhere")
     folder = out.parent
     if not folder.is_dir():
         raise common.UserError(f"--output {args.output}: no such folder {folder}")
@@ -274,14 +271,14 @@ def main(args: Args):
         raise common.UserError("pass --prompt or --prompts, not both")
     if args.output and args.prompt is None and args.prompts is None:
         raise common.UserError("--output needs --prompt or --prompts (the interactive chat writes no file)")
-    common.flags.check_numbers(args, RANGES)
+    common.flags.check(args)
     if args.output:
         check_output(args)
-    for flag, text in (("--prompt", args.prompt), ("--system", args.system)):
+    for name, text in (("--prompt", args.prompt), ("--system", args.system)):
         try:
             (text or "").encode("utf-8")
         except UnicodeEncodeError:
-            raise common.UserError(f"{flag} is not valid UTF-8")
+            raise common.UserError(f"{name} is not valid UTF-8")
     # stdin as UTF-8 whatever the locale; undecodable bytes become surrogates that read_line reports
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")

@@ -42,6 +42,7 @@ import common.flags
 import common.logprobs
 import common.runs
 import common.toy
+from common.flags import flag
 
 TORCH_LINEAR = F.linear  # before any ZeRO-3 engine replaces it (see generation_mode)
 
@@ -59,7 +60,7 @@ class Args:
     """a Python reward `FILE.py:NAME` or `module:NAME`, NAME(prompts: list[list[dict]], responses: list[str]) ->
     list[float], called on each rank's rows; its scores x --reward_fn_weight are added to the reward model's
     normalised score (the whole score with --reward none). The demo's gold: common.toy:gold_reward_fn"""
-    reward_fn_weight: float = 1.0
+    reward_fn_weight: float = flag(1.0, ">= 0")
     """weight of --reward_fn's scores (>= 0)"""
     critic: str | None = None
     """the critic's initial weights (a reward model, or a causal LM with --new_value_head); default: --reward, as
@@ -83,36 +84,36 @@ class Args:
     """held-out split of --data (e.g. test_prefs); default: --eval_data, else --eval_fraction of --data"""
     skip_invalid: bool = False
     """drop (and count) records that do not fit a layout, instead of stopping at the first"""
-    eval_fraction: float = 0.02
+    eval_fraction: float = flag(0.02, "0 <= x < 1")
     """share of --data held out for evaluation when --eval_data is not given (0 <= x < 1; 0: no evaluation)"""
-    max_seq_len: int | None = None
+    max_seq_len: int | None = flag(None, ">= 2")
     """prompt + response length in tokens (>= 2); prompts keep their last max_seq_len - max_new_tokens tokens;
     default 512, or the actor's context (max_position_embeddings) when shorter"""
     truncation: Literal["left", "error"] = "left"
     """a prompt that is too long is cut from the left (and counted), or stops the run"""
-    trust_remote_code: bool = False
+    trust_remote_code: bool = flag(False, run=False)
     """allow custom model code from the hub"""
-    output_dir: str = "./ppo_ckpt"
+    output_dir: str = flag("./ppo_ckpt", run=False)
     """where the actor (HF format), args.json, metrics.jsonl and checkpoints/ go"""
     # rollout
-    total_episodes: int | None = None
+    total_episodes: int | None = flag(None, ">= 1", run=False)
     """answers to sample in all, over all ranks (>= 1; the run's length); default: --num_epochs passes over --data"""
-    num_epochs: int = 1
+    num_epochs: int = flag(1, ">= 1", run=False)
     """passes over the prompts when --total_episodes is not given (>= 1)"""
-    rollout_batch_size: int = 64
+    rollout_batch_size: int = flag(64, ">= 1", run=False)
     """prompts per rank per iteration (>= 1)"""
-    max_new_tokens: int = 24
+    max_new_tokens: int = flag(24, ">= 1")
     """longest response (>= 1); a response that reaches it without EOS is truncated (see --missing_eos_penalty)"""
-    generation_batch_size: int = 0
+    generation_batch_size: int = flag(0, ">= 0")
     """prompts per generate call (>= 0; 0: the whole --rollout_batch_size); smaller saves memory"""
-    temperature: float = 1.0
+    temperature: float = flag(1.0, ">= 0.01")
     """sampling temperature (>= 0.01); logits are divided by it in every log-prob too (N+); top_k=0, top_p=1"""
     # advantages
     advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
     """gae: PPO with a critic; critic-free (no critic is loaded, trained or saved), on each answer's score: grpo
     (score - group mean) / group std, dr_grpo score - group mean, rloo score - mean of the group's other answers,
     reinforce_pp returns whitened over the global batch (README: "Critic-free estimators")"""
-    samples_per_prompt: int = 1
+    samples_per_prompt: int = flag(1, ">= 1")
     """answers sampled per prompt (>= 1), in the same generate call: the group of grpo, dr_grpo and rloo (which
     need >= 2)"""
     loss_agg: Literal["auto", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "auto"
@@ -120,29 +121,29 @@ class Args:
     (GRPO's); or of its token-sum / --max_new_tokens (Dr. GRPO's); auto: seq_mean_token_mean for grpo,
     seq_mean_token_sum_norm for dr_grpo, token_mean otherwise"""
     # ppo
-    ppo_epochs: int = 4
+    ppo_epochs: int = flag(4, ">= 1")
     """passes over each rollout batch (>= 1)"""
-    mini_batch_size: int = 0
+    mini_batch_size: int = flag(0, ">= 0", run=False)
     """answers per rank per optimizer step (>= 0); 0: per_device_batch_size x gradient_accumulation_steps"""
-    per_device_batch_size: int | None = None
+    per_device_batch_size: int | None = flag(None, ">= 1", run=False)
     """answers per rank per forward (micro-batch) in the update and in scoring (>= 1); default 16, or the largest
     divisor of the mini-batch (or of the rollout's answers per rank) up to 16"""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = flag(1, ">= 1", run=False)
     """micro-batches per optimizer step (>= 1; ignored when --mini_batch_size is set)"""
-    learning_rate: float | None = None
+    learning_rate: float | None = flag(None, ">= 0")
     """actor learning rate (>= 0; 0 freezes the weights: the first ratio must then be 1); default 2e-4 for the demo's
     tiny models, 1e-6 otherwise"""
-    critic_learning_rate: float | None = None
+    critic_learning_rate: float | None = flag(None, ">= 0")
     """critic learning rate (>= 0); default 5e-4 for the demo, 5e-6 otherwise"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "constant"
     """decay of both learning rates after warmup"""
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = flag(0.0, "0 <= x <= 1")
     """share of the optimizer steps spent warming up (0 <= x <= 1)"""
-    weight_decay: float = 0.0
+    weight_decay: float = flag(0.0, ">= 0")
     """AdamW weight decay (>= 0)"""
-    grad_clip: float = 1.0
+    grad_clip: float = flag(1.0, ">= 0")
     """clip each model's global gradient norm to this (>= 0; 0: no clipping)"""
-    kl_coef: float = 0.05
+    kl_coef: float = flag(0.05, ">= 0")
     """beta of the per-token KL penalty -beta * KL in the reward (>= 0; N+ 0.05, DSC 0.1), or of +beta * KL in the
     loss"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
@@ -153,17 +154,17 @@ class Args:
     use k3 (GRPO) or k2 with it: k1's gradient is 0 in expectation"""
     adaptive_kl: bool = False
     """adapt kl_coef towards --target_kl (Ziegler et al. 2019)"""
-    target_kl: float = 6.0
+    target_kl: float = flag(6.0, "> 0")
     """target KL per response in nats for --adaptive_kl (> 0)"""
-    kl_horizon: int = 10000
+    kl_horizon: int = flag(10000, ">= 1")
     """horizon in episodes of the adaptive KL controller (>= 1)"""
-    cliprange: float = 0.2
+    cliprange: float = flag(0.2, "> 0")
     """PPO's policy ratio clip (> 0)"""
-    cliprange_value: float = 0.2
+    cliprange_value: float = flag(0.2, "> 0")
     """clip of the value update around the rollout's values (> 0)"""
-    gamma: float = 1.0
+    gamma: float = flag(1.0, "0 <= x <= 1")
     """discount (0 <= x <= 1)"""
-    lam: float = 0.95
+    lam: float = flag(0.95, "0 <= x <= 1")
     """GAE lambda (0 <= x <= 1)"""
     whiten_advantages: bool = True
     """gae: normalise advantages to mean 0, std 1 over the batch's real tokens (N+, TRL; DSC does not)"""
@@ -171,103 +172,77 @@ class Args:
     """whiten per-token rewards before GAE (an N+ option)"""
     normalize_reward: bool = True
     """subtract the reward model's reward_mean and divide by reward_std (stored by reward.py) before use"""
-    clip_reward_value: float = 5.0
+    clip_reward_value: float = flag(5.0, "> 0")
     """clip the (normalised) score to +- this (> 0; DSC)"""
-    missing_eos_penalty: float = 1.0
+    missing_eos_penalty: float = flag(1.0, ">= 0")
     """subtracted from the score of a response that never emitted EOS (>= 0; TRL); 0: off"""
     # DeepSpeed-Chat options
     ema: bool = False
     """keep an exponential moving average of the actor's weights, saved in output_dir/ema (DSC)"""
-    ema_decay: float = 0.992
+    ema_decay: float = flag(0.992, "0 <= x <= 1")
     """EMA decay per optimizer step (0 <= x <= 1)"""
     ptx_data: str | None = None
     """PPO-ptx (InstructGPT): SFT-format or {"text"} data whose language-modelling loss is added to the actor's"""
-    ptx_coef: float = 0.05
+    ptx_coef: float = flag(0.05, ">= 0")
     """weight of the ptx loss (>= 0)"""
     # systems
-    zero_stage: int = 0
+    zero_stage: int = flag(0, "0 <= x <= 3", run=False)
     """ZeRO stage for every model unless the two flags below say otherwise (0 <= x <= 3)"""
-    actor_zero_stage: int | None = None
+    actor_zero_stage: int | None = flag(None, "0 <= x <= 3", run=False)
     """ZeRO stage of the actor (and the reference) (0 <= x <= 3)"""
-    critic_zero_stage: int | None = None
+    critic_zero_stage: int | None = flag(None, "0 <= x <= 3", run=False)
     """ZeRO stage of the critic (and the reward model) (0 <= x <= 3)"""
-    offload: bool = False
+    offload: bool = flag(False, run=False)
     """ZeRO-Offload optimizer states of actor and critic to CPU"""
-    offload_reference: bool = False
+    offload_reference: bool = flag(False, run=False)
     """keep the reference and reward models' parameters in CPU memory (ZeRO-3 param offload)"""
-    generate_sharded: bool = False
+    generate_sharded: bool = flag(False, run=False)
     """ZeRO-3 only: generate through the partition hooks instead of gathering the actor once per generate call
     (slow: every layer is gathered for every token; for models that do not fit gathered)"""
-    hybrid_engine: bool = False
+    hybrid_engine: bool = flag(False, run=False)
     """GPUs: generate with DeepSpeed's hybrid engine (its inference kernels; DSC's --enable_hybrid_engine). Refused
     under transformers 5: DeepSpeed 0.19.8's kernels do not run with it (tried on an H100, see README)"""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on a GPU that has it, else fp32"""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = flag(False, run=False)
     """recompute activations in the backward pass of actor and critic"""
-    logprob_chunk_size: int = 1024
+    logprob_chunk_size: int = flag(1024, ">= 1", run=False)
     """positions per chunk of the LM head and its fp32 log-softmax (>= 1; the head runs on response positions
     only); the chunk costs about 2 x this x vocabulary x 4 bytes (1.2 GB at 1024 x 152k)"""
-    lora_rank: int = 0
+    lora_rank: int = flag(0, ">= 0")
     """LoRA rank for the actor (>= 0; 0 = off); the reference then is the actor with the adapter switched off"""
-    critic_lora_rank: int = 0
+    critic_lora_rank: int = flag(0, ">= 0")
     """LoRA rank for the critic's body (>= 0; 0 = off); the value head stays fully trained"""
-    lora_alpha: float = 16.0
+    lora_alpha: float = flag(16.0, "> 0")
     """LoRA scaling numerator (> 0)"""
-    seed: int = 42
+    seed: int = flag(42, "0 <= x <= 4294967295")
     """weights and data order use it on every rank; sampling uses (seed, rank, iteration) (0 <= x <= 4294967295)"""
     # logging & checkpoints
-    eval_every: int = 10
+    eval_every: int = flag(10, ">= 0", run=False)
     """evaluate on held-out prompts every this many iterations (>= 0) and at 0 and the end; 0: only at 0 and the end"""
-    eval_greedy: bool = False
+    eval_greedy: bool = flag(False, run=False)
     """evaluate greedy responses instead of samples at --temperature (eval/kl is then the log-ratio of those
     responses to the reference, not a KL estimate)"""
-    num_eval_prompts: int = 128
+    num_eval_prompts: int = flag(128, ">= 1", run=False)
     """held-out prompts used per evaluation (over all ranks) (>= 1)"""
-    print_samples: int = 3
+    print_samples: int = flag(3, ">= 0", run=False)
     """prompt/response pairs printed at every evaluation (>= 0)"""
-    save_every: int = 0
+    save_every: int = flag(0, ">= 0", run=False)
     """write resumable DeepSpeed checkpoints of actor and critic every this many iterations (>= 0); 0: never"""
-    save_critic: bool = False
+    save_critic: bool = flag(False, run=False)
     """also save the critic (HF sequence classifier) in output_dir/critic"""
-    resume: bool = False
-    """continue from the newest checkpoint in output_dir/checkpoints (the flags in RUN_FLAGS must match its run)"""
-    resume_changes: tuple[str, ...] = ()
+    resume: bool = flag(False, run=False)
+    """continue from the newest checkpoint in output_dir/checkpoints (the flags that define a run must match)"""
+    resume_changes: tuple[str, ...] = flag((), run=False)
     """with --resume: names of run-defining flags allowed to differ from the checkpoint's run (the error lists them)"""
-    overwrite: bool = False
+    overwrite: bool = flag(False, run=False)
     """replace an --output_dir that holds another run of these scripts (only the files they write are removed)"""
-    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    report_to: Literal["none", "tensorboard", "wandb"] = flag("none", run=False)
     """also send the metrics to TensorBoard (output_dir/tensorboard) or Weights & Biases (WANDB_MODE=offline: no
     network); metrics.jsonl is always written"""
     # launcher
-    local_rank: int = -1
+    local_rank: int = flag(-1, run=False)
     """set by the deepspeed launcher; do not pass by hand"""
-
-
-RANGES = {"eval_fraction": "0 <= x < 1", "max_seq_len": ">= 2", "total_episodes": ">= 1", "num_epochs": ">= 1",
-          "rollout_batch_size": ">= 1", "max_new_tokens": ">= 1", "generation_batch_size": ">= 0",
-          "temperature": ">= 0.01", "ppo_epochs": ">= 1", "mini_batch_size": ">= 0", "per_device_batch_size": ">= 1",
-          "gradient_accumulation_steps": ">= 1", "learning_rate": ">= 0", "critic_learning_rate": ">= 0",
-          "warmup_ratio": "0 <= x <= 1", "weight_decay": ">= 0", "grad_clip": ">= 0", "kl_coef": ">= 0",
-          "target_kl": "> 0", "kl_horizon": ">= 1", "cliprange": "> 0", "cliprange_value": "> 0",
-          "gamma": "0 <= x <= 1", "lam": "0 <= x <= 1", "clip_reward_value": "> 0", "missing_eos_penalty": ">= 0",
-          "ema_decay": "0 <= x <= 1", "ptx_coef": ">= 0", "zero_stage": "0 <= x <= 3",
-          "actor_zero_stage": "0 <= x <= 3", "critic_zero_stage": "0 <= x <= 3", "lora_rank": ">= 0",
-          "critic_lora_rank": ">= 0", "lora_alpha": "> 0", "seed": "0 <= x <= 4294967295", "eval_every": ">= 0",
-          "num_eval_prompts": ">= 1", "print_samples": ">= 0", "save_every": ">= 0",
-          "logprob_chunk_size": ">= 1", "samples_per_prompt": ">= 1",
-          "reward_fn_weight": ">= 0"}
-# what defines a run: --resume refuses to continue a checkpoint with other values (unless --resume_changes); ranks,
-# batch sizes and ZeRO stages are compared through the derived figures in main's `run`
-RUN_FLAGS = ("actor", "reward", "critic", "ref", "new_value_head", "reward_tokenizer", "data", "data_split",
-             "eval_split", "skip_invalid", "eval_data", "eval_fraction", "max_seq_len", "truncation",
-             "max_new_tokens", "generation_batch_size", "temperature", "ppo_epochs", "learning_rate",
-             "critic_learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "grad_clip", "kl_coef",
-             "adaptive_kl", "target_kl", "kl_horizon", "cliprange", "cliprange_value", "gamma", "lam",
-             "whiten_advantages", "whiten_rewards", "normalize_reward", "clip_reward_value", "missing_eos_penalty",
-             "ema", "ema_decay", "ptx_data", "ptx_coef", "dtype", "lora_rank", "critic_lora_rank", "lora_alpha",
-             "seed", "advantage_estimator", "samples_per_prompt", "kl_estimator", "kl_in_loss", "loss_agg",
-             "reward_fn", "reward_fn_weight")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -859,10 +834,7 @@ def main(args: Args):
     # --- setup ---
     actor_stage = args.zero_stage if args.actor_zero_stage is None else args.actor_zero_stage
     critic_stage = args.zero_stage if args.critic_zero_stage is None else args.critic_zero_stage
-    common.flags.check_numbers(args, RANGES)
-    for stage, flag in ((args.zero_stage, "--zero_stage"), (actor_stage, "--actor_zero_stage"),
-                        (critic_stage, "--critic_zero_stage")):
-        common.check_zero_stage(stage, flag)
+    common.flags.check(args)
     samples_per_prompt, critic_free = args.samples_per_prompt, args.advantage_estimator != "gae"
     least = 2 if args.advantage_estimator in ("grpo", "dr_grpo", "rloo") else 1  # a group needs two answers
     if samples_per_prompt < least:
@@ -885,10 +857,10 @@ def main(args: Args):
     no_rm = args.reward == "none"
     if no_rm and not args.reward_fn:
         raise common.UserError("--reward none needs --reward_fn (something must score the responses)")
-    for path, flag in ((args.actor, "--actor"), (None if no_rm else args.reward, "--reward"),
+    for path, name in ((args.actor, "--actor"), (None if no_rm else args.reward, "--reward"),
                        (args.critic, "--critic"), (args.ref, "--ref")):
         if path is not None:
-            common.check_model_path(path, flag)
+            common.check_model_path(path, name)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     device = common.init_distributed()
     world, rank = common.world_size(), common.rank()
@@ -961,7 +933,7 @@ def main(args: Args):
            "prompts": len(prompt_ids), "actor_stage": actor_stage, "critic_stage": critic_stage, "iterations": n_iters,
            "max_seq_len": max_seq_len, "learning_rate": actor_lr, "critic_learning_rate": critic_lr}
     if tag:
-        common.runs.check_resume(args.output_dir, args, tag, RUN_FLAGS, run, "iterations",
+        common.runs.check_resume(args.output_dir, args, tag, run, "iterations",
                             fixed=("actor_stage", "critic_stage", "lora_rank", "critic_lora_rank")
                             + (("world_size",) if actor_stage or critic_stage else ()))
     common.print0(f"{len(prompt_ids)} prompts ({n_cut} cut from the left), {n_iters} iterations of {per_iter} "

@@ -34,6 +34,7 @@ import common.data
 import common.flags
 import common.runs
 import common.toy
+from common.flags import flag
 
 
 @dataclass
@@ -52,80 +53,69 @@ class Args:
     """held-out split of --data (e.g. test_prefs); default: --eval_data, else --eval_fraction of --data"""
     skip_invalid: bool = False
     """drop (and count) records that do not fit a layout, instead of stopping at the first"""
-    eval_fraction: float = 0.05
+    eval_fraction: float = flag(0.05, "0 <= x < 1")
     """share of --data held out for evaluation when --eval_data is not given (0 <= x < 1; 0: no evaluation)"""
-    max_seq_len: int | None = None
+    max_seq_len: int | None = flag(None, ">= 2")
     """longest prompt + response in tokens (>= 2); longer ones lose their oldest tokens (see --truncation);
     default 512, or the model's context (max_position_embeddings) when shorter"""
     truncation: Literal["left", "error"] = "left"
     """what to do with a sequence longer than --max_seq_len: cut from the left (and count it), or stop"""
-    trust_remote_code: bool = False
+    trust_remote_code: bool = flag(False, run=False)
     """allow custom model code from the hub; off unless you trust the model's authors"""
-    output_dir: str = "./reward_ckpt"
+    output_dir: str = flag("./reward_ckpt", run=False)
     """where the reward model, tokenizer, args.json, metrics.jsonl and checkpoints/ go"""
     # optimisation
-    per_device_batch_size: int | None = None
+    per_device_batch_size: int | None = flag(None, ">= 1", run=False)
     """pairs per rank per micro-batch (>= 1; each forward holds 2x this many sequences); default 16, or fewer when
     the data holds no global batch of 16"""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = flag(1, ">= 1", run=False)
     """micro-batches per optimizer step (>= 1); global batch = per_device_batch_size x ranks x this"""
-    learning_rate: float | None = None
+    learning_rate: float | None = flag(None, "> 0")
     """peak learning rate (> 0); default 5e-4 for --data toy, 1e-5 otherwise"""
-    weight_decay: float = 0.0
+    weight_decay: float = flag(0.0, ">= 0")
     """AdamW weight decay (>= 0)"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """decay after warmup"""
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = flag(0.05, "0 <= x <= 1")
     """share of the steps spent warming the learning rate up linearly (0 <= x <= 1)"""
-    num_epochs: int = 1
+    num_epochs: int = flag(1, ">= 1", run=False)
     """passes over the pairs (>= 1; one is usually enough: preference data overfits quickly)"""
-    max_steps: int = -1
+    max_steps: int = flag(-1, "-1 or >= 1", run=False)
     """stop after this many optimizer steps (-1 or >= 1); -1: run the epochs"""
-    grad_clip: float = 1.0
+    grad_clip: float = flag(1.0, ">= 0")
     """clip the global gradient norm to this (>= 0; 0: no clipping)"""
-    seed: int = 42
+    seed: int = flag(42, "0 <= x <= 4294967295")
     """same on every rank: weights, data order (0 <= x <= 4294967295)"""
     # systems
-    zero_stage: int = 0
+    zero_stage: int = flag(0, "0 <= x <= 3")
     """DeepSpeed ZeRO stage (0 <= x <= 3)"""
-    offload: bool = False
+    offload: bool = flag(False, run=False)
     """ZeRO-Offload: optimizer states (and with stage 3 the parameters) in CPU memory"""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on a GPU that has it, else fp32"""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = flag(False, run=False)
     """recompute activations in the backward pass to save memory"""
-    lora_rank: int = 0
+    lora_rank: int = flag(0, ">= 0")
     """LoRA rank on the body (>= 0; 0 = train all weights); the score head is always fully trained"""
-    lora_alpha: float = 16.0
+    lora_alpha: float = flag(16.0, "> 0")
     """LoRA scaling numerator (> 0)"""
     # logging & checkpoints
-    eval_every: int = 50
+    eval_every: int = flag(50, ">= 0", run=False)
     """evaluate every this many steps (>= 0) and at 0 and the end; 0: only at 0 and the end"""
-    save_every: int = 0
+    save_every: int = flag(0, ">= 0", run=False)
     """write a resumable DeepSpeed checkpoint every this many steps (>= 0); 0: never"""
-    resume: bool = False
-    """continue from the newest checkpoint in --output_dir/checkpoints (the flags in RUN_FLAGS must match its run)"""
-    resume_changes: tuple[str, ...] = ()
+    resume: bool = flag(False, run=False)
+    """continue from the newest checkpoint in --output_dir/checkpoints (the flags that define a run must match)"""
+    resume_changes: tuple[str, ...] = flag((), run=False)
     """with --resume: names of run-defining flags allowed to differ from the checkpoint's run (the error lists them)"""
-    overwrite: bool = False
+    overwrite: bool = flag(False, run=False)
     """replace an --output_dir that holds another run of these scripts (only the files they write are removed)"""
-    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    report_to: Literal["none", "tensorboard", "wandb"] = flag("none", run=False)
     """also send the metrics to TensorBoard (output_dir/tensorboard) or Weights & Biases (WANDB_MODE=offline: no
     network); metrics.jsonl is always written"""
     # launcher
-    local_rank: int = -1
+    local_rank: int = flag(-1, run=False)
     """set by the deepspeed launcher; do not pass by hand"""
-
-
-RANGES = {"eval_fraction": "0 <= x < 1", "max_seq_len": ">= 2", "per_device_batch_size": ">= 1",
-          "gradient_accumulation_steps": ">= 1", "learning_rate": "> 0", "weight_decay": ">= 0",
-          "warmup_ratio": "0 <= x <= 1", "num_epochs": ">= 1", "max_steps": "-1 or >= 1", "grad_clip": ">= 0",
-          "seed": "0 <= x <= 4294967295", "zero_stage": "0 <= x <= 3", "lora_rank": ">= 0", "lora_alpha": "> 0",
-          "eval_every": ">= 0", "save_every": ">= 0"}
-# what defines a run: --resume refuses to continue a checkpoint with other values (unless --resume_changes)
-RUN_FLAGS = ("model", "data", "data_split", "eval_split", "skip_invalid", "eval_data", "eval_fraction",
-             "max_seq_len", "truncation", "learning_rate", "weight_decay", "lr_scheduler", "warmup_ratio",
-             "grad_clip", "seed", "zero_stage", "dtype", "lora_rank", "lora_alpha")
 
 
 def encode_pair(tokenizer, record: dict, max_seq_len: int, truncation: str, where: str):
@@ -231,7 +221,7 @@ def normalisation(engine, seqs: list[list[int]], batch_size: int, pad_id: int, d
 
 def main(args: Args):
     # --- setup ---
-    common.flags.check_numbers(args, RANGES)
+    common.flags.check(args)
     common.check_zero_stage(args.zero_stage)
     tag = common.runs.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "reward.py",
                                     {"--model": args.model, "--data": args.data, "--eval_data": args.eval_data})
@@ -295,7 +285,7 @@ def main(args: Args):
     run = {"script": "reward.py", "world_size": world, "global_batch": global_batch, "train_examples": len(train),
            "total_steps": total_steps, "max_seq_len": max_seq_len, "learning_rate": lr}
     if tag:
-        common.runs.check_resume(args.output_dir, args, tag, RUN_FLAGS, run, "total_steps",
+        common.runs.check_resume(args.output_dir, args, tag, run, "total_steps",
                             fixed=("zero_stage", "lora_rank") + (("world_size",) if args.zero_stage else ()))
 
     # --- model ---

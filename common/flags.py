@@ -1,6 +1,7 @@
 """Flags: each Args field declares its range and whether it defines a run beside it (`flag`); the checks of
 numbers against ranges, and the defaults worked out from the model (--max_seq_len, --per_device_batch_size)."""
 
+import dataclasses
 import math
 
 import common
@@ -25,12 +26,23 @@ def in_range(x: float, spec: str) -> bool:
     return False
 
 
-def check_numbers(args, ranges: dict[str, str]):
-    """Every numeric flag against its range (the same text is in its --help); None (a default) passes."""
-    for name, spec in ranges.items():
-        value = getattr(args, name)
-        if value is not None and not in_range(value, spec):
-            raise common.UserError(f"--{name} {value}: expected {spec.replace('x', name)}")
+def flag(default, range: str | None = None, run: bool = True):
+    """An Args field: its default, the range its value must meet (as written in its --help: `>= 1`, `0 <= x < 1`,
+    `-1 or >= 1`), and whether it defines the run (--resume refuses another value unless --resume_changes names it)."""
+    return dataclasses.field(default=default, metadata={"range": range, "run": run})
+
+
+def check(args):
+    """Every flag against its declared range; None (a default worked out later) passes."""
+    for f in dataclasses.fields(args):
+        value, spec = getattr(args, f.name), f.metadata.get("range")
+        if spec and value is not None and not in_range(value, spec):
+            raise common.UserError(f"--{f.name} {value}: expected {spec.replace('x', f.name)}")
+
+
+def run_flags(args) -> tuple[str, ...]:
+    """The flags that define a run: every field not declared with run=False."""
+    return tuple(f.name for f in dataclasses.fields(args) if f.metadata.get("run", True))
 
 
 def model_context(name: str, trust_remote_code: bool = False) -> int | None:

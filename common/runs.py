@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import common
-from common import data, launcher
+from common import data, flags, launcher
 
 # ----------------------------------------------------------------------------------------------------------------
 # output folder, checkpoints, logging
@@ -117,8 +117,8 @@ def _path_or_value(v):
     return v
 
 
-def check_resume(output_dir: str, args, tag: str, defining: tuple, run: dict, length: str, fixed: tuple = ()):
-    """A resumed run must be the run of its checkpoint. `defining`: flags that define the run; `run`: derived
+def check_resume(output_dir: str, args, tag: str, run: dict, length: str, fixed: tuple = ()):
+    """A resumed run must be the run of its checkpoint: the flags that define a run (flags.run_flags), and `run`: derived
     figures saved beside them in args.json (global batch, ranks, run length...); `length` names the entry of `run`
     that may grow (a longer run continues; one that ends before the checkpoint is refused); `fixed`: names without
     which the checkpoint cannot be loaded (never accepted). Other differences are refused in one line unless named in
@@ -137,7 +137,7 @@ def check_resume(output_dir: str, args, tag: str, defining: tuple, run: dict, le
         raise common.UserError(f"--resume: the checkpoint is at {step}, this run ends at {new[length]} ({length}); a run "
                         "that ends before its checkpoint would replace the model with an older one")
     # ranks matter through the global batch (same global batch, same run), unless the checkpoint is partitioned
-    compared = dict.fromkeys(defining + tuple(k for k in run if k not in (length, "world_size")) + fixed)
+    compared = dict.fromkeys(flags.run_flags(args) + tuple(k for k in run if k not in (length, "world_size")) + fixed)
     differ = [k for k in compared if k in old and _path_or_value(old[k]) != _path_or_value(new[k])]
     if length in old and new[length] < old[length]:
         differ.append(length)

@@ -3,9 +3,9 @@
 Takes the peers' flags (--policy --reward --prompts --episodes N --batch B --max_new_tokens T --lr --seed --threads)
 and prints their JSON result line, so that `run_all.sh` can run it beside TRL's PPOTrainer and RLOOTrainer:
 
-    python tests/bench_peers.py --policy /tmp/peers_fixture/policy --reward /tmp/peers_fixture/reward \
+    python bench/peers.py --policy /tmp/peers_fixture/policy --reward /tmp/peers_fixture/reward \
         --prompts /tmp/peers_fixture/prompts.jsonl                            # PPO (GAE, critic) vs TRL PPOTrainer
-    python tests/bench_peers.py ... --estimator rloo --samples_per_prompt 2     # vs TRL RLOOTrainer, k = 2
+    python bench/peers.py ... --estimator rloo --samples_per_prompt 2     # vs TRL RLOOTrainer, k = 2
 
 The same work as the peers: B episodes (answers) per iteration and one optimizer step on them (1 epoch, 1
 mini-batch), T new tokens, temperature 1, fp32, no evaluation, lr decayed linearly, and the same [B, 16] queries.

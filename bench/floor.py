@@ -5,7 +5,7 @@ logging, no checks, no seeding per generate call, no checkpoints.
 Per iteration: ppo.sample (B answers), the actor's forward with autograd (log-probs and entropy), the critic's (PPO),
 the reference's and the reward model's forwards without autograd, GAE (PPO) or the leave-one-out baseline (RLOO),
 the clipped losses, the backward passes, gradient clipping and one fused AdamW step per trained model. Takes
-bench_peers.py's flags and prints the same JSON line (peer "floor" or "floor-rloo"), so that run_all.sh can run it
+bench/peers.py's flags and prints the same JSON line (peer "floor" or "floor-rloo"), so that run_all.sh can run it
 beside ppo.py and TRL: ppo.py's episodes/s over the floor's is what its framework costs.
 """
 
@@ -19,8 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import common.launcher  # noqa: E402
 import ppo  # noqa: E402
-from bench_peers import busy_seconds, peer_args  # noqa: E402
+from bench.peers import busy_seconds, peer_args  # noqa: E402  (bench/peers.py)
 
 
 def main():
@@ -28,7 +29,7 @@ def main():
     assert a.estimator in ("gae", "rloo"), "the floor has PPO (gae) and RLOO"
     if a.threads:
         torch.set_num_threads(a.threads)
-    common.keep_freed_memory()  # as ppo.py's CPU runs
+    common.launcher.keep_freed_memory()  # as ppo.py's CPU runs
     torch.manual_seed(a.seed)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 

@@ -1,6 +1,6 @@
 """Benchmark (not a test): peak memory and time of the log-probs of a micro-batch, the old path (the LM head over
-every position and the log-softmax of the whole fp32 B x T x V logits) against common.token_logprobs (the head on the
-response positions alone, chunked, each chunk recomputed in backward).
+every position and the log-softmax of the whole fp32 B x T x V logits) against common.logprobs.token_logprobs (the
+head on the response positions alone, chunked, each chunk recomputed in backward).
 
 A random Qwen2-shaped model (hidden 64, 2 layers) isolates the head: at real vocabularies it is most of the memory.
 Each case runs in a fresh subprocess; its peak is the process's peak resident memory (VmHWM, reset just before the
@@ -8,9 +8,9 @@ pass) minus its resident memory just before, i.e. what the pass adds to the mode
 the first pass and --repeats more, as wall-clock seconds and as CPU seconds of the process (all threads; steadier
 than wall-clock on a shared machine). Prints one JSON line per case.
 
-    python tests/bench_logprobs.py                                   # vocab 151936 and 32000, new path only
-    python tests/bench_logprobs.py --paths old new --vocabs 151936   # the old path needs ~12 GiB here: run it alone
-    python tests/bench_logprobs.py --chunk_sizes 256 512 1024 2048 --passes score
+    python bench/logprobs.py                                   # vocab 151936 and 32000, new path only
+    python bench/logprobs.py --paths old new --vocabs 151936   # the old path needs ~12 GiB here: run it alone
+    python bench/logprobs.py --chunk_sizes 256 512 1024 2048 --passes score
 """
 
 import json
@@ -33,7 +33,7 @@ import ppo  # noqa: E402
 @dataclass
 class Bench:
     paths: list[str] = field(default_factory=lambda: ["new"])
-    """old (the whole logits, as before) and/or new (common.token_logprobs)"""
+    """old (the whole logits, as before) and/or new (common.logprobs.token_logprobs)"""
     vocabs: list[int] = field(default_factory=lambda: [151936, 32000])
     """vocabulary sizes (Qwen2's 151936; Llama 2's 32000)"""
     passes: list[str] = field(default_factory=lambda: ["score", "train"])
@@ -55,7 +55,7 @@ class Bench:
 
 
 def logprobs_from_logits(logits, tokens, temperature):
-    """log pi(token) under softmax(logits / T), from the full logits (ppo.py's before common.token_logprobs)."""
+    """log pi(token) under softmax(logits / T), from the full logits (ppo.py's before common.logprobs)."""
     logits = logits.float() / temperature
     return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
@@ -66,7 +66,7 @@ def entropy_from_logits(logits, temperature):
 
 
 def old_seq_logprobs(model, seq, attn, n_prompt, temperature, with_entropy=False):
-    """ppo.seq_logprobs before common.token_logprobs."""
+    """ppo.seq_logprobs before common.logprobs.token_logprobs."""
     logits = model(input_ids=seq, attention_mask=attn, position_ids=common.position_ids(attn), use_cache=False).logits
     logits = logits[:, n_prompt - 1: -1]
     logp = logprobs_from_logits(logits, seq[:, n_prompt:], temperature)

@@ -4,9 +4,9 @@ Times (a) full ppo.py iterations after warm-up and (b) each model call of an ite
 generate, the four scoring forwards (actor, reference, critic, reward) and the optimizer steps of actor and critic.
 Prints one JSON line with (a), the sum of (b), their ratio and episodes/s.
 
-    python tests/bench_ppo.py                                   # tiny random Llama, CPU, ~1 minute
-    python tests/bench_ppo.py --hidden 512 --layers 8 --batch 32 --new_tokens 128 --zero_stage 3 --ranks 2
-    deepspeed --num_gpus 8 tests/bench_ppo.py --hidden 2048 --layers 24 --dtype bf16
+    python bench/ppo_step.py                                   # tiny random Llama, CPU, ~1 minute
+    python bench/ppo_step.py --hidden 512 --layers 8 --batch 32 --new_tokens 128 --zero_stage 3 --ranks 2
+    deepspeed --num_gpus 8 bench/ppo_step.py --hidden 2048 --layers 24 --dtype bf16
 """
 
 import gc
@@ -24,6 +24,8 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import common.data  # noqa: E402
+import common.toy  # noqa: E402
 import ppo  # noqa: E402
 
 
@@ -49,12 +51,10 @@ class Bench:
     """ZeRO stage of every model"""
     generate_sharded: bool = False
     """ZeRO-3: generate through the partition hooks instead of gathering once"""
-    hybrid_engine: bool = False
-    """GPUs: generate with DeepSpeed's hybrid engine (ppo.py --hybrid_engine)"""
     dtype: str = "auto"
     """model dtype"""
     family: str = "llama"
-    """shape of the random models: llama or opt (DeepSpeed-Chat's family; the hybrid engine has kernels for both)"""
+    """shape of the random models: llama or opt (DeepSpeed-Chat's family)"""
     ranks: int = 1
     """processes to launch (the deepspeed launcher on this machine's CPUs or GPUs)"""
     repeats: int = 5
@@ -66,7 +66,7 @@ class Bench:
 def build_models(b: Bench, folder: Path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, OPTConfig
 
-    tok = common.toy_tokenizer()
+    tok = common.toy.toy_tokenizer()
     shape = dict(vocab_size=len(tok), hidden_size=b.hidden, num_hidden_layers=b.layers,
                  num_attention_heads=max(1, b.hidden // 64), max_position_embeddings=512,
                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
@@ -123,7 +123,6 @@ def main(b: Bench):
                     ppo_epochs=b.ppo_epochs, mini_batch_size=b.mini_batch_size,
                     per_device_batch_size=b.mini_batch_size,
                     zero_stage=b.zero_stage, generate_sharded=b.generate_sharded, dtype=b.dtype, eval_every=0,
-                    hybrid_engine=b.hybrid_engine,
                     num_eval_prompts=world, print_samples=0)
     os.environ["TQDM_DISABLE"] = "1"
     ppo.main(args)
@@ -147,11 +146,11 @@ def main(b: Bench):
 
     dtype = common.resolve_dtype(b.dtype)
     tok = common.load_tokenizer(args.actor)
-    prompts, *_ = ppo.encode_prompts(common.load_data("toy", "prompts")[: b.batch], tok, 256, "left", "toy")
+    prompts, *_ = ppo.encode_prompts(common.data.load_data("toy", "prompts")[: b.batch], tok, 256, "left", "toy")
     steps = b.ppo_epochs * (b.batch // b.mini_batch_size)
     mb = b.mini_batch_size
     actor = ppo.trained_engine(no_dropout(common.load_causal_lm(args.actor, dtype, tok)), 1e-6, args, b.zero_stage,
-                               mb, 1, 100, dtype, b.hybrid_engine)
+                               mb, 1, 100, dtype)
     critic = ppo.trained_engine(ppo.ValueModel(ppo.load_value_model(args.reward, dtype, tok, False, "--reward")),
                                 1e-6, args, b.zero_stage, mb, 1, 100, dtype)
     ref = ppo.frozen_engine(no_dropout(common.load_causal_lm(args.actor, dtype, tok)), b.zero_stage, False, dtype)

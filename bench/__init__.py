@@ -1,0 +1,1 @@
+"""Benchmarks, not tests: each prints figures. Run them from the repo root as `python bench/<name>.py`."""
