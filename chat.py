@@ -44,15 +44,13 @@ class Args:
     prompt: str | None = None
     """answer this one prompt and print only the answer"""
     prompts: str | None = None
-    """prompts: a JSONL or JSON file of any layout of README's "Data" (the prompt field first, else the turns
-    before the last answer), or `toy` for the demo's held-out eval prompts"""
+    """prompts: a JSONL or JSON file of any layout (docs/data.md), or `toy` (the demo's eval prompts)"""
     data_split: str = "train"
     """split of a dataset folder or HF hub dataset that --prompts names"""
     skip_invalid: bool = False
     """drop (and count) --prompts records that do not fit a layout, instead of stopping at the first"""
     output: str | None = None
-    """write one JSON line per prompt here ({"prompt", "response", ...}) instead of printing the answers (checked
-    before anything is generated; never the --prompts file)"""
+    """write one JSON line per prompt here instead of printing (never the --prompts file)"""
     system: str | None = None
     """a system message put before every conversation"""
     # sampling
@@ -68,8 +66,7 @@ class Args:
     """sampling seed (each model of a comparison starts from it) (0 <= x <= 4294967295)"""
     # context and batching
     max_context: int = flag(0, ">= 0")
-    """context length in tokens (prompt + answer; >= 0); 0: the model's max_position_embeddings. Older whole turns of
-    the history are dropped to keep the prompt within max_context - max_new_tokens"""
+    """context in tokens (>= 0; 0: the model's); older whole turns are dropped to fit"""
     batch_size: int = flag(16, ">= 1")
     """prompts per generate call (left padding) and per reward-model forward (>= 1)"""
     # launcher

@@ -41,10 +41,9 @@ from common.flags import flag
 class Args:
     # model & data
     model: str = "./sft_ckpt"
-    """causal LM (a new score head is made) or reward model (its head is kept): HF hub name or local folder"""
+    """a causal LM (a new score head is made) or a reward model: HF hub name or folder"""
     data: str = "toy"
-    """pairs: JSONL or JSON file(s), comma-separated, a `datasets` folder or an HF dataset name (layouts: README,
-    "Data"), or `toy`"""
+    """pairs: JSONL or JSON file(s), a `datasets` folder, an HF dataset name, or `toy` (docs/data.md)"""
     eval_data: str | None = None
     """held-out pairs in the same format; default: hold out --eval_fraction of --data (`toy`: its eval prompts)"""
     data_split: str = "train"
@@ -56,8 +55,7 @@ class Args:
     eval_fraction: float = flag(0.05, "0 <= x < 1")
     """share of --data held out for evaluation when --eval_data is not given (0 <= x < 1; 0: no evaluation)"""
     max_seq_len: int | None = flag(None, ">= 2")
-    """longest prompt + response in tokens (>= 2); longer ones lose their oldest tokens (see --truncation);
-    default 512, or the model's context (max_position_embeddings) when shorter"""
+    """longest prompt + answer in tokens (>= 2); default 512, or the model's context if shorter"""
     truncation: Literal["left", "error"] = "left"
     """what to do with a sequence longer than --max_seq_len: cut from the left (and count it), or stop"""
     trust_remote_code: bool = flag(False, run=False)
@@ -66,8 +64,7 @@ class Args:
     """where the reward model, tokenizer, args.json, metrics.jsonl and checkpoints/ go"""
     # optimisation
     per_device_batch_size: int | None = flag(None, ">= 1", run=False)
-    """pairs per rank per micro-batch (>= 1; each forward holds 2x this many sequences); default 16, or fewer when
-    the data holds no global batch of 16"""
+    """pairs per rank per micro-batch (>= 1); default 16, or fewer for small data"""
     gradient_accumulation_steps: int = flag(1, ">= 1", run=False)
     """micro-batches per optimizer step (>= 1); global batch = per_device_batch_size x ranks x this"""
     learning_rate: float | None = flag(None, "> 0")
@@ -111,8 +108,7 @@ class Args:
     overwrite: bool = flag(False, run=False)
     """replace an --output_dir that holds another run of these scripts (only the files they write are removed)"""
     report_to: Literal["none", "tensorboard", "wandb"] = flag("none", run=False)
-    """also send the metrics to TensorBoard (output_dir/tensorboard) or Weights & Biases (WANDB_MODE=offline: no
-    network); metrics.jsonl is always written"""
+    """also send the metrics to TensorBoard or Weights & Biases; metrics.jsonl is always written"""
     # launcher
     local_rank: int = flag(-1, run=False)
     """set by the deepspeed launcher; do not pass by hand"""
@@ -236,7 +232,8 @@ def main(args: Args):
 
     # --- data ---
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    max_seq_len = common.flags.fit_max_seq_len(args.max_seq_len, common.flags.model_context(args.model, args.trust_remote_code))
+    context = common.flags.model_context(args.model, args.trust_remote_code)
+    max_seq_len = common.flags.fit_max_seq_len(args.max_seq_len, context)
 
     def encode(records, source):  # an error names the pair's file:line; --skip_invalid drops it instead
         def one(r, where):
@@ -272,8 +269,8 @@ def main(args: Args):
     else:
         norm_pairs = evals or random.Random(args.seed).sample(train, min(len(train), 512))
         norm_seqs = [p[0] for p in norm_pairs] + [p[1] for p in norm_pairs]
-    micro = common.flags.fit_micro_batch(args.per_device_batch_size, len(train), world * args.gradient_accumulation_steps,
-                                   "pairs")
+    micro = common.flags.fit_micro_batch(args.per_device_batch_size, len(train),
+                                         world * args.gradient_accumulation_steps, "pairs")
     global_batch = micro * world * args.gradient_accumulation_steps
     steps_per_epoch = len(train) // global_batch
     if steps_per_epoch == 0:
@@ -308,13 +305,9 @@ def main(args: Args):
     model = model.to(dtype)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    if args.lora_rank > 0:
-        from peft import LoraConfig, get_peft_model
-
-        if args.gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                                 target_modules="all-linear", task_type="SEQ_CLS"))
+    if args.lora_rank > 0 and args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    model = common.with_lora(model, args.lora_rank, args.lora_alpha, "SEQ_CLS")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=True)
     warmup = int(args.warmup_ratio * total_steps)
@@ -374,7 +367,8 @@ def main(args: Args):
             common.check_finite(metrics, step + 1)
         logger.log(step + 1, metrics, advance=1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            common.runs.save_checkpoint(engine, ckpt_dir, f"step{step + 1}", {"step": step + 1, "rng": common.runs.rng_state()})
+            common.runs.save_checkpoint(engine, ckpt_dir, f"step{step + 1}",
+                                        {"step": step + 1, "rng": common.runs.rng_state()})
             common.runs.commit_args(args.output_dir)  # args.json describes the run from its first save on
 
     # --- save ---

@@ -34,8 +34,7 @@ class Args:
     model: str = "toy"
     """Hugging Face hub name or local folder of a causal LM; `toy` builds the demo model"""
     data: str = "toy"
-    """JSONL or JSON file(s), comma-separated, a `datasets` folder or an HF dataset name (layouts: README, "Data"),
-    or `toy`"""
+    """JSONL or JSON file(s), a `datasets` folder, an HF dataset name, or `toy` (docs/data.md)"""
     eval_data: str | None = None
     """held-out data in the same format; default: hold out --eval_fraction of --data (`toy`: its eval prompts)"""
     data_split: str = "train"
@@ -47,8 +46,7 @@ class Args:
     eval_fraction: float = flag(0.02, "0 <= x < 1")
     """share of --data held out for evaluation when --eval_data is not given (0 <= x < 1; 0: no evaluation)"""
     max_seq_len: int | None = flag(None, ">= 2")
-    """longest sequence in tokens (>= 2); longer examples lose their oldest tokens (see --truncation); default 512,
-    or the model's context (max_position_embeddings) when shorter"""
+    """longest sequence in tokens (>= 2); default 512, or the model's context if shorter"""
     truncation: Literal["left", "error"] = "left"
     """what to do with an example longer than --max_seq_len: cut from the left (and count it), or stop"""
     trust_remote_code: bool = flag(False, run=False)
@@ -86,8 +84,7 @@ class Args:
     gradient_checkpointing: bool = flag(False, run=False)
     """recompute activations in the backward pass to save memory"""
     logprob_chunk_size: int = flag(1024, ">= 1", run=False)
-    """positions per chunk of the LM head and its fp32 log-softmax (>= 1; the head runs on trained tokens only); the
-    chunk costs about 2 x this x vocabulary x 4 bytes (1.2 GB at 1024 x 152k)"""
+    """positions per chunk of the LM head's log-softmax (>= 1; docs/performance.md)"""
     lora_rank: int = flag(0, ">= 0")
     """LoRA rank (>= 0; 0 = train all weights); needs peft"""
     lora_alpha: float = flag(16.0, "> 0")
@@ -106,8 +103,7 @@ class Args:
     overwrite: bool = flag(False, run=False)
     """replace an --output_dir that holds another run of these scripts (only the files they write are removed)"""
     report_to: Literal["none", "tensorboard", "wandb"] = flag("none", run=False)
-    """also send the metrics to TensorBoard (output_dir/tensorboard) or Weights & Biases (WANDB_MODE=offline: no
-    network); metrics.jsonl is always written"""
+    """also send the metrics to TensorBoard or Weights & Biases; metrics.jsonl is always written"""
     # launcher
     local_rank: int = flag(-1, run=False)
     """set by the deepspeed launcher; do not pass by hand"""
@@ -156,7 +152,8 @@ def token_nll(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor,
     """Summed next-token NLL over the masked (response) tokens, and their count. The LM head runs on those tokens'
     positions alone, chunk_size at a time, with an fp32 log-sum-exp (common.logprobs.token_logprobs)."""
     mask = batch["loss_mask"]  # its first column is never predicted, so never counted
-    logp = common.logprobs.token_logprobs(model, batch["input_ids"], batch["attention_mask"], mask, chunk_size=chunk_size)
+    logp = common.logprobs.token_logprobs(model, batch["input_ids"], batch["attention_mask"], mask,
+                                          chunk_size=chunk_size)
     return -logp.sum(), mask[:, 1:].sum()
 
 
@@ -198,7 +195,8 @@ def main(args: Args):
     # --- data ---
     common.check_model_path(args.model, "--model")
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    max_seq_len = common.flags.fit_max_seq_len(args.max_seq_len, common.flags.model_context(args.model, args.trust_remote_code))
+    context = common.flags.model_context(args.model, args.trust_remote_code)
+    max_seq_len = common.flags.fit_max_seq_len(args.max_seq_len, context)
     # tokenised before the eval split, so that an error names records in the order of the file
     train_records, eval_records = common.data.load_splits(args.data, args.eval_data, args.data_split, args.eval_split,
                                                      "sft", args.skip_invalid)
@@ -212,8 +210,8 @@ def main(args: Args):
     common.print0("example (trained tokens in [[ ]]):\n" + common.show_example(tokenizer, *train[0]))
     if gap := common.template_gap(tokenizer):
         common.note(gap)
-    micro = common.flags.fit_micro_batch(args.per_device_batch_size, len(train), world * args.gradient_accumulation_steps,
-                                   "examples")
+    micro = common.flags.fit_micro_batch(args.per_device_batch_size, len(train),
+                                         world * args.gradient_accumulation_steps, "examples")
     global_batch = micro * world * args.gradient_accumulation_steps
     steps_per_epoch = len(train) // global_batch
     if steps_per_epoch == 0:
@@ -233,13 +231,9 @@ def main(args: Args):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    if args.lora_rank > 0:
-        from peft import LoraConfig, get_peft_model
-
-        if args.gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    if args.lora_rank > 0 and args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    model = common.with_lora(model, args.lora_rank, args.lora_alpha, "CAUSAL_LM")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=True)
     warmup = int(args.warmup_ratio * total_steps)
@@ -296,7 +290,8 @@ def main(args: Args):
             metrics |= evaluate(engine, evals, micro, tokenizer.pad_token_id, device, args.logprob_chunk_size)
         logger.log(step + 1, metrics, advance=1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            common.runs.save_checkpoint(engine, ckpt_dir, f"step{step + 1}", {"step": step + 1, "rng": common.runs.rng_state()})
+            common.runs.save_checkpoint(engine, ckpt_dir, f"step{step + 1}",
+                                        {"step": step + 1, "rng": common.runs.rng_state()})
             common.runs.commit_args(args.output_dir)  # args.json describes the run from its first save on
 
     # --- save ---

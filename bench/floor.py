@@ -1,11 +1,11 @@
-"""Benchmark (not a test): the floor under ppo.py on the peer fixture of ../shared/peers: a bare loop that makes only
+"""Benchmark (not a test): the floor under ppo.py on the peer fixture (see bench/peers.py): a bare loop that makes only
 the model calls one iteration of ppo.py needs, with ppo.py's own functions, and nothing else: no DeepSpeed, no
 logging, no checks, no seeding per generate call, no checkpoints.
 
-Per iteration: ppo.sample (B answers), the actor's forward with autograd (log-probs and entropy), the critic's (PPO),
+Per iteration: sample() (B answers), the actor's forward with autograd (log-probs and entropy), the critic's (PPO),
 the reference's and the reward model's forwards without autograd, GAE (PPO) or the leave-one-out baseline (RLOO),
 the clipped losses, the backward passes, gradient clipping and one fused AdamW step per trained model. Takes
-bench/peers.py's flags and prints the same JSON line (peer "floor" or "floor-rloo"), so that run_all.sh can run it
+bench/peers.py's flags and prints the same JSON line (peer "floor" or "floor-rloo"), so that a peer harness can run it
 beside ppo.py and TRL: ppo.py's episodes/s over the floor's is what its framework costs.
 """
 
@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import common.generation  # noqa: E402
 import common.launcher  # noqa: E402
 import ppo  # noqa: E402
 from bench.peers import busy_seconds, peer_args  # noqa: E402  (bench/peers.py)
@@ -52,7 +53,7 @@ def main():
     assert all(len(x) == n_prompt for x in ids), "the fixture's prompts all have the same length"
     gen = ppo.Args.__new__(ppo.Args)  # only the fields generation_config reads
     gen.temperature, gen.max_new_tokens = 1.0, a.max_new_tokens
-    gen_config = ppo.generation_config(gen, tok)
+    gen_config = common.generation.generation_config(gen, tok)
 
     t0, c0, m0 = time.perf_counter(), time.process_time(), busy_seconds()
     lengths_seen = []
@@ -60,7 +61,7 @@ def main():
         rows = [ids[(it * (a.batch // k) + i) % len(ids)] for i in range(a.batch // k) for _ in range(k)]
         prompt = torch.tensor(rows)
         actor.eval()
-        seq = ppo.sample(actor, prompt, torch.ones_like(prompt), gen_config)
+        seq = common.generation.sample(actor, prompt, torch.ones_like(prompt), gen_config)
         actor.train()
         responses, mask, lengths, has_eos = ppo.truncate_after_eos(seq[:, n_prompt:], gen_config.eos_token_id,
                                                                    tok.pad_token_id)

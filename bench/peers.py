@@ -1,7 +1,8 @@
-"""Benchmark (not a test): ppo.py on the peer fixture of ../shared/peers, timed as the TRL peers are timed there.
+"""Benchmark (not a test): ppo.py on a peer fixture (a tiny policy, reward model and prompt file),
+timed as TRL's PPOTrainer and RLOOTrainer are timed on it.
 
 Takes the peers' flags (--policy --reward --prompts --episodes N --batch B --max_new_tokens T --lr --seed --threads)
-and prints their JSON result line, so that `run_all.sh` can run it beside TRL's PPOTrainer and RLOOTrainer:
+and prints their JSON result line, so that a peer harness can run it beside TRL's PPOTrainer and RLOOTrainer:
 
     python bench/peers.py --policy /tmp/peers_fixture/policy --reward /tmp/peers_fixture/reward \
         --prompts /tmp/peers_fixture/prompts.jsonl                            # PPO (GAE, critic) vs TRL PPOTrainer
@@ -31,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import common.data  # noqa: E402
 import ppo  # noqa: E402
 
 
@@ -41,7 +43,7 @@ def busy_seconds() -> float:
 
 
 def peer_args():
-    """The peers' flags (../shared/peers/bench_common.py), with --estimator and --samples_per_prompt."""
+    """The peer harness's flags, with --estimator and --samples_per_prompt."""
     ap = argparse.ArgumentParser()
     for flag, default in (("--policy", None), ("--reward", None), ("--prompts", None), ("--episodes", 256),
                           ("--batch", 16), ("--max_new_tokens", 24), ("--lr", 1e-5), ("--seed", 0),
@@ -83,7 +85,7 @@ def main():
         ids = [tokenizer(r["prompt"][-1]["content"], add_special_tokens=False)["input_ids"] for r in records]
         return ids, 0, records  # (no template)
 
-    ppo.encode_prompts = raw_prompts
+    common.data.encode_prompts = raw_prompts
     if not a.verbose:
         os.environ["TQDM_DISABLE"] = "1"
     try:

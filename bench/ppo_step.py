@@ -25,6 +25,8 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 import common.data  # noqa: E402
+import common.generation  # noqa: E402
+import common.data  # noqa: E402
 import common.toy  # noqa: E402
 import ppo  # noqa: E402
 
@@ -146,7 +148,8 @@ def main(b: Bench):
 
     dtype = common.resolve_dtype(b.dtype)
     tok = common.load_tokenizer(args.actor)
-    prompts, *_ = ppo.encode_prompts(common.data.load_data("toy", "prompts")[: b.batch], tok, 256, "left", "toy")
+    records = common.data.load_data("toy", "prompts")[: b.batch]
+    prompts, *_ = common.data.encode_prompts(records, tok, 256, "left", "toy")
     steps = b.ppo_epochs * (b.batch // b.mini_batch_size)
     mb = b.mini_batch_size
     actor = ppo.trained_engine(no_dropout(common.load_causal_lm(args.actor, dtype, tok)), 1e-6, args, b.zero_stage,
@@ -156,7 +159,7 @@ def main(b: Bench):
     ref = ppo.frozen_engine(no_dropout(common.load_causal_lm(args.actor, dtype, tok)), b.zero_stage, False, dtype)
     reward = ppo.frozen_engine(ppo.ValueModel(ppo.load_value_model(args.reward, dtype, tok, False, "--reward")),
                                b.zero_stage, False, dtype)
-    gen_config = ppo.generation_config(args, tok)
+    gen_config = common.generation.generation_config(args, tok)
     rollout = {}
 
     def gen():

@@ -1,4 +1,4 @@
-"""Size and shape of the code, against the aims of ../shared/STYLE.md ("Layout and size").
+"""Size and shape of the code, against the project's aims for it (the last lines it prints).
 
 For sft.py, reward.py, ppo.py, chat.py, each module of common (common.py or common/*.py) and README.md: lines, code
 lines (not blank, not a comment, not a docstring; a bare string statement such as a flag's docstring counts as one),

@@ -4,8 +4,8 @@ modules beside this one (data, runs, flags, logprobs, toy, launcher); this file 
 launcher), and no module of common imports a stage script. No training loop, loss or RL math lives here."""
 
 import atexit
+import contextlib
 import copy
-import errno
 import functools
 import json
 import math
@@ -33,36 +33,7 @@ class UserError(SystemExit):
         super().__init__(f"error: {message}")
 
 
-def _excepthook(kind, value, tb, other_errors=sys.__excepthook__):
-    """A full disk is one line, not a traceback (the newest checkpoint stays usable: `latest` is written last,
-    save_hf moves config.json in last). torch.save reports it as a RuntimeError, safetensors as its own. So is a
-    collective that fails because another rank stopped with its own error (one rank's bad --reward_fn call)."""
-    chain, e = [], value
-    while e is not None and len(chain) < 10:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    full = ("No space left on device", "Disk quota exceeded", "File too large", "file write failed", "StorageFull",
-            "iostream error", "unexpected pos")  # the last two: torch.save's zip writer when a write fails
-    for e in chain:
-        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) or any(
-                m in str(e) for m in full):
-            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            print(f"error: the disk is full{where}: {first}; free some space, then --resume from the last "
-                  "checkpoint if the run saved one (--save_every), else run it again", file=sys.stderr)
-            return
-    lost = ("Connection closed by peer", "Connection reset by peer", "remote process exited")  # gloo, NCCL
-    if isinstance(value, RuntimeError) and any(m in str(value) for m in lost):  # another rank stopped first
-        print("error: another rank stopped (its error is above); this one stops too", file=sys.stderr)
-        return
-    if kind is KeyboardInterrupt:  # Ctrl-C: the output folder is as a kill leaves it (see README, Reliability)
-        print("interrupted (Ctrl-C); --resume continues from the last checkpoint, if the run saved one",
-              file=sys.stderr)
-        return
-    other_errors(kind, value, tb)
-
-
-sys.excepthook = _excepthook
+sys.excepthook = launcher.excepthook  # a full disk, a lost rank, Ctrl-C: one line, no traceback
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,7 +68,7 @@ def init_distributed() -> torch.device:
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
         # torch prefixes every line of an uncaught error with "[rankN]: " (its hook wraps ours): keep that for
         # tracebacks, and a full disk one plain line
-        sys.excepthook = functools.partial(_excepthook, other_errors=sys.excepthook)
+        sys.excepthook = functools.partial(launcher.excepthook, other_errors=sys.excepthook)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -303,11 +274,9 @@ def format_prompt(tokenizer, messages: list[dict]) -> str:
 
 
 def _segments(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, int | None]]:
-    """The rendered conversation cut into (text, message index) pieces, in the text's order: a message's content
-    where the template wrote it (index j), the template's own markup between them (None). Each content is found by
-    rendering the conversation again with a marker in its place: the text before the marker is the text before the
-    content. So a template may trim a content (Llama 2 and 3 do), strip the text around it (Llama 2's system block)
-    or move it (Mistral's system message goes into the last user turn; written nowhere when an answer follows)."""
+    """The rendered conversation as (text, message index) pieces: contents (index j) and markup (None). Each content
+    is found by rendering again with a marker in its place, so a template may trim a content (Llama 2 and 3), strip
+    the text around it (Llama 2's system block) or move it (Mistral's system message)."""
     text, found = render(tokenizer, messages, add_generation_prompt), []
     mark = "\ufffc"  # the object replacement character, made longer while the text holds it
     while mark in text:
@@ -344,11 +313,9 @@ _TRAITS, _TURNS = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
 
 
 def turn_tokens(tokenizer) -> tuple[dict, object]:
-    """Added tokens not flagged special that the chat template writes where a turn ends and the next begins, as
-    `<|im_start|>` and `<|im_end|>` are when a fine-tuning framework added them as plain tokens (axolotl's
-    `tokens:`): ({text: id}, a copy of the Rust tokenizer in which they are special). They are turn markers all the
-    same: they end an answer's turn, and a content keeps their text as text. A plain added token the template writes
-    only inside an answer's turn (Qwen3's `<think>`) stays one token in contents, as the model writes it."""
+    """Plain (not special) added tokens the template writes between turns, as axolotl's `tokens:` adds ChatML's:
+    ({text: id}, a copy of the Rust tokenizer where they are special). They end a turn and stay text in contents;
+    one written only inside answers (Qwen3's `<think>`) stays a token."""
     if tokenizer not in _TURNS:
         plain = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
                  if not getattr(t, "special", False) and t.content and not t.content.isalnum()  # markup, not a word
@@ -416,13 +383,9 @@ def _piece_ids(tokenizer, text: str, plain: bool, first: bool) -> list[int]:
 
 def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: bool = False
                         ) -> tuple[list[int], list[bool]]:
-    """Token ids of a conversation, the template's own rendering (see render), and a mask that is True on each
-    assistant answer and the token(s) that end its turn: up to the first special token the template writes after
-    it (`<|im_end|>`, `<|eot_id|>`, the EOS), or an EOS id put in when the template writes none.
-
-    Contents are tokenised as plain text, so a `<|im_start|>` typed by a user or found in data never becomes a
-    special id; only the template's markup is tokenised with special tokens. The tokenizer's BOS comes first (once,
-    also when the template writes it). With `add_generation_prompt` the ids end where the next answer begins."""
+    """Ids of a conversation as its template renders it, and a mask True on each answer and the token(s) ending its
+    turn (the template's first special token after it, else an EOS put in). Contents are plain text (a typed
+    `<|im_start|>` never becomes the special id); the BOS comes first, once; docs/data.md, "Encoding"."""
     specials = special_ids(tokenizer)
     ids, mask, answer_ended = [], [], True
     segments = _segments(tokenizer, messages, add_generation_prompt)
@@ -558,6 +521,16 @@ def load_causal_lm(name: str, dtype: torch.dtype, tokenizer, trust_remote_code: 
     return model.to(dtype)
 
 
+def with_lora(model, rank: int, alpha: float, task_type: str):
+    """A peft LoRA adapter on every linear layer (no dropout); rank 0: the model as it is."""
+    if rank == 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type=task_type)
+    return get_peft_model(model, config)
+
+
 def from_pretrained(cls, name: str, flag: str, **kwargs):
     """cls.from_pretrained(name, **kwargs), with one line for a model whose files are damaged (a weights file cut
     short by a failed copy or a full disk fails deep inside safetensors or torch)."""
@@ -601,16 +574,14 @@ def merged_state_dict(model) -> dict:
 
 def save_hf(model, tokenizer, output_dir: str, zero_stage: int, extra_config: dict | None = None,
             lora_adapter: bool = False, state_dict: dict | None = None):
-    """Save a Hugging Face folder (safetensors + tokenizer) from rank 0, gathering ZeRO-3 shards first; LoRA weights
-    are merged in unless `lora_adapter` (then a peft adapter folder is written, naming a local base model by its
-    absolute path); `state_dict`: these weights instead of the model's (ppo.py's EMA). Every rank must call this.
-    Files go to a staging folder and are moved into place with config.json last, after the old config.json is
-    removed: whenever config.json exists, the files beside it are one complete model."""
+    """An HF folder (safetensors + tokenizer) from rank 0, ZeRO-3 shards gathered, LoRA merged unless `lora_adapter`;
+    `state_dict` replaces the weights. Every rank calls it. Staged, then moved in with config.json last: whenever
+    config.json exists, the files beside it are one complete model."""
     import deepspeed
 
     params = list(model.parameters())
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else _nullcontext()
-    with ctx:
+    gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else None
+    with gathered or contextlib.nullcontext():
         if is_rank0():
             out = Path(output_dir)
             stage = out / f".staging-{os.getpid()}"
@@ -639,14 +610,6 @@ def save_hf(model, tokenizer, output_dir: str, zero_stage: int, extra_config: di
             stage.rmdir()
     if dist.is_initialized():
         dist.barrier()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def check_finite(values: dict, step: int):

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 
 import common
-from common import toy
+from common import UserError, toy
 
 # ----------------------------------------------------------------------------------------------------------------
 # data
@@ -25,20 +25,20 @@ def _read_rows(path: str):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise common.UserError(f"{path}:{raw.count(10, 0, e.start) + 1}: not valid UTF-8; expected UTF-8 JSON")
+            raise UserError(f"{path}:{raw.count(10, 0, e.start) + 1}: not valid UTF-8; expected UTF-8 JSON")
         dec, skip, i, last, line = json.JSONDecoder(), re.compile(r"[\s,]*"), text.index("[") + 1, 0, 1
         while (i := skip.match(text, i).end()) < len(text) and text[i] != "]":
             line, last = line + text.count("\n", last, i), i
             try:
                 obj, i = dec.raw_decode(text, i)
             except json.JSONDecodeError as e:
-                raise common.UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})")
+                raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})")
             rows += 1
             not_object = f"expected a JSON object, got {type(obj).__name__}"
             yield f"{path}:{line}", obj if isinstance(obj, dict) else not_object
         if i >= len(text) or text[i + 1:].strip():  # cut short, or something after the array
             why = "no closing ]" if i >= len(text) else "text after its closing ]"
-            raise common.UserError(f"{path}:{text.count(chr(10), 0, i) + 1}: malformed JSON array ({why})")
+            raise UserError(f"{path}:{text.count(chr(10), 0, i) + 1}: malformed JSON array ({why})")
     else:
         for n, line in enumerate(raw.split(b"\n"), 1):
             if not line.strip():
@@ -54,26 +54,26 @@ def _read_rows(path: str):
                 continue
             yield f"{path}:{n}", obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
     if not rows:
-        raise common.UserError(f"{path}: the data file is empty; expected one JSON object a line, or a JSON array")
+        raise UserError(f"{path}: the data file is empty; expected one JSON object a line, or a JSON array")
 
 
 def _check_text(where: str, obj: dict, field: str):
     v = obj.get(field)
     if field not in obj:
-        raise common.UserError(f"{where}: field '{field}' is missing; expected a non-empty string")
+        raise UserError(f"{where}: field '{field}' is missing; expected a non-empty string")
     if isinstance(v, list):
         _check_messages(where, v, field)
     elif not isinstance(v, str) or not v.strip():
-        raise common.UserError(f"{where}: field '{field}' must be a non-empty string, got {json.dumps(v)[:40]}")
+        raise UserError(f"{where}: field '{field}' must be a non-empty string, got {json.dumps(v)[:40]}")
 
 
 def _check_messages(where: str, msgs, field: str = "messages"):
     if not isinstance(msgs, list) or not msgs:
-        raise common.UserError(f"{where}: field '{field}' must be a non-empty list of {{role, content}} objects")
+        raise UserError(f"{where}: field '{field}' must be a non-empty list of {{role, content}} objects")
     for j, m in enumerate(msgs):
         ok = isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
         if not ok or not isinstance(m.get("content"), str) or not m["content"].strip():
-            raise common.UserError(f"{where}: field '{field}[{j}]' must be {{\"role\": system|user|assistant, "
+            raise UserError(f"{where}: field '{field}[{j}]' must be {{\"role\": system|user|assistant, "
                             f"\"content\": non-empty string}}")
 
 
@@ -111,9 +111,9 @@ def _answer(where: str, prompt: list[dict], side: list[dict], field: str) -> lis
     if bare(side[: len(prompt)]) == bare(prompt):
         side = side[len(prompt):]
     if not side or side[-1]["role"] != "assistant":
-        raise common.UserError(f"{where}: field '{field}' must end with an assistant turn")
+        raise UserError(f"{where}: field '{field}' must end with an assistant turn")
     if side[0]["role"] != "assistant":
-        raise common.UserError(f"{where}: field '{field}' starts with turns that are not the prompt's; expected the answer, "
+        raise UserError(f"{where}: field '{field}' starts with turns that are not the prompt's; expected the answer, "
                         "or the prompt's turns followed by the answer")
     return side
 
@@ -125,7 +125,7 @@ def _split_shared(where: str, obj: dict) -> tuple[list[dict], list[dict], list[d
     while n and chosen[n - 1]["role"] != "user":
         n -= 1
     if not n:
-        raise common.UserError(f"{where}: no 'prompt' field and 'chosen' and 'rejected' share no leading user turn; expected "
+        raise UserError(f"{where}: no 'prompt' field and 'chosen' and 'rejected' share no leading user turn; expected "
                         "a prompt, or both sides written as the same conversation with different answers")
     return chosen[:n], _answer(where, chosen[:n], chosen[n:], "chosen"), _answer(where, [], rejected[n:], "rejected")
 
@@ -140,14 +140,14 @@ def _with_system(where: str, obj: dict, msgs: list[dict]) -> list[dict]:
     if field is None:
         return msgs
     if not isinstance(obj[field], str):
-        raise common.UserError(f"{where}: field '{field}' must be a string (the conversation's system message)")
+        raise UserError(f"{where}: field '{field}' must be a string (the conversation's system message)")
     system = obj[field].strip()
     if not system:
         return msgs
     if msgs and msgs[0]["role"] == "system":
         if msgs[0]["content"].strip() == system:
             return msgs
-        raise common.UserError(f"{where}: field '{field}' and the conversation's own system message differ; expected one "
+        raise UserError(f"{where}: field '{field}' and the conversation's own system message differ; expected one "
                         "system message")
     return [{"role": "system", "content": system}] + msgs
 
@@ -166,28 +166,28 @@ def validate(where: str, obj: dict, kind: str) -> dict:
     keys = {"sft": ("messages", "text", "prompt", "chosen"), "pairs": ("prompt", "chosen"),
             "prompts": ("prompt", "messages", "chosen")}[kind]
     if not any(k in obj for k in keys):  # ShareGPT's "conversations", Alpaca's "instruction", ...
-        raise common.UserError(f"{where}: field '{keys[-1] if kind == 'pairs' else 'prompt'}' is missing: no {kind} layout "
+        raise UserError(f"{where}: field '{keys[-1] if kind == 'pairs' else 'prompt'}' is missing: no {kind} layout "
                         f"fits the fields {list(obj)}; expected " + LAYOUTS[kind] + " (README, Data)")
     if kind == "sft":
         if "messages" in obj:
             msgs = turns(where, obj, "messages")
             if not any(m["role"] == "assistant" for m in msgs):
-                raise common.UserError(f"{where}: field 'messages' has no assistant turn to learn from")
+                raise UserError(f"{where}: field 'messages' has no assistant turn to learn from")
             return {"messages": _with_system(where, obj, msgs)}
         if "text" in obj and "prompt" not in obj:
             _check_text(where, obj, "text")
             if not isinstance(obj["text"], str):
-                raise common.UserError(f"{where}: field 'text' must be a string")
+                raise UserError(f"{where}: field 'text' must be a string")
             return {"text": obj["text"]}
         if "prompt" not in obj and "chosen" in obj:  # HH-RLHF: the chosen conversation
             msgs = turns(where, obj, "chosen")
             if msgs[-1]["role"] != "assistant":
-                raise common.UserError(f"{where}: field 'chosen' must end with an assistant turn")
+                raise UserError(f"{where}: field 'chosen' must end with an assistant turn")
             return {"messages": _with_system(where, obj, msgs)}
         prompt = turns(where, obj, "prompt")
         field = next((f for f in ("response", "completion", "chosen") if f in obj), None)
         if field is None:
-            raise common.UserError(f"{where}: field 'response' is missing (nor 'completion' or 'chosen'); expected the "
+            raise UserError(f"{where}: field 'response' is missing (nor 'completion' or 'chosen'); expected the "
                             "answer as a non-empty string or message list")
         answer = _answer(where, prompt, turns(where, obj, field, "assistant"), field)
         return {"messages": _with_system(where, obj, prompt + answer)}
@@ -201,7 +201,7 @@ def validate(where: str, obj: dict, kind: str) -> dict:
         if "margin" in obj:
             if not isinstance(obj["margin"], (int, float)) or isinstance(obj["margin"], bool) or not math.isfinite(
                     obj["margin"]):
-                raise common.UserError(f"{where}: field 'margin' must be a finite number")
+                raise UserError(f"{where}: field 'margin' must be a finite number")
             out["margin"] = float(obj["margin"])
         return out
     if kind == "prompts":
@@ -214,7 +214,7 @@ def validate(where: str, obj: dict, kind: str) -> dict:
         else:
             msgs, field = _split_shared(where, obj)[0], "chosen"
         if not msgs or msgs[-1]["role"] != "user":
-            raise common.UserError(f"{where}: field '{field}' has no user turn to answer"
+            raise UserError(f"{where}: field '{field}' has no user turn to answer"
                             if not any(m["role"] == "user" for m in msgs) else
                             f"{where}: field '{field}' must end with a user turn")
         return {"prompt": _with_system(where, obj, msgs)}
@@ -238,7 +238,7 @@ def _dataset_rows(path: str, split: str | None):
     import importlib.util
 
     if importlib.util.find_spec("datasets") is None:
-        raise common.UserError(f"--data {path}: not a data file, and `datasets` (to read a dataset folder or an HF hub "
+        raise UserError(f"--data {path}: not a data file, and `datasets` (to read a dataset folder or an HF hub "
                         "name) is not installed: pip install datasets")
     told = "1" in (os.environ.get("HF_DATASETS_OFFLINE"), os.environ.get("HF_HUB_OFFLINE"))
     offline = not os.path.isdir(path) and not told and not _hub_reachable()
@@ -259,14 +259,14 @@ def _dataset_rows(path: str, split: str | None):
     except Exception as e:  # no network, no such dataset or split, a folder that is not a dataset
         why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         where = " (offline: the hub did not answer)" if offline else ""
-        raise common.UserError(f"--data {path}: cannot load it with `datasets`{where}: {why}")
+        raise UserError(f"--data {path}: cannot load it with `datasets`{where}: {why}")
     if isinstance(ds, datasets.DatasetDict):
         if (split or "train") not in ds:
-            raise common.UserError(f"--data {path}: no split '{split or 'train'}' (it has {', '.join(ds)}); pass "
+            raise UserError(f"--data {path}: no split '{split or 'train'}' (it has {', '.join(ds)}); pass "
                             "--data_split / --eval_split")
         ds = ds[split or "train"]
     elif split not in (None, "train"):  # a plain Dataset folder is one split: any name would read all of it
-        raise common.UserError(f"--data {path}: a dataset saved without splits has no split '{split}'; pass held-out data "
+        raise UserError(f"--data {path}: a dataset saved without splits has no split '{split}'; pass held-out data "
                         "as --eval_data")
     for i, row in enumerate(ds):  # a column some rows leave empty (None) is a field those rows do not have
         yield f"{path}[{split or 'train'}][{i}]", {k: v for k, v in row.items() if v is not None}
@@ -289,16 +289,16 @@ def encode_records(records: list[dict], encode, source: str, skip_invalid: bool)
         where = getattr(record, "where", "") or f"{source} record {i + 1}"
         try:
             out.append(encode(record, where))
-        except common.UserError as e:
+        except UserError as e:
             message = e.code.removeprefix("error: ")
             message = message if message.startswith(where) else f"{where}: {message}"
             if not skip_invalid:
-                raise common.UserError(message)
+                raise UserError(message)
             skipped.append(message)
     if skipped:
         common.print0(f"--skip_invalid: dropped {len(skipped)} records that cannot be encoded (first: {skipped[0]})")
         if not out:
-            raise common.UserError(f"{source}: no record can be encoded")
+            raise UserError(f"{source}: no record can be encoded")
     return out
 
 
@@ -319,25 +319,25 @@ def load_data(spec: str, kind: str, split: str | None = None, skip_invalid: bool
     for path in input_paths(spec):
         if os.path.isfile(path):
             if split not in (None, "train"):
-                raise common.UserError(f"--data {path}: a file has no split '{split}'; pass held-out data as --eval_data")
+                raise UserError(f"--data {path}: a file has no split '{split}'; pass held-out data as --eval_data")
             rows = _read_rows(path)
         elif path.endswith((".jsonl", ".json")) or path.startswith((".", "/", "~")) and not os.path.isdir(path):
-            raise common.UserError(f"--data {path}: no such data file")
+            raise UserError(f"--data {path}: no such data file")
         else:
             rows = _dataset_rows(path, split)
         for where, obj in rows:
             try:
                 if isinstance(obj, str):
-                    raise common.UserError(f"{where}: {obj}")
+                    raise UserError(f"{where}: {obj}")
                 records.append(Record(validate(where, obj, kind), where=where))
-            except common.UserError as e:
+            except UserError as e:
                 if not skip_invalid:
                     raise
                 skipped.append(e.code.removeprefix("error: "))
     if skipped:
         common.print0(f"--skip_invalid: dropped {len(skipped)} invalid records of {spec} (first: {skipped[0]})")
     if not records:
-        raise common.UserError(f"--data {spec}: no valid records")
+        raise UserError(f"--data {spec}: no valid records")
     return records
 
 
@@ -360,3 +360,41 @@ def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
     n_eval = max(1, int(len(records) * fraction)) if fraction > 0 and len(records) > 1 else 0
     held = set(idx[:n_eval])
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def encode_prompts(records: list[dict], tokenizer, max_len: int, truncation: str, source: str,
+                   skip_invalid: bool = False):
+    """Token ids of each record's prompt, cut from the left to max_len (or an error with --truncation error), the
+    number cut, and the records kept (--skip_invalid drops those that cannot be encoded)."""
+    known = {}
+
+    def encode(record, where):
+        key = repr(record["prompt"])
+        if key not in known:  # a repeated prompt (the demo draws 4096 from 115) is encoded once
+            known[key] = common.encode_prompt(tokenizer, record["prompt"])
+        if len(known[key]) > max_len and truncation == "error":
+            raise UserError(f"{where}: {len(known[key])} tokens > --max_seq_len - --max_new_tokens = "
+                                   f"{max_len} (pass --truncation left to cut it)")
+        return record, common.truncate_left(list(known[key]), max_len)
+
+    encoded = encode_records(records, encode, source, skip_invalid)
+    return [ids for _, (ids, _) in encoded], sum(cut for _, (_, cut) in encoded), [r for r, _ in encoded]
+
+
+def retokenizer(actor_tok, reward_tok, prompts: list, device):
+    """Prompt + answer in the reward model's tokenizer: an ended answer as a turn, else text after the prompt."""
+
+    def retok(rollout: dict):
+        rows = []
+        for i, msgs in enumerate(prompts):
+            n = int(rollout["lengths"][i]) - int(rollout["has_eos"][i])
+            text = actor_tok.decode(rollout["seq"][i, -rollout["mask"].shape[1]:][:n], skip_special_tokens=True)
+            if rollout["has_eos"][i]:  # the answer's own text: its template writes what goes before it
+                rows.append(common.encode_scored(reward_tok, msgs + [{"role": "assistant", "content": text.strip()}]))
+            else:
+                rows.append(common.encode_prompt(reward_tok, msgs)
+                            + reward_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        seq = common.pad(rows, reward_tok.pad_token_id).to(device)
+        return seq, common.pad([[1] * len(r) for r in rows], 0).to(device)
+
+    return retok

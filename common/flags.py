@@ -5,7 +5,7 @@ import dataclasses
 import math
 
 import common
-from common import toy
+from common import UserError, toy
 
 _COMPARE = {">=": float.__ge__, ">": float.__gt__, "<=": float.__le__, "<": float.__lt__}
 
@@ -37,7 +37,7 @@ def check(args):
     for f in dataclasses.fields(args):
         value, spec = getattr(args, f.name), f.metadata.get("range")
         if spec and value is not None and not in_range(value, spec):
-            raise common.UserError(f"--{f.name} {value}: expected {spec.replace('x', f.name)}")
+            raise UserError(f"--{f.name} {value}: expected {spec.replace('x', f.name)}")
 
 
 def run_flags(args) -> tuple[str, ...]:
@@ -67,11 +67,11 @@ def fit_max_seq_len(max_seq_len: int | None, context: int | None, default: int =
     model's context."""
     if max_seq_len is not None:
         if context is not None and max_seq_len > context:
-            raise common.UserError(f"--max_seq_len {max_seq_len} is longer than the model's context of {context} tokens "
+            raise UserError(f"--max_seq_len {max_seq_len} is longer than the model's context of {context} tokens "
                             "(max_position_embeddings)")
         return max_seq_len
     if context is not None and context < default:
-        common.note(f"--max_seq_len {context}: the model's context (max_position_embeddings) is shorter than {default}")
+        common.note(f"--max_seq_len {context}: the model's context (max_position_embeddings) is below {default}")
         return context
     return default
 
@@ -86,3 +86,22 @@ def fit_micro_batch(per_device: int | None, n_examples: int, ranks_x_accum: int,
         common.note(f"--per_device_batch_size {fit}: {n_examples} training {what} hold no global batch of the default "
              f"{default}")
     return fit
+
+
+def fit_batch_sizes(args) -> tuple[int, int]:
+    """The micro-batch and the mini-batch (answers per rank). An unset size adapts to those set (said on stderr):
+    ppo.py's --rollout_batch_size 8 alone gives micro = mini = 8; sizes set that conflict are an error."""
+    rollout, gas = args.rollout_batch_size * args.samples_per_prompt, args.gradient_accumulation_steps
+    micro = args.per_device_batch_size
+    if micro is None:
+        whole = args.mini_batch_size or (rollout // gas if rollout % gas == 0 else rollout)
+        micro = max(d for d in range(1, min(16, whole) + 1) if whole % d == 0)
+        if micro != 16:
+            common.note(f"--per_device_batch_size {micro} (the default 16 does not divide "
+                        f"{'--mini_batch_size' if args.mini_batch_size else '--rollout_batch_size'} {whole})")
+    mini = args.mini_batch_size or micro * gas
+    if mini % micro or rollout % mini:
+        raise UserError(f"--rollout_batch_size {args.rollout_batch_size} x --samples_per_prompt "
+                               f"{args.samples_per_prompt} must be a multiple of the mini-batch ({mini}), itself a "
+                               f"multiple of --per_device_batch_size {micro}")
+    return micro, mini

@@ -1,7 +1,8 @@
-"""The process around a rank: it stops when its launcher is gone (releasing the folder locks it holds), and CPU
-runs keep freed memory in the heap."""
+"""The process around a rank: how it ends (a rank stops when its launcher is gone, releasing the folder locks it
+holds; a full disk, a lost rank or Ctrl-C is one line, not a traceback), and CPU runs keep freed memory."""
 
 import ctypes
+import errno
 import json
 import os
 import sys
@@ -43,7 +44,8 @@ def watch_launcher(interval: float = 1.0):
     def watch():
         while all(_alive(pid, starts[pid]) for pid in watched) and os.getppid() == parent:
             time.sleep(interval)
-        print(f"error: the launcher is gone (pid {' or '.join(map(str, watched))}); stopping rank {os.environ.get('RANK', 0)}",
+        pids = " or ".join(map(str, watched))
+        print(f"error: the launcher is gone (pid {pids}); stopping rank {os.environ.get('RANK', 0)}",
               file=sys.stderr, flush=True)
         for lock, pid in _held_locks:
             _release_lock(lock, pid)
@@ -81,3 +83,32 @@ def _release_lock(lock: Path, pid: int):
             lock.unlink()
     except (OSError, ValueError):
         pass
+
+
+def excepthook(kind, value, tb, other_errors=sys.__excepthook__):
+    """A full disk is one line, not a traceback (the newest checkpoint stays usable: `latest` is written last,
+    save_hf moves config.json in last). torch.save reports it as a RuntimeError, safetensors as its own. So is a
+    collective that fails because another rank stopped with its own error (one rank's bad --reward_fn call)."""
+    chain, e = [], value
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    full = ("No space left on device", "Disk quota exceeded", "File too large", "file write failed", "StorageFull",
+            "iostream error", "unexpected pos")  # the last two: torch.save's zip writer when a write fails
+    for e in chain:
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) or any(
+                m in str(e) for m in full):
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            print(f"error: the disk is full{where}: {first}; free some space, then --resume from the last "
+                  "checkpoint if the run saved one (--save_every), else run it again", file=sys.stderr)
+            return
+    lost = ("Connection closed by peer", "Connection reset by peer", "remote process exited")  # gloo, NCCL
+    if isinstance(value, RuntimeError) and any(m in str(value) for m in lost):  # another rank stopped first
+        print("error: another rank stopped (its error is above); this one stops too", file=sys.stderr)
+        return
+    if kind is KeyboardInterrupt:  # Ctrl-C: the output folder is as a kill leaves it (docs/reliability.md)
+        print("interrupted (Ctrl-C); --resume continues from the last checkpoint, if the run saved one",
+              file=sys.stderr)
+        return
+    other_errors(kind, value, tb)

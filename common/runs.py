@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import common
-from common import data, flags, launcher
+from common import UserError, data, flags, launcher
 
 # ----------------------------------------------------------------------------------------------------------------
 # output folder, checkpoints, logging
@@ -45,24 +45,24 @@ def _run_of(folder: Path) -> dict | None:
 def _check_folder(p: Path, overwrite: bool, resume: bool, script: str):
     """The rules of an output folder that depend on what is in it (checked again under the lock)."""
     if p.exists() and not p.is_dir():
-        raise common.UserError(f"--output_dir {p}: exists and is not a folder")
+        raise UserError(f"--output_dir {p}: exists and is not a folder")
     if not p.is_dir() or not any(f.name != LOCK for f in p.iterdir()):
         if resume:
-            raise common.UserError(f"--resume: --output_dir {p} holds no run to continue")
+            raise UserError(f"--resume: --output_dir {p} holds no run to continue")
         return
     if not (overwrite or resume):
         if not (p / "args.json").exists():  # no run of ours: neither flag would take it
-            raise common.UserError(f"--output_dir {p}: holds files and no run of these scripts (no args.json); choose "
+            raise UserError(f"--output_dir {p}: holds files and no run of these scripts (no args.json); choose "
                             "another folder")
-        raise common.UserError(f"--output_dir {p}: holds another run; pass --overwrite to replace it or --resume to "
+        raise UserError(f"--output_dir {p}: holds another run; pass --overwrite to replace it or --resume to "
                         "continue it")
     run = _run_of(p)
     if run is None:
         why = "has no args.json" if not (p / "args.json").exists() else "has an args.json they did not write"
-        raise common.UserError(f"--output_dir {p}: --{'resume' if resume else 'overwrite'} only takes a run of these scripts "
+        raise UserError(f"--output_dir {p}: --{'resume' if resume else 'overwrite'} only takes a run of these scripts "
                         f"(this folder {why}); remove it yourself or choose another folder")
     if resume and run["script"] != script:
-        raise common.UserError(f"--resume: --output_dir {p} holds a run of {run['script']}, not of {script}")
+        raise UserError(f"--resume: --output_dir {p} holds a run of {run['script']}, not of {script}")
 
 
 def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, script: str = "", inputs: dict | None = None,
@@ -74,31 +74,31 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, script: s
     script that has a complete checkpoint in `checkpoints`)."""
     p = Path(output_dir)
     if overwrite and resume:
-        raise common.UserError("pass --overwrite (start again) or --resume (continue), not both")
+        raise UserError("pass --overwrite (start again) or --resume (continue), not both")
     try:  # the folder can be made and written in, or a one-line reason now, not a traceback after the models load
         if p.is_symlink() and not p.exists():
-            raise common.UserError(f"--output_dir {output_dir}: a link to {os.readlink(p)}, which does not exist")
+            raise UserError(f"--output_dir {output_dir}: a link to {os.readlink(p)}, which does not exist")
         out = p.resolve()
         made = next(a for a in (out, *out.parents) if a.exists())
     except OSError as e:
-        raise common.UserError(f"--output_dir {output_dir}: {e.strerror or e}")
+        raise UserError(f"--output_dir {output_dir}: {e.strerror or e}")
     if not made.is_dir() and made != out:  # (the folder itself a file: _check_folder says so)
-        raise common.UserError(f"--output_dir {output_dir}: {made} is a file; expected a folder")
+        raise UserError(f"--output_dir {output_dir}: {made} is a file; expected a folder")
     if not os.access(made, os.W_OK | os.X_OK):
-        raise common.UserError(f"--output_dir {output_dir}: cannot write into {made}")
+        raise UserError(f"--output_dir {output_dir}: cannot write into {made}")
     for flag, value in (inputs or {}).items():
         for path in data.input_paths(value):
             if path != "toy" and os.path.exists(path):
                 src = Path(path).resolve()
                 if src == out or out in src.parents:
-                    raise common.UserError(f"--output_dir {output_dir} holds {flag} {path}, an input of this run; choose "
+                    raise UserError(f"--output_dir {output_dir} holds {flag} {path}, an input of this run; choose "
                                     "another --output_dir")
     _check_folder(p, overwrite, resume, script)
     if not resume:
         return None
     tag = latest_checkpoint(p / checkpoints)
     if tag is None:
-        raise common.UserError(f"--resume: {p / checkpoints} has no checkpoint to continue from (it is written every "
+        raise UserError(f"--resume: {p / checkpoints} has no checkpoint to continue from (it is written every "
                         "--save_every steps); pass --overwrite to start the run again")
     return tag
 
@@ -118,11 +118,11 @@ def _path_or_value(v):
 
 
 def check_resume(output_dir: str, args, tag: str, run: dict, length: str, fixed: tuple = ()):
-    """A resumed run must be the run of its checkpoint: the flags that define a run (flags.run_flags), and `run`: derived
-    figures saved beside them in args.json (global batch, ranks, run length...); `length` names the entry of `run`
-    that may grow (a longer run continues; one that ends before the checkpoint is refused); `fixed`: names without
-    which the checkpoint cannot be loaded (never accepted). Other differences are refused in one line unless named in
-    --resume_changes."""
+    """A resumed run must be the run of its checkpoint: the flags that define a run (flags.run_flags), and `run`,
+    figures derived from them and saved beside them in args.json (global batch, ranks, length...); `length` names the
+    entry of `run` that may grow (a longer run continues; one that ends before the checkpoint is refused); `fixed`:
+    names without which the checkpoint cannot be loaded (never accepted). Other differences are refused in one line
+    unless named in --resume_changes."""
     saved = json.loads((Path(output_dir) / "args.json").read_text())
     old = {**saved, **saved["_run"]}
     given, derived = (json.loads(json.dumps(x, default=str)) for x in (vars(args), run))
@@ -131,10 +131,10 @@ def check_resume(output_dir: str, args, tag: str, run: dict, length: str, fixed:
     new = {**given, **{k: v for k, v in derived.items() if k in saved["_run"] or k not in given}}
     step = checkpoint_step(tag)
     if step >= 0 and new[length] == step == old.get(length):
-        raise common.UserError(f"--resume: the run finished: its checkpoint is at its end ({length} {step}), so nothing is "
+        raise UserError(f"--resume: the run finished: its checkpoint is at its end ({length} {step}), so nothing is "
                         "left to train; a longer run continues from it")
     if step >= 0 and new[length] <= step:
-        raise common.UserError(f"--resume: the checkpoint is at {step}, this run ends at {new[length]} ({length}); a run "
+        raise UserError(f"--resume: the checkpoint is at {step}, this run ends at {new[length]} ({length}); a run "
                         "that ends before its checkpoint would replace the model with an older one")
     # ranks matter through the global batch (same global batch, same run), unless the checkpoint is partitioned
     compared = dict.fromkeys(flags.run_flags(args) + tuple(k for k in run if k not in (length, "world_size")) + fixed)
@@ -143,11 +143,11 @@ def check_resume(output_dir: str, args, tag: str, run: dict, length: str, fixed:
         differ.append(length)
     hard = [k for k in differ if k in fixed]
     if hard:
-        raise common.UserError("--resume: the checkpoint cannot be loaded with another " + ", ".join(
+        raise UserError("--resume: the checkpoint cannot be loaded with another " + ", ".join(
             f"{k} ({old[k]} -> {new[k]})" for k in hard))
     unaccepted = [k for k in differ if k not in getattr(args, "resume_changes", ())]
     if unaccepted:
-        raise common.UserError("--resume: this is not the run of the checkpoint: " + ", ".join(
+        raise UserError("--resume: this is not the run of the checkpoint: " + ", ".join(
             f"{k} {old[k]} -> {new[k]}" for k in unaccepted) + f"; pass --resume_changes {' '.join(unaccepted)} to "
             "continue it so")
 
@@ -167,10 +167,10 @@ def take_lock(folder: Path):
             except (OSError, ValueError):  # being written this instant, or torn by a crash long ago
                 owner = {} if time.time() - lock.stat().st_mtime > 10 else {"pid": "?", "host": me["host"]}
             if owner and owner.get("host") != me["host"]:
-                raise common.UserError(f"--output_dir {folder}: in use by pid {owner.get('pid')} on {owner.get('host')} "
+                raise UserError(f"--output_dir {folder}: in use by pid {owner.get('pid')} on {owner.get('host')} "
                                 f"({lock}); if no run is going there, remove that file")
             if owner and (owner["pid"] == "?" or launcher._alive(owner["pid"], owner.get("start"))):
-                raise common.UserError(f"--output_dir {folder}: in use by another run (pid {owner['pid']}, {lock}); wait "
+                raise UserError(f"--output_dir {folder}: in use by another run (pid {owner['pid']}, {lock}); wait "
                                 "for it to end or stop it")
             print(f"note: removing the stale lock {lock} (pid {owner.get('pid')} is gone)", file=sys.stderr)
             lock.unlink(missing_ok=True)
@@ -180,7 +180,7 @@ def take_lock(folder: Path):
         atexit.register(launcher._release_lock, lock, me["pid"])
         launcher._held_locks.append((lock, me["pid"]))
         return
-    raise common.UserError(f"--output_dir {folder}: cannot take {lock}")
+    raise UserError(f"--output_dir {folder}: cannot take {lock}")
 
 
 def start_output_dir(output_dir: str, args, overwrite: bool, resume: bool, run: dict | None = None):
@@ -205,15 +205,15 @@ def start_output_dir(output_dir: str, args, overwrite: bool, resume: bool, run: 
                             f.unlink()
             saved = json.loads(json.dumps(vars(args), default=str)) | {"_run": run or {}}
             common.write_whole(p / ("args.json.next" if resume else "args.json"), json.dumps(saved, indent=2) + "\n")
-        except common.UserError as e:
+        except UserError as e:
             error = e
         except OSError as e:  # a read-only file system, /proc, a name too long: one line, nothing half made
-            error = common.UserError(f"--output_dir {output_dir}: {e.strerror or e}")
+            error = UserError(f"--output_dir {output_dir}: {e.strerror or e}")
     if dist.is_initialized() and common.world_size() > 1:
         message = [str(error.code) if error else None]
         dist.broadcast_object_list(message, src=0)
         if message[0] and error is None:
-            raise common.UserError(f"rank 0 stopped: {message[0]}")
+            raise UserError(f"rank 0 stopped: {message[0]}")
     if error:
         raise error
 
@@ -240,7 +240,7 @@ def truncate_log(output_dir: str, step: int):
             row = json.loads(line)
         except json.JSONDecodeError:
             if n < len(lines):
-                raise common.UserError(f"{p}:{n}: not a JSON line; fix or remove it to resume")
+                raise UserError(f"{p}:{n}: not a JSON line; fix or remove it to resume")
             print(f"note: {p}:{n}: dropped a line cut short by the interruption", file=sys.stderr)
             continue
         if row.get("step", 0) <= step:
@@ -265,7 +265,7 @@ def latest_checkpoint(folder) -> str | None:
         return None
     tag = latest.read_text().strip()
     if not tag or not (Path(folder) / tag).is_dir():
-        raise common.UserError(f"{latest} names checkpoint {tag!r}, which is not there; write the tag of a checkpoint "
+        raise UserError(f"{latest} names checkpoint {tag!r}, which is not there; write the tag of a checkpoint "
                         f"folder of {folder} into it, or pass --overwrite to start again")
     return tag
 
@@ -279,10 +279,10 @@ def load_checkpoint(engine, folder: str, tag: str, learning_rate: float | None =
         path, state = engine.load_checkpoint(folder, tag)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise common.UserError(f"{folder}/{tag}: cannot load this checkpoint ({type(e).__name__}: {first}); it may be "
+        raise UserError(f"{folder}/{tag}: cannot load this checkpoint ({type(e).__name__}: {first}); it may be "
                         "corrupt: point `latest` at an older tag, or pass --overwrite to start again")
     if path is None:
-        raise common.UserError(f"{folder}/{tag}: checkpoint not found")
+        raise UserError(f"{folder}/{tag}: checkpoint not found")
     # --resume_changes learning_rate / weight_decay: the optimizer and scheduler states just loaded carry the old
     # values; the schedule goes on from its step, at the new peak
     sched = engine.lr_scheduler

@@ -89,13 +89,15 @@ def toy_data(kind: str, split: str) -> list[dict]:
     while len(records) < n:
         p = rng.choice(prompts)
         if kind == "sft":
-            records.append({"messages": [{"role": "user", "content": p}] + [{"role": "assistant", "content": toy_response(p, rng)}]})
+            records.append({"messages": [{"role": "user", "content": p},
+                                         {"role": "assistant", "content": toy_response(p, rng)}]})
         else:
             a, b = toy_response(p, rng), toy_response(p, rng)
             ga, gb = gold_score(p, a), gold_score(p, b)
             if abs(ga - gb) >= 0.15:
                 chosen, rejected = (a, b) if ga > gb else (b, a)
-                records.append({"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": chosen}],
+                records.append({"prompt": [{"role": "user", "content": p}],
+                                "chosen": [{"role": "assistant", "content": chosen}],
                                 "rejected": [{"role": "assistant", "content": rejected}]})
     return records
 

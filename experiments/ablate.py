@@ -77,7 +77,7 @@ def variants(actor: str) -> dict[str, tuple[list[str], str | None]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the details that have no flag: each replaces one function of ppo.py/common.py in the child process
+# the details that have no flag: each replaces one function of ppo.py/common in the child process
 
 
 def logprobs_without_temperature():
@@ -99,6 +99,7 @@ def dropout_on(p: float = 0.1):
     import torch
 
     import common
+    import common.generation
 
     def enable(model):
         for m in model.modules():
@@ -113,15 +114,15 @@ def dropout_on(p: float = 0.1):
 def greedy_rollouts():
     """Rollouts decoded greedily instead of sampled (evaluation stays as configured): ppo.py builds the rollout's
     generation config first and the evaluation's second."""
-    import ppo
+    import common.generation
 
-    original, calls = ppo.generation_config, []
+    original, calls = common.generation.generation_config, []
 
     def config(args, tokenizer, greedy=False):
         calls.append(greedy)
         return original(args, tokenizer, greedy=greedy or len(calls) == 1)
 
-    ppo.generation_config = config
+    common.generation.generation_config = config
 
 
 PATCHES = {f.__name__: f for f in (logprobs_without_temperature, dropout_on, greedy_rollouts)}

@@ -375,7 +375,7 @@ print(default, user, faults())
 @pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallopt"), reason="not glibc")
 def test_cpu_runs_keep_freed_memory_unless_the_user_tunes_malloc():
     """glibc by default returns freed blocks of a few MiB to the kernel and faults them in again on the next
-    allocation; after common.launcher.keep_freed_memory() (CPU runs, from init_distributed) the same allocations fault no
+    allocation; after launcher.keep_freed_memory() (CPU runs, from init_distributed) the same allocations fault no
     page in. Where the user set MALLOC_* (or GLIBC_TUNABLES, LD_PRELOAD), it does nothing."""
     env = {k: v for k, v in script_env().items()
            if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}

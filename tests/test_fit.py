@@ -49,7 +49,7 @@ def test_micro_batch_fits_small_data(capsys):
     assert common.flags.fit_micro_batch(None, 20, 2, "examples") == 10 and "--per_device_batch_size 10" in \
         capsys.readouterr().err
     assert common.flags.fit_micro_batch(None, 1, 2, "pairs") == 1
-    assert common.flags.fit_micro_batch(4, 1, 2, "pairs") == 4  # set by the user: kept (main then reports the conflict)
+    assert common.flags.fit_micro_batch(4, 1, 2, "pairs") == 4  # set by the user: kept (main reports the conflict)
 
 
 @pytest.mark.parametrize("rollout,mini,micro,gas,expect", [
@@ -65,7 +65,7 @@ def test_micro_batch_fits_small_data(capsys):
 def test_ppo_batch_sizes_adapt_to_what_the_user_set(rollout, mini, micro, gas, expect):
     args = ppo.Args(rollout_batch_size=rollout, mini_batch_size=mini, per_device_batch_size=micro,
                     gradient_accumulation_steps=gas)
-    got = ppo.fit_batch_sizes(args)
+    got = common.flags.fit_batch_sizes(args)
     assert got == expect
     assert got[1] % got[0] == 0 and rollout % got[1] == 0
 

@@ -76,3 +76,45 @@ def test_reference_tests_run_against_a_fork(tmp_path):
     usage = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_ppo.py", "--script", "nope.py", "-k",
                             "trim"], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
     assert usage.returncode == 4 and "--script nope.py" in usage.stderr
+
+
+def apply_doc_diff(source: str, block: str) -> str:
+    """Apply a diff block of docs/forking.md: hunks separated by blank lines, each its context lines (a leading space)
+    then the lines it adds (+) after them; each hunk's context must occur exactly once in `source`."""
+    for hunk in block.strip("\n").split("\n\n"):
+        lines = hunk.split("\n")
+        context = "\n".join(x[1:] for x in lines if x.startswith(" ")) + "\n"
+        added = "".join(x[1:] + "\n" for x in lines if x.startswith("+"))
+        assert source.count(context) == 1, context
+        source = source.replace(context, context + added)
+    return source
+
+
+def test_the_entropy_bonus_fork_in_the_docs(demo, few_prompts, tmp_path):
+    """The entropy bonus of docs/forking.md, applied to ppo.py as written there: 4 changed lines, and a fork that
+    works: the same first rollout (same seed) updated with --ent_coef 1 ends with a higher update entropy than with 0
+    (a fork whose loss term were missing, or had the wrong sign, would not)."""
+    import difflib
+    import json
+
+    from conftest import run_script
+
+    doc = (ROOT / "docs" / "forking.md").read_text()
+    block = doc.split("## An entropy bonus", 1)[1].split("```diff\n", 1)[1].split("```", 1)[0]
+    source = (ROOT / "ppo.py").read_text()
+    fork = apply_doc_diff(source, block)
+    changed = [x for x in difflib.unified_diff(source.splitlines(), fork.splitlines(), lineterm="", n=0)
+               if x[:1] in "+-" and not x.startswith(("+++", "---"))]
+    assert len(changed) == 4 and all(x.startswith("+") for x in changed), changed
+    (tmp_path / "ppo_entropy.py").write_text(fork)
+    entropy = {}
+    for coef in ("0", "1"):
+        out = tmp_path / f"coef{coef}"
+        run_script(tmp_path / "ppo_entropy.py", "--actor", demo / "sft", "--reward", demo / "rm", *few_prompts,
+                   "--total_episodes", "32", "--rollout_batch_size", "32", "--mini_batch_size", "8",
+                   "--ppo_epochs", "2", "--num_eval_prompts", "8", "--print_samples", "0", "--ent_coef", coef,
+                   "--output_dir", out)
+        row = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "train/entropy" in x][0]
+        entropy[coef] = row["train/update_entropy"]
+        assert 0 < row["train/update_entropy"] < 20 and row["train/entropy"] > 0, row
+    assert entropy["1"] > entropy["0"], entropy

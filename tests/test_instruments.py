@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import common
+import common.generation
+import common.reward_fn
 import common.toy
 import ppo
 from conftest import ROOT, read_metrics, run_script
@@ -40,21 +42,21 @@ def write_fns(tmp_path):
 def test_reward_fn_loads_from_a_file_or_a_module_and_checks_what_it_returns(tmp_path):
     f = write_fns(tmp_path)
     prompts, responses = [[{"role": "user", "content": "tell me about cats"}]] * 2, ["cats are nice .", "a b"]
-    fn = ppo.load_reward_fn(f"{f}:length")
-    assert ppo.call_reward_fn(fn, "x", prompts, responses, "cpu").tolist() == [4.0, 2.0]
-    gold = ppo.load_reward_fn("common.toy:gold_reward_fn")
+    fn = common.reward_fn.load(f"{f}:length")
+    assert common.reward_fn.call(fn, "x", prompts, responses, "cpu").tolist() == [4.0, 2.0]
+    gold = common.reward_fn.load("common.toy:gold_reward_fn")
     expect = [common.toy.gold_score("tell me about cats", r) for r in responses]
-    assert ppo.call_reward_fn(gold, "x", prompts, responses, "cpu").tolist() == pytest.approx(expect)
+    assert common.reward_fn.call(gold, "x", prompts, responses, "cpu").tolist() == pytest.approx(expect)
     for spec, needle in ((f"{f}:nope", "has no function nope"), (f"{tmp_path}/none.py:f", "no such file"),
                          ("length", "expected FILE.py:NAME"), ("no_such_module_xyz:f", "ModuleNotFoundError")):
         with pytest.raises(common.UserError, match=needle):
-            ppo.load_reward_fn(spec)
+            common.reward_fn.load(spec)
     with pytest.raises(common.UserError, match=rf"ZeroDivisionError.*{f}:5\)"):  # names the line in the user's file
-        ppo.call_reward_fn(ppo.load_reward_fn(f"{f}:broken"), "x", prompts, responses, "cpu")
+        common.reward_fn.call(common.reward_fn.load(f"{f}:broken"), "x", prompts, responses, "cpu")
     for name, needle in (("short", "expected a list of 2 numbers"), ("nan", "returned nan for response 0"),
                          ("words", "expected a list of 2 numbers")):
         with pytest.raises(common.UserError, match=needle):
-            ppo.call_reward_fn(ppo.load_reward_fn(f"{f}:{name}"), "x", prompts, responses, "cpu")
+            common.reward_fn.call(common.reward_fn.load(f"{f}:{name}"), "x", prompts, responses, "cpu")
 
 
 def test_ppo_with_a_reward_function_and_no_reward_model(tiny_models, tmp_path):
@@ -188,11 +190,11 @@ def test_ablation_table_is_mean_and_sample_std_over_seeds():
 
 
 def test_ablation_patches_change_what_they_say(monkeypatch):
-    """Each patch of experiments/ablate.py, applied to ppo.py/common.py (and undone after the test)."""
+    """Each patch of experiments/ablate.py, applied to ppo.py/common (and undone after the test)."""
     import ablate
 
-    for name in ("seq_logprobs", "generation_config"):
-        monkeypatch.setattr(ppo, name, getattr(ppo, name))
+    monkeypatch.setattr(ppo, "seq_logprobs", ppo.seq_logprobs)
+    monkeypatch.setattr(common.generation, "generation_config", common.generation.generation_config)
     monkeypatch.setattr(common, "disable_dropout", common.disable_dropout)
     tok = common.toy.toy_tokenizer()
     model = common.toy.toy_model(tok).eval()
@@ -206,7 +208,8 @@ def test_ablation_patches_change_what_they_say(monkeypatch):
         torch.testing.assert_close(ppo.ref_logprobs(model, model, seq, attn, 3, 0.5, 1024), at_one)
     ablate.greedy_rollouts()
     args = ppo.Args(temperature=0.7)
-    rollout, evaluation = ppo.generation_config(args, tok), ppo.generation_config(args, tok)
+    config = common.generation.generation_config
+    rollout, evaluation = config(args, tok), config(args, tok)
     assert rollout.do_sample is False and evaluation.do_sample is True
     ablate.dropout_on(0.1)
     model = common.toy.toy_model(tok)

@@ -1,5 +1,5 @@
-"""common.logprobs.token_logprobs (chunked LM head, only at the scored positions) against the straightforward implementation
-it replaced, kept here as the slow reference: whole fp32 logits, log-softmax over all of them."""
+"""common.logprobs.token_logprobs (chunked LM head, only at the scored positions) against the straightforward
+implementation it replaced, kept here as the slow reference: whole fp32 logits, log-softmax over all of them."""
 
 import subprocess
 import sys

@@ -11,6 +11,7 @@ from conftest import FAMILIES, make_model, make_tokenizer, read_metrics, run_scr
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import common
+import common.generation
 import common.data
 import common.logprobs
 import common.toy
@@ -142,7 +143,7 @@ def test_adaptive_kl_controller():
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
 def test_sampling_distribution_is_the_policy_and_padding_does_not_change_logprobs(family):
-    """The distribution ppo.sample draws each token from (the model's logits at that step, tempered) gives our
+    """The distribution generation.sample draws each token from (the model's logits at that step, tempered) gives our
     forward's log-probs (so PPO's ratio is about the policy that sampled; the model's own generation_config, a top_k
     and a repetition penalty here, is not used), and a row's log-probs are the same alone and inside a left-padded
     batch (absolute positions)."""
@@ -157,7 +158,7 @@ def test_sampling_distribution_is_the_policy_and_padding_does_not_change_logprob
     model.eval()
     prompts = [common.encode_prompt(tok, common.to_messages(p)) for p in ["tell me about cats", "hey , describe tea"]]
     args = ppo.Args(temperature=0.7, max_new_tokens=6)
-    cfg = ppo.generation_config(args, tok)
+    cfg = common.generation.generation_config(args, tok)
 
     class Engine:  # the bits of a DeepSpeed engine that generate() uses
         module = model
@@ -167,7 +168,7 @@ def test_sampling_distribution_is_the_policy_and_padding_does_not_change_logprob
     attn = common.pad([[1] * len(p) for p in prompts], 0, side="left")
     step_logits = []  # the logits each step of sample() drew its token from
     hook = model.register_forward_hook(lambda module, inputs, out: step_logits.append(out.logits[:, -1]))
-    sequences = ppo.sample(model, padded, attn, cfg)
+    sequences = common.generation.sample(model, padded, attn, cfg)
     hook.remove()
     n_prompt = padded.shape[1]
     gen = sequences[:, n_prompt:]
@@ -192,7 +193,7 @@ def test_sampling_distribution_is_the_policy_and_padding_does_not_change_logprob
 
 
 def test_exponential_race_draws_each_token_with_its_probability():
-    """ppo.sample's draw, argmax(p / E) with E ~ Exp(1), against the probabilities themselves: 200k draws of a
+    """generation.sample's draw, argmax(p / E) with E ~ Exp(1), against the probabilities themselves: 200k draws of a
     distribution with a zero, a tiny and a large entry land within 5 standard errors of p (chi-square-like check)."""
     logits = torch.tensor([[2.0, 0.0, -1.0, float("-inf"), -9.0, 1.0]]).repeat(200_000, 1)
 
@@ -204,7 +205,7 @@ def test_exponential_race_draws_each_token_with_its_probability():
                                         pad_token_id=0)
     torch.manual_seed(0)
     ids = torch.zeros(len(logits), 1, dtype=torch.long)
-    drawn = ppo.sample(Model(), ids, torch.ones_like(ids), cfg)[:, 1]
+    drawn = common.generation.sample(Model(), ids, torch.ones_like(ids), cfg)[:, 1]
     p = torch.softmax(logits[0] / 0.8, -1).double()
     freq = torch.bincount(drawn, minlength=len(p)).double() / len(drawn)
     se = (p * (1 - p) / len(drawn)).sqrt()
@@ -213,8 +214,9 @@ def test_exponential_race_draws_each_token_with_its_probability():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sample_greedy_is_hf_generate_on_each_row_alone(family):
-    """ppo.sample with the KV cache on a left-padded batch gives, greedily, HF generate()'s tokens for each prompt
-    alone (no padding): positions, masks and the cache are right for every family; rows stop at EOS, pad after."""
+    """generation.sample with the KV cache on a left-padded batch gives, greedily, HF generate()'s tokens for each
+    prompt alone (no padding): positions, masks and the cache are right for every family; rows stop at EOS, then
+    pad."""
     tok = make_tokenizer(family)
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": "<|pad|>"})
@@ -223,9 +225,9 @@ def test_sample_greedy_is_hf_generate_on_each_row_alone(family):
     common.resize_for_tokenizer(model, tok)
     model.eval()
     prompts = [common.encode_prompt(tok, common.to_messages(p)) for p in ["tell me about cats", "hi", "hey , tea"]]
-    cfg = ppo.generation_config(ppo.Args(max_new_tokens=10), tok, greedy=True)
+    cfg = common.generation.generation_config(ppo.Args(max_new_tokens=10), tok, greedy=True)
     padded = common.pad(prompts, tok.pad_token_id, side="left")
-    ours = ppo.sample(model, padded, common.pad([[1] * len(p) for p in prompts], 0, side="left"), cfg)
+    ours = common.generation.sample(model, padded, common.pad([[1] * len(p) for p in prompts], 0, side="left"), cfg)
     for i, p in enumerate(prompts):
         with torch.no_grad():
             alone = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
@@ -250,7 +252,7 @@ def _synced_sample(rank: int, port: int, ends: list, out: dict):
 
     cfg = transformers.GenerationConfig(do_sample=False, max_new_tokens=8, eos_token_id=[1], pad_token_id=0)
     ids = torch.ones(2, 3, dtype=torch.long)
-    seq = ppo.sample(Model(), ids, torch.ones_like(ids), cfg, synced_gpus=True)
+    seq = common.generation.sample(Model(), ids, torch.ones_like(ids), cfg, synced_gpus=True)
     out[rank] = (Model.calls, seq[0, 3:].tolist())
     dist.destroy_process_group()
 
@@ -290,12 +292,12 @@ def test_zero3_generation_uses_the_plain_linear_and_gives_the_swap_back(monkeypa
         module = Model(2, 2)
 
     for fail in (False, True):
-        with contextlib.suppress(RuntimeError), ppo.generation_mode(Engine, 3, sharded=False):
-            assert F.linear is ppo.TORCH_LINEAR is not swapped and not Engine.module.training
+        with contextlib.suppress(RuntimeError), common.generation.generation_mode(Engine, 3, sharded=False):
+            assert F.linear is common.generation.TORCH_LINEAR is not swapped and not Engine.module.training
             if fail:
                 raise RuntimeError
         assert F.linear is swapped and Engine.module.training
-    with ppo.generation_mode(Engine, 3, sharded=True):  # through the hooks: nothing swapped
+    with common.generation.generation_mode(Engine, 3, sharded=True):  # through the hooks: nothing swapped
         assert F.linear is swapped
 
 
@@ -405,7 +407,7 @@ def test_demo_reward_rises(demo, tmp_path):
 def test_resume_after_sigkill_matches_an_uninterrupted_run(demo, few_prompts, tmp_path):
     """Kill a run (SIGKILL) right after its iteration-2 checkpoint, resume it, and reach the very same weights and
     metrics as a run that was never stopped (CPU, fixed seed: bit-exact; the adaptive KL coefficient goes on from
-    the checkpoint's). Resumed with `--resume_changes kl_coef`, the new --kl_coef is the one used (it was not)."""
+    the checkpoint's). Resumed with `--resume_changes kl_coef`, the new --kl_coef is the one used."""
     from conftest import kill_when
     from safetensors.torch import load_file
 
@@ -544,9 +546,9 @@ def test_bad_flags_give_one_line_errors(tiny_models, tiny_pair, tmp_path):
         assert message.startswith("error: ") and "\n" not in message and all(n in message for n in needles), message
         assert not (tmp_path / "o" / "config.json").exists()
     # as a user sees it, from a subprocess: one stderr line, no traceback, a non-zero exit
-    p = run_script("ppo.py", "--actor", tiny_models["llama"], "--reward", tiny_pair / "rm", "--hybrid_engine",
-                   "--output_dir", tmp_path / "o", check=False)
-    assert_clean_error(p, tmp_path / "o", "--hybrid_engine")  # transformers 5, or no GPU
+    p = run_script("ppo.py", "--actor", tiny_models["llama"], "--reward", tiny_pair / "rm", "--advantage_estimator",
+                   "grpo", "--output_dir", tmp_path / "o", check=False)
+    assert_clean_error(p, tmp_path / "o", "--samples_per_prompt 1", "needs at least 2")
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "hi"}\n{"messages": [{"role": "assistant", "content": "b"}]}\n')
     p = run_script("ppo.py", "--actor", tiny_models["llama"], "--reward", tiny_pair / "rm", "--data", bad,
@@ -611,7 +613,7 @@ def test_any_preference_file_moves_the_policy(demo, tmp_path):
 def test_encode_prompts_encodes_a_repeated_prompt_like_the_first():
     tok = common.toy.toy_tokenizer()
     records = common.data.load_data("toy", "prompts")[:300]  # 300 draws from ~115 distinct prompts
-    ids, _, kept = ppo.encode_prompts(records, tok, 488, "left", "toy")
+    ids, _, kept = common.data.encode_prompts(records, tok, 488, "left", "toy")
     assert ids == [common.encode_prompt(tok, r["prompt"]) for r in records] and kept == records
     repeat = next(j for j in range(1, len(records)) if records[j]["prompt"] == records[0]["prompt"])
     assert ids[repeat] is not ids[0]  # rows never share a list

@@ -1,5 +1,5 @@
-"""Never lose a user's work (issue 11): output folders belong to one run, --resume continues only the run of its
-checkpoint, one run per folder at a time, every number checked up front. The cases are numbered as in the issue.
+"""Never lose a user's work: output folders belong to one run, --resume continues only the run of its
+checkpoint, one run per folder at a time, every number checked up front. The cases are numbered by class.
 
 Most checks happen before any model is loaded, so they are tested by calling the scripts' main in this process with
 `common.init_distributed` replaced (nothing distributed starts) and model loading replaced by a sentinel that says
@@ -343,8 +343,8 @@ def test_6_resume_compares_ranks_through_the_global_batch(tmp_path):
 
 def test_6_resume_with_the_values_the_defaults_took_is_the_same_run(sft_run, tmp_path, no_models):
     """A flag whose default is worked out at start-up (--max_seq_len: the model's context; --learning_rate: the
-    script's rate) is compared as worked out: a resume that passed the value it took was refused ("max_seq_len None
-    -> 256")."""
+    script's rate) is compared as worked out: a resume that passes the value it took is the same run, not
+    "max_seq_len None -> 256"."""
     run = copy_run(sft_run[0], tmp_path)
     saved = json.loads((run / "args.json").read_text())
     assert saved["max_seq_len"] is None  # the first run did not pass it
@@ -357,7 +357,7 @@ def test_6_resume_with_the_values_the_defaults_took_is_the_same_run(sft_run, tmp
     one_line_error(e, "this is not the run of the checkpoint", f"max_seq_len {took} -> {took // 2}")
 
 def test_6_resume_with_the_same_paths_written_otherwise_is_the_same_run(sft_run, tmp_path, no_models):
-    """`--model sft1` then `--model ./sft1/` was refused as another run ("model sft1 -> ./sft1/")."""
+    """`--model sft1` then `--model ./sft1/` is the same run, not another ("model sft1 -> ./sft1/")."""
     run = copy_run(sft_run[0], tmp_path)
     args = sft_args(sft_run[1], output_dir=str(run), resume=True)
     data = Path(args.data)
@@ -608,17 +608,17 @@ def test_9_a_full_disk_is_one_line(tiny_models, tmp_path):
     for e in (OSError(28, "No space left on device", "/x/metrics.jsonl"), RuntimeError("file write failed")):
         err = io.StringIO()
         with redirect_stderr(err):  # ENOSPC itself, and torch.save's report of it
-            common._excepthook(type(e), e, None)
+            common.launcher.excepthook(type(e), e, None)
         one_line_error(err.getvalue(), "the disk is full")
     err = io.StringIO()
     with redirect_stderr(err):  # Ctrl-C printed a 20-line traceback
-        common._excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)
+        common.launcher.excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)
     assert err.getvalue().startswith("interrupted (Ctrl-C)") and err.getvalue().count("\n") == 1
     lost = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:15267. This is "
                         "typically caused by a remote worker crashing.")
     err = io.StringIO()
     with redirect_stderr(err):  # rank 0 after rank 1 stopped with its one line: a 20-line traceback
-        common._excepthook(RuntimeError, lost, None)
+        common.launcher.excepthook(RuntimeError, lost, None)
     one_line_error(err.getvalue(), "another rank stopped (its error is above)")
 
 
