@@ -611,8 +611,9 @@ def evaluate(args: Args, iteration: int, *, actor, ref, scorer, tokenizer, rewar
 # the steps of main
 
 
-def check_args(args: Args):
-    """The flags that must agree with each other, checked before anything is loaded."""
+def check_args(args: Args) -> str | None:
+    """The flags that must agree with each other and the output folder, checked before anything is loaded; returns
+    the checkpoint tag to resume from."""
     common.flags.check(args)
     least = 2 if args.advantage_estimator in ("grpo", "dr_grpo", "rloo") else 1  # a group needs two answers
     if args.samples_per_prompt < least:
@@ -625,13 +626,20 @@ def check_args(args: Args):
     if args.advantage_estimator != "gae" and (args.critic is not None or args.save_critic):
         raise common.UserError(f"--advantage_estimator {args.advantage_estimator} has no critic: drop --critic and "
                                "--save_critic")
+    inputs = {"--actor": args.actor, "--reward": args.reward, "--critic": args.critic, "--ref": args.ref,
+              "--data": args.data, "--eval_data": args.eval_data, "--ptx_data": args.ptx_data}
+    tag = common.runs.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "ppo.py", inputs,
+                                         checkpoints="checkpoints/actor")
+    if tag:  # the critic's checkpoint is written first, so it is there whenever the actor's `latest` names it
+        common.runs.latest_checkpoint(Path(args.output_dir) / "checkpoints" / "critic")
+    common.check_report_to(args.report_to)
     if args.reward == "none" and not args.reward_fn:
         raise common.UserError("--reward none needs --reward_fn (something must score the responses)")
     for path, name in ((args.actor, "--actor"), (None if args.reward == "none" else args.reward, "--reward"),
                        (args.critic, "--critic"), (args.ref, "--ref")):
         if path is not None:
             common.check_model_path(path, name)
-    common.check_report_to(args.report_to)
+    return tag
 
 
 def load_models(args: Args, tokenizer, reward_tok, *, dtype, actor_stage: int, critic_stage: int, micro: int, gas: int,
@@ -810,16 +818,10 @@ def save(args: Args, *, actor, critic, ema: dict | None, tokenizer, dtype, actor
 
 def main(args: Args):
     # --- setup ---
-    check_args(args)
+    tag = check_args(args)  # and the output folder: the checkpoint to resume from, or None
     critic_free, k = args.advantage_estimator != "gae", args.samples_per_prompt
     actor_stage = args.zero_stage if args.actor_zero_stage is None else args.actor_zero_stage
     critic_stage = args.zero_stage if args.critic_zero_stage is None else args.critic_zero_stage
-    inputs = {"--actor": args.actor, "--reward": args.reward, "--critic": args.critic, "--ref": args.ref,
-              "--data": args.data, "--eval_data": args.eval_data, "--ptx_data": args.ptx_data}
-    tag = common.runs.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "ppo.py", inputs,
-                                         checkpoints="checkpoints/actor")
-    if tag:  # the critic's checkpoint is written first, so it is there whenever the actor's `latest` names it
-        common.runs.latest_checkpoint(Path(args.output_dir) / "checkpoints" / "critic")
     reward_fn = common.reward_fn.load(args.reward_fn) if args.reward_fn else None
     device = common.init_distributed()
     world, rank = common.world_size(), common.rank()

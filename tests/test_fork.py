@@ -110,9 +110,9 @@ def test_the_entropy_bonus_fork_in_the_docs(demo, few_prompts, tmp_path):
     entropy = {}
     for coef in ("0", "1"):
         out = tmp_path / f"coef{coef}"
-        run_script(tmp_path / "ppo_entropy.py", "--actor", demo / "sft", "--reward", demo / "rm", *few_prompts,
-                   "--total_episodes", "32", "--rollout_batch_size", "32", "--mini_batch_size", "8",
-                   "--ppo_epochs", "2", "--num_eval_prompts", "8", "--print_samples", "0", "--ent_coef", coef,
+        run_script(tmp_path / "ppo_entropy.py", "--actor", demo / "sft", "--reward", demo / "rm", "--data",
+                   few_prompts[1], "--eval_fraction", "0", "--learning_rate", "2e-4", "--total_episodes", "16",
+                   "--rollout_batch_size", "16", "--mini_batch_size", "8", "--ppo_epochs", "2", "--ent_coef", coef,
                    "--output_dir", out)
         row = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "train/entropy" in x][0]
         entropy[coef] = row["train/update_entropy"]
