@@ -66,14 +66,12 @@ def init_distributed() -> torch.device:
         # tear the process group down at exit while the interpreter is whole: left to the interpreter's own teardown,
         # gloo's threads can abort a finished rank ("terminate called without an active exception", pytorch#190489)
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-        # torch prefixes every line of an uncaught error with "[rankN]: " (its hook wraps ours): keep that for
-        # tracebacks, and a full disk one plain line
+        # torch prefixes an uncaught error's lines with "[rankN]: " (its hook wraps ours); a full disk stays one line
         sys.excepthook = functools.partial(launcher.excepthook, other_errors=sys.excepthook)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    # CPU ranks on one machine: share the cores instead of each taking all of them (oversubscribed OpenMP threads
-    # spin against each other and the gloo/shm collectives: 30x slower PPO iterations with 2 ranks on 2 cores)
+    # CPU ranks on one machine share the cores (oversubscribed OpenMP threads: 30x slower with 2 ranks on 2 cores)
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ["WORLD_SIZE"])
     if local > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
@@ -519,6 +517,13 @@ def load_causal_lm(name: str, dtype: torch.dtype, tokenizer, trust_remote_code: 
         model = from_pretrained(AutoModelForCausalLM, name, flag, dtype=dtype, trust_remote_code=trust_remote_code)
     resize_for_tokenizer(model, tokenizer)
     return model.to(dtype)
+
+
+def load_data(spec: str, kind: str, split: str | None = None, skip_invalid: bool = False) -> list[dict]:
+    """Canonical records of a data spec (common.data.load_data, here too: DESIGN's contract names common.load_data)."""
+    from common import data  # at call time: data imports this module
+
+    return data.load_data(spec, kind, split, skip_invalid)
 
 
 def with_lora(model, rank: int, alpha: float, task_type: str):

@@ -262,6 +262,7 @@ def test_records_a_template_refuses_are_named_by_line_and_skippable(tiny_models,
     path.write_text("\n".join(json.dumps(r) for r in [{"prompt": "x", "response": "y"}, twice,
                                                         {"prompt": "z" * 400, "response": "w"}]) + "\n")
     records = common.data.load_data(str(path), "sft")
+    assert common.load_data(str(path), "sft") == records  # the name DESIGN's contract gives it
     with pytest.raises(common.UserError) as e:
         sft.tokenize(records, tok, 512, "left", str(path))
     assert e.value.code.startswith(f"error: {path}:2: the chat template cannot render") and "\n" not in e.value.code
