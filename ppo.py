@@ -668,10 +668,10 @@ def load_models(args: Args, tokenizer, reward_tok, *, dtype, actor_stage: int, c
                 m.enable_input_require_grads()
     ema = ema_copy(actor) if args.ema and common.is_rank0() else None
     actor = trained_engine(actor, actor_lr, args, actor_stage, micro, gas, total_steps, dtype)
-    critic = critic and trained_engine(ValueModel(critic), critic_lr, args, critic_stage, micro, gas, total_steps,
-                                       dtype)
-    ref = ref and frozen_engine(ref, actor_stage, args.offload_reference, dtype)
-    reward = reward and frozen_engine(ValueModel(reward), critic_stage, args.offload_reference, dtype)
+    if critic is not None:
+        critic = trained_engine(ValueModel(critic), critic_lr, args, critic_stage, micro, gas, total_steps, dtype)
+    ref = None if ref is None else frozen_engine(ref, actor_stage, args.offload_reference, dtype)
+    reward = None if reward is None else frozen_engine(ValueModel(reward), critic_stage, args.offload_reference, dtype)
     return actor, critic, ref, reward, norm, ema
 
 
