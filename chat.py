@@ -123,7 +123,7 @@ def load(path: str, flag: str, args: Args, device: torch.device, reward: bool = 
         print(f"warning: {flag} {path} was not saved as a sequence classifier; its score head is random",
               file=sys.stderr)
     stops = getattr(model.generation_config, "eos_token_id", None) if not reward else None
-    common.resize_for_tokenizer(model, tokenizer)  # a pad token added by load_tokenizer needs an embedding row
+    common.check_vocab(model, tokenizer, flag)
     if not reward:  # stop at the EOS, the chat template's end of turn, and a hub chat model's own stop ids
         stops = [] if stops is None else stops if isinstance(stops, list) else [stops]
         model.generation_config.eos_token_id = sorted({*common.stop_token_ids(tokenizer), *stops})
@@ -169,7 +169,7 @@ def generation_kwargs(args: Args, tokenizer, max_new_tokens: int) -> dict:
         kw = {"do_sample": False}
     else:
         kw = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": 0}
-    return {**kw, "max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+    return {**kw, "max_new_tokens": max_new_tokens, "pad_token_id": common.pad_id(tokenizer)}
 
 
 @torch.no_grad()
@@ -179,7 +179,7 @@ def answer_batch(model, tokenizer, conversations: list[list[dict]], args: Args, 
     for i in range(0, len(conversations), args.batch_size):
         ids = [common.encode_prompt(tokenizer, fit_history(tokenizer, c, budget))[-budget:]
                for c in conversations[i: i + args.batch_size]]
-        input_ids = common.pad(ids, tokenizer.pad_token_id, side="left").to(device)
+        input_ids = common.pad(ids, common.pad_id(tokenizer), side="left").to(device)
         attention_mask = common.pad([[1] * len(x) for x in ids], 0, side="left").to(device)
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                              **generation_kwargs(args, tokenizer, answer_length(model, args)))
@@ -191,7 +191,7 @@ def answer_batch(model, tokenizer, conversations: list[list[dict]], args: Args, 
 def reward_scores(rm, tokenizer, conversations: list[list[dict]], answers: list[str], batch_size: int,
                   device) -> list[float]:
     """rw_eval: the reward model's raw logit at the token that ends the answer's turn, the sequence reward.py trains
-    on (right padding; HF pools at the last non-pad token; positions from the mask)."""
+    on (right padding; the last real token found from the mask)."""
     limit = getattr(rm.config, "max_position_embeddings", None) or 10**9
     rows = [common.encode_scored(tokenizer, c + [{"role": "assistant", "content": a}])[-limit:]
             for c, a in zip(conversations, answers)]
@@ -199,9 +199,8 @@ def reward_scores(rm, tokenizer, conversations: list[list[dict]], answers: list[
     for i in range(0, len(rows), batch_size):
         chunk = rows[i: i + batch_size]
         attention_mask = common.pad([[1] * len(r) for r in chunk], 0).to(device)
-        logits = rm(input_ids=common.pad(chunk, tokenizer.pad_token_id).to(device), attention_mask=attention_mask,
-                    position_ids=common.position_ids(attention_mask), use_cache=False).logits
-        scores += logits[:, 0].float().tolist()
+        values = common.scores(rm, common.pad(chunk, common.pad_id(tokenizer)).to(device), attention_mask)
+        scores += values[torch.arange(len(chunk), device=device), attention_mask.sum(1) - 1].tolist()
     return scores
 
 

@@ -238,10 +238,7 @@ class ValueModel(torch.nn.Module):
                 m.__class__ = Float32Linear
 
     def forward(self, input_ids, attention_mask):
-        inner = self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
-        hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=common.position_ids(attention_mask), use_cache=False)
-        return inner.score(hidden.last_hidden_state).squeeze(-1).float()
+        return common.scores(self.model, input_ids, attention_mask)
 
 
 def load_value_model(name: str, dtype, tokenizer, trust_remote_code: bool, flag: str, new_head: bool = False):
@@ -254,7 +251,7 @@ def load_value_model(name: str, dtype, tokenizer, trust_remote_code: bool, flag:
     if not new_head and not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
         raise common.UserError(f"{flag} {name}: not a sequence classifier (its score head would be random); train "
                                "one with reward.py, or pass --new_value_head to start from a new head")
-    common.resize_for_tokenizer(model, tokenizer)
+    common.check_vocab(model, tokenizer, flag)
     common.disable_dropout(model)
     return model.to(dtype)
 
@@ -519,7 +516,7 @@ def load_ptx(args: Args, tokenizer, max_seq_len: int) -> list:
 def generate(actor, prompt_ids: list[list[int]], tokenizer, gen_config, zero_stage: int, sharded: bool, device,
              chunk: int = 0, seeds: list[int] | None = None):
     """Sampled answers, `chunk` prompts per call seeded by seeds[i] (any split over ranks), cut after EOS."""
-    pad_id = tokenizer.pad_token_id
+    pad_id = common.pad_id(tokenizer)
     responses = []
     with common.generation.generation_mode(actor, zero_stage, sharded) as sample:  # one gather for all the calls
         for i, s in enumerate(micro_slices(len(prompt_ids), chunk or len(prompt_ids))):
@@ -955,7 +952,7 @@ def main(args: Args):
         # 6. update: PPO epochs over shuffled mini-batches of the rollout (see `update`)
         update(args, rollout, fwd, sums, actor=actor, critic=critic, n_prompt=n_prompt,
                prompt_lens=[len(prompt_ids[i]) for i in rows], mini=mini, micro=micro, loss_agg=loss_agg,
-               kl_coef=kl_coef, ptx=ptx, iteration=iteration, pad_id=tokenizer.pad_token_id, ema=ema,
+               kl_coef=kl_coef, ptx=ptx, iteration=iteration, pad_id=common.pad_id(tokenizer), ema=ema,
                actor_stage=actor_stage, device=device)
         t["train"] = time.time()
         sums.update(kl=kl_per_response(rollout["old_logp"], rollout["ref_logp"], mask).sum(),

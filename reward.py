@@ -145,11 +145,9 @@ def collate_pairs(pairs: list, pad_id: int, device, side: str = "right") -> dict
 
 
 def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The reward of each row: the sequence classifier's logit at its last real token (HF takes the rightmost
-    non-pad token, so right and left padding both work; positions come from the mask for GPT-2/OPT-style models)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=common.position_ids(attention_mask), use_cache=False)
-    return out.logits.squeeze(-1).float()
+    """The reward of each row: the score head at its last real token, found from the mask (right or left padding)."""
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
+    return common.scores(model, input_ids, attention_mask)[torch.arange(len(last), device=last.device), last]
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
@@ -300,7 +298,7 @@ def main(args: Args):
         torch.nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(model.config.hidden_size + 1))
         if getattr(model.score, "bias", None) is not None:
             torch.nn.init.zeros_(model.score.bias)
-    common.resize_for_tokenizer(model, tokenizer)
+    common.check_vocab(model, tokenizer, "--model")
     common.disable_dropout(model)
     model = model.to(dtype)
     if args.gradient_checkpointing:
@@ -332,7 +330,7 @@ def main(args: Args):
     # --- loop ---
     logger = common.Logger(args.output_dir, total_steps, "reward", initial=start_step, report_to=args.report_to,
                            config=vars(args))
-    pad_id = tokenizer.pad_token_id
+    pad_id = common.pad_id(tokenizer)
     if start_step == 0 and evals:  # no eval set (--eval_fraction 0): no eval rows
         logger.log(0, evaluate(engine, evals, gold, micro, pad_id, device))
     t0 = time.time()

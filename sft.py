@@ -260,7 +260,7 @@ def main(args: Args):
     logger = common.Logger(args.output_dir, total_steps, "sft", initial=start_step, report_to=args.report_to,
                            config=vars(args))
     if start_step == 0 and evals:  # no eval set (--eval_fraction 0): no eval rows
-        logger.log(0, evaluate(engine, evals, micro, tokenizer.pad_token_id, device, args.logprob_chunk_size))
+        logger.log(0, evaluate(engine, evals, micro, common.pad_id(tokenizer), device, args.logprob_chunk_size))
     t0, n_tokens = time.time(), 0
     for step in range(start_step, total_steps):
         epoch, k = divmod(step, steps_per_epoch)
@@ -269,7 +269,7 @@ def main(args: Args):
         batch_idx = order[k * global_batch: (k + 1) * global_batch]
         chunks = [batch_idx[i * micro: (i + 1) * micro] for i in range(world * args.gradient_accumulation_steps)]
         mine = chunks[rank * args.gradient_accumulation_steps: (rank + 1) * args.gradient_accumulation_steps]
-        batches = [collate([train[i] for i in c], tokenizer.pad_token_id, device) for c in mine]
+        batches = [collate([train[i] for i in c], common.pad_id(tokenizer), device) for c in mine]
         # normalise by the global token count so ranks and accumulation do not change the update (DeepSpeed divides
         # the loss by the accumulation steps and averages gradients over ranks: undo both)
         local_tokens = sum(b["loss_mask"][:, 1:].sum().item() for b in batches)
@@ -287,7 +287,7 @@ def main(args: Args):
                    "throughput/tokens_per_s": n_tokens * world / (time.time() - t0)}
         common.check_finite(metrics, step + 1)
         if evals and ((args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == total_steps):
-            metrics |= evaluate(engine, evals, micro, tokenizer.pad_token_id, device, args.logprob_chunk_size)
+            metrics |= evaluate(engine, evals, micro, common.pad_id(tokenizer), device, args.logprob_chunk_size)
         logger.log(step + 1, metrics, advance=1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             common.runs.save_checkpoint(engine, ckpt_dir, f"step{step + 1}",

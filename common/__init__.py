@@ -1,7 +1,8 @@
 """The thin shared part of sft.py, reward.py, ppo.py and chat.py: errors, ranks and start-up, the DeepSpeed
 config, tokenization and chat templates, model loading and HF checkpoints, logging. The other shared concerns are
-modules beside this one (data, runs, flags, logprobs, toy, launcher); this file imports only the leaves (toy,
-launcher), and no module of common imports a stage script. No training loop, loss or RL math lives here."""
+modules beside this one (data, runs, flags, logprobs, toy, launcher, dropout); this file imports only the leaves
+(toy, launcher, dropout), and no module of common imports a stage script. No training loop, loss or RL math
+lives here."""
 
 import atexit
 import contextlib
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from common import launcher, toy
+from common.dropout import disable_dropout, loaded_dropout  # noqa: F401 (common.disable_dropout)
 
 
 class UserError(SystemExit):
@@ -169,24 +171,6 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return f
 
 
-def disable_dropout(model: torch.nn.Module):
-    """Dropout off everywhere: PPO's ratio and the reference's log-probs assume a deterministic model. Many models
-    copy the config's rate into a float attribute at init (OPT's `self.dropout`, Llama's `self.attention_dropout`,
-    OPT's `layerdrop`), so those are zeroed too, not only nn.Dropout modules and the config."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        for key, value in list(vars(m).items()):
-            if type(value) is float and ("dropout" in key or key.endswith(("pdrop", "layerdrop"))):
-                setattr(m, key, 0.0)
-    cfg = getattr(model, "config", None)
-    for key in ("dropout", "attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
-                "activation_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob", "classifier_dropout",
-                "layerdrop"):
-        if cfg is not None and isinstance(getattr(cfg, key, None), float):
-            setattr(cfg, key, 0.0)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # tokenizer, model loading and prompt formatting
 
@@ -210,9 +194,7 @@ def note(message: str):
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
-    """The tokenizer of a model folder or hub name, with a pad token that is *not* EOS: with pad == EOS the EOS is
-    masked as padding, never learned, never detected (PPO_DETAILS 1). A missing pad token becomes a new <|pad|>;
-    callers resize the embeddings with `resize_for_tokenizer`."""
+    """The tokenizer of a model folder or hub name, as it is: no token is ever added (padding is masked, any id)."""
     from transformers import AutoTokenizer
 
     if name == "toy":
@@ -223,21 +205,20 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         raise UserError(f"{name}: cannot load a tokenizer: {str(e).strip().splitlines()[0]}")
     if tok.eos_token_id is None:
         raise UserError(f"{name}: the tokenizer has no EOS token; set one in its tokenizer_config.json")
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        tok.add_special_tokens({"pad_token": "<|pad|>"})
-    tok.padding_side = "right"
     return tok
 
 
-def resize_for_tokenizer(model, tokenizer):
-    """Make room for a pad token we added, and write the ids into the config (needed by sequence classifiers)."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.eos_token_id = tokenizer.eos_token_id
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+def pad_id(tokenizer) -> int:
+    """The id written in padded positions: the pad token, else EOS (masked either way, so never learned as one)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def check_vocab(model, tokenizer, flag: str):
+    """One line where the tokenizer has ids the model's embedding cannot look up (a mismatched folder)."""
+    rows = model.get_input_embeddings().weight.shape[0]  # (models are checked before DeepSpeed shards them)
+    if rows < len(tokenizer):
+        raise UserError(f"{flag}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows} "
+                        "rows; pass the tokenizer the model was trained with")
 
 
 def to_messages(example) -> list[dict]:
@@ -515,8 +496,20 @@ def load_causal_lm(name: str, dtype: torch.dtype, tokenizer, trust_remote_code: 
         model = toy.toy_model(tokenizer)
     else:
         model = from_pretrained(AutoModelForCausalLM, name, flag, dtype=dtype, trust_remote_code=trust_remote_code)
-    resize_for_tokenizer(model, tokenizer)
+        if all(a.endswith("ForSequenceClassification") for a in model.config.architectures or ["-"]):
+            raise UserError(f"{flag} {name} is a sequence classifier ({model.config.architectures[0]}: a reward model "
+                            "or critic), not a causal LM; its LM head would be random")
+    check_vocab(model, tokenizer, flag)
     return model.to(dtype)
+
+
+def scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A classifier's score head at every position, [B, T] fp32 (not HF's pooling: it looks for the pad id)."""
+    inner = getattr(model, "module", model)  # a DeepSpeed engine's model
+    inner = inner.get_base_model() if hasattr(inner, "peft_config") else inner
+    hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    return inner.score(hidden).squeeze(-1).float()
 
 
 def load_data(spec: str, kind: str, split: str | None = None, skip_invalid: bool = False) -> list[dict]:
@@ -542,10 +535,17 @@ def from_pretrained(cls, name: str, flag: str, **kwargs):
     from safetensors import SafetensorError
 
     try:
-        return cls.from_pretrained(name, **kwargs)
+        model, info = cls.from_pretrained(name, output_loading_info=True, **kwargs)
     except (OSError, SafetensorError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"{flag} {name}: cannot load the model ({first}); are its files complete?")
+    missing = [k for k in info["missing_keys"] if k.split(".")[0] not in ("score", "classifier")]  # a new head
+    total = len(model.state_dict())
+    if len(missing) > total / 2 or len(info["unexpected_keys"]) > total / 2:
+        raise UserError(f"{flag} {name}: {len(missing)} of the model's {total} weights are not in its files and "
+                        f"{len(info['unexpected_keys'])} of its files' weights are not in the model (another "
+                        "architecture, or weights saved under a prefix such as `module.`); refusing random weights")
+    return model
 
 
 def write_whole(path, text: str):
@@ -604,7 +604,11 @@ def save_hf(model, tokenizer, output_dir: str, zero_stage: int, extra_config: di
                 for k, v in (extra_config or {}).items():
                     setattr(base.config, k, v)
                 weights = merged_state_dict(model) if state_dict is None else state_dict
+                rates = loaded_dropout(base.config)  # the config as it came in: dropout rates included
+                zeroed = {k: getattr(base.config, k) for k in rates}
+                base.config.update(rates)
                 base.save_pretrained(stage, state_dict=weights, safe_serialization=True)
+                base.config.update(zeroed)
             if tokenizer is not None:
                 tokenizer.save_pretrained(stage)
             for name in ("config.json", "adapter_config.json"):
@@ -691,9 +695,6 @@ class Logger:
                                                         if isinstance(v, float)))
 
     def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        for closing in (self.bar and self.bar.close, self.tb and self.tb.close, self.wandb and self.wandb.finish):
+            if closing:
+                closing()

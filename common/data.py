@@ -394,7 +394,7 @@ def retokenizer(actor_tok, reward_tok, prompts: list, device):
             else:
                 rows.append(common.encode_prompt(reward_tok, msgs)
                             + reward_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
-        seq = common.pad(rows, reward_tok.pad_token_id).to(device)
+        seq = common.pad(rows, common.pad_id(reward_tok)).to(device)
         return seq, common.pad([[1] * len(r) for r in rows], 0).to(device)
 
     return retok

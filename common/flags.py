@@ -3,6 +3,7 @@ numbers against ranges, and the defaults worked out from the model (--max_seq_le
 
 import dataclasses
 import math
+import os
 
 import common
 from common import UserError, toy
@@ -33,9 +34,13 @@ def flag(default, range: str | None = None, run: bool = True):
 
 
 def check(args):
-    """Every flag against its declared range; None (a default worked out later) passes."""
+    """Every flag against its declared range; None (a default worked out later) passes. A path written `~/x` (or
+    `--flag=~/x`, which no shell expands) is expanded, in each comma-separated part."""
     for f in dataclasses.fields(args):
         value, spec = getattr(args, f.name), f.metadata.get("range")
+        if isinstance(value, str) and "~" in value:
+            value = ",".join(os.path.expanduser(part) for part in value.split(","))
+            setattr(args, f.name, value)
         if spec and value is not None and not in_range(value, spec):
             raise UserError(f"--{f.name} {value}: expected {spec.replace('x', f.name)}")
 

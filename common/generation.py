@@ -84,4 +84,4 @@ def generation_config(args, tokenizer, greedy: bool = False):
     return GenerationConfig(**sampling, top_k=0, top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0,
                             no_repeat_ngram_size=0, num_beams=1, min_new_tokens=0,
                             max_new_tokens=args.max_new_tokens, eos_token_id=common.stop_token_ids(tokenizer),
-                            pad_token_id=tokenizer.pad_token_id, use_cache=True)
+                            pad_token_id=common.pad_id(tokenizer), use_cache=True)

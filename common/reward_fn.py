@@ -10,6 +10,9 @@ import torch
 from common import UserError
 
 
+SLOW_S = 60.0  # a reward function call this slow is named on stderr while it runs
+
+
 def load(spec: str):
     """--reward_fn FILE.py:NAME or module:NAME -> the function (errors while importing it name their file:line)."""
     import importlib
@@ -27,7 +30,7 @@ def load(spec: str):
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(source)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # sys.exit() at import must not end the run as if it had succeeded
         raise UserError(f"--reward_fn {spec}: loading {source} raised {type(e).__name__}: {e} "
                                f"({error_place(e, source)})")
     fn = getattr(module, name, None)
@@ -47,13 +50,24 @@ def error_place(e: BaseException, source: str | None = None) -> str:
 
 
 def call(fn, spec: str, prompts: list[list[dict]], responses: list[str], device) -> torch.Tensor:
-    """fn's scores as a tensor; an exception in fn, or scores of the wrong count, type or value, stop the run with
-    one line."""
+    """fn's scores as a tensor; an exception or a sys.exit() in fn, or scores of the wrong count, type or value, stop
+    the run with one line. fn gets copies (an edit cannot reach the stored prompts); a call slower than SLOW_S seconds
+    is named on stderr while it runs."""
+    import copy
+    import sys
+    import threading
+
+    slow = threading.Timer(SLOW_S, lambda: print(f"note: --reward_fn {spec} has been running for {SLOW_S:g} s on "
+                                                 f"{len(responses)} responses", file=sys.stderr, flush=True))
+    slow.daemon = True
+    slow.start()
     try:
-        scores = fn(prompts, responses)
-    except Exception as e:
+        scores = fn(copy.deepcopy(prompts), list(responses))
+    except (Exception, SystemExit) as e:
         raise UserError(f"--reward_fn {spec} raised {type(e).__name__}: {e} "
                                f"({error_place(e, getattr(fn, '__code__', None) and fn.__code__.co_filename)})")
+    finally:
+        slow.cancel()
     if isinstance(scores, torch.Tensor):
         scores = scores.tolist()
     try:

@@ -5,6 +5,7 @@ import copy
 import ctypes
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -138,16 +139,28 @@ def test_plain_added_tokens_the_template_uses_as_turn_markers_are_turn_markers()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_load_tokenizer_gives_a_pad_token_distinct_from_eos(family, tiny_models):
-    from transformers import AutoModelForCausalLM
+def test_loading_changes_neither_the_tokenizer_nor_the_model(family, tiny_models):
+    """No token added, no embedding resized, no config id rewritten: GPT-2, GPT-NeoX and Llama keep having no pad
+    token (padding then writes EOS's id, masked), the others keep theirs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    base_tok = AutoTokenizer.from_pretrained(tiny_models[family])
+    base = AutoModelForCausalLM.from_pretrained(tiny_models[family])
     tok = common.load_tokenizer(tiny_models[family])
-    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
-    assert tok.padding_side == "right"
+    assert len(tok) == len(base_tok) and tok.get_vocab() == base_tok.get_vocab()
+    assert tok.pad_token_id == base_tok.pad_token_id and (tok.pad_token_id is None) == (family not in ("opt", "qwen2"))
+    assert common.pad_id(tok) == (tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id)
     model = common.load_causal_lm(tiny_models[family], torch.float32, tok)
-    assert model.get_input_embeddings().weight.shape[0] >= len(tok)
-    assert model.config.pad_token_id == tok.pad_token_id
-    assert isinstance(model, type(AutoModelForCausalLM.from_pretrained(tiny_models[family])))
+    assert model.get_input_embeddings().weight.shape == base.get_input_embeddings().weight.shape
+    assert model.config.to_dict() == base.config.to_dict()
+    assert isinstance(model, type(base))
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tiny_models):
+    tok = common.load_tokenizer(tiny_models["llama"])
+    tok.add_tokens(["<extra_a>", "<extra_b>"])
+    with pytest.raises(common.UserError, match=r"--model: the tokenizer has \d+ tokens but the model's embedding"):
+        common.load_causal_lm(tiny_models["llama"], torch.float32, tok)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,3 +395,40 @@ def test_cpu_runs_keep_freed_memory_unless_the_user_tunes_malloc():
     p = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True)
     default, user, kept = map(int, p.stdout.split())
     assert default > 10_000 and user > default / 2 and kept < default / 100
+
+
+@pytest.mark.parametrize("case", ["module. prefix", "another architecture", "sequence classifier"])
+def test_a_model_that_did_not_load_is_refused(case, tiny_models, tmp_path):
+    """transformers loads weights it cannot place as random ones and only prints a report: a folder whose weights
+    sit under a prefix, or belong to another architecture, is refused; so is a reward model given as a causal LM."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification, GPT2Config
+
+    folder = Path(shutil.copytree(tiny_models["llama"], tmp_path / "m"))
+    tok = common.load_tokenizer(str(folder))
+    if case == "module. prefix":
+        weights = load_file(folder / "model.safetensors")
+        save_file({f"module.{k}": v for k, v in weights.items()}, folder / "model.safetensors", {"format": "pt"})
+        expect = r"of the model's \d+ weights are not in its files"
+    elif case == "another architecture":
+        GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=2).save_pretrained(folder)
+        expect = r"of the model's \d+ weights are not in its files"
+    else:
+        AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).save_pretrained(folder)
+        expect = "is a sequence classifier"
+    with pytest.raises(common.UserError, match=expect):
+        common.load_causal_lm(str(folder), torch.float32, tok)
+    if case != "sequence classifier":  # a new score head on a causal LM is the one expected miss
+        common.from_pretrained(AutoModelForSequenceClassification, tiny_models["llama"], "--model", num_labels=1)
+
+
+def test_paths_with_a_tilde_are_expanded_in_every_flag(monkeypatch, tmp_path):
+    import tyro
+    from conftest import stage_module
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = tyro.cli(stage_module("ppo").Args, args=["--output_dir=~/out", "--data", "~/a.jsonl,~/b.jsonl",
+                                                    "--actor=~/m"], use_underscores=True)
+    common.flags.check(args)
+    assert (args.output_dir, args.actor) == (f"{tmp_path}/out", f"{tmp_path}/m")
+    assert args.data == f"{tmp_path}/a.jsonl,{tmp_path}/b.jsonl"

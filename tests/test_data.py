@@ -596,7 +596,7 @@ def test_pipeline_on_public_layouts_with_a_turn_end_that_is_not_eos(tiny_models,
 
     model = tmp_path / "base"
     tok = AutoTokenizer.from_pretrained(tiny_models["qwen2"])
-    tok.add_special_tokens({"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"})
+    tok.add_special_tokens({"eos_token": "<|endoftext|>"})  # now also its pad token: pad == EOS
     tok.save_pretrained(model)
     import shutil
 

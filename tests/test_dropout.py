@@ -43,3 +43,20 @@ def test_dropout_is_off_in_train_mode(family, kind):
     torch.testing.assert_close(forward(1), forward(2), rtol=0, atol=0)
     model.eval()
     torch.testing.assert_close(forward(3), forward(1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2"])
+def test_a_saved_model_keeps_its_dropout_rates(family, tmp_path):
+    """Dropout is off while training, but the saved config.json holds the rates the model came with: no stage
+    changes a model's config."""
+    import json
+
+    model, tok = model_with_dropout(family, "lm")
+    rates = {k: v for k, v in model.config.to_dict().items() if k in RATES and v}
+    assert rates and set(rates.values()) == {0.5}
+    common.disable_dropout(model)
+    assert all(getattr(model.config, k) == 0.0 for k in rates)
+    common.save_hf(model, tok, str(tmp_path), zero_stage=0)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert {k: saved[k] for k in rates} == rates
+    assert all(getattr(model.config, k) == 0.0 for k in rates)  # and the model in memory still trains without

@@ -37,12 +37,14 @@ def test_pipeline(family, tiny_models, data, tmp_path):
     sft, rm, out = tmp_path / "sft", tmp_path / "rm", tmp_path / "ppo"
     run_script("sft.py", "--model", tiny_models[family], "--data", data["sft"], "--output_dir", sft,
                "--max_steps", "4", "--per_device_batch_size", "8", "--eval_every", "0")
-    tok = AutoTokenizer.from_pretrained(sft)
-    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    tok, base_tok = AutoTokenizer.from_pretrained(sft), AutoTokenizer.from_pretrained(tiny_models[family])
+    assert tok.get_vocab() == base_tok.get_vocab() and tok.pad_token == base_tok.pad_token  # None stays None
+    vocab = AutoModelForCausalLM.from_pretrained(tiny_models[family]).get_input_embeddings().weight.shape[0]
     run_script("reward.py", "--model", sft, "--data", data["pairs"], "--output_dir", rm, "--max_steps", "4",
                "--per_device_batch_size", "8", "--eval_every", "0")
     reward = AutoModelForSequenceClassification.from_pretrained(rm)
     assert reward.config.pad_token_id == tok.pad_token_id and reward.config.num_labels == 1
+    assert AutoTokenizer.from_pretrained(rm).get_vocab() == base_tok.get_vocab()
     run_script("ppo.py", "--actor", sft, "--reward", rm, "--data", data["prompts"], "--output_dir", out,
                "--total_episodes", "32", "--rollout_batch_size", "16", "--per_device_batch_size", "8",
                "--max_new_tokens", "8", "--num_eval_prompts", "4", "--save_critic")
@@ -50,9 +52,12 @@ def test_pipeline(family, tiny_models, data, tmp_path):
     assert rows[0]["step"] == 0 and all(math.isfinite(v) for v in rows[-1].values())
     assert 1 <= rows[-1]["train/response_len"] <= 8
     model = AutoModelForCausalLM.from_pretrained(out)
-    AutoModelForSequenceClassification.from_pretrained(out / "critic")
+    critic = AutoModelForSequenceClassification.from_pretrained(out / "critic")
+    for m in (model, critic, reward):  # every stage's output has the base model's vocabulary
+        assert m.get_input_embeddings().weight.shape[0] == vocab and m.config.vocab_size == vocab
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == base_tok.get_vocab()
     ids = torch.tensor([common.encode_prompt(tok, common.to_messages("tell me about cats"))])
-    gen = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    gen = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=common.pad_id(tok))
     assert gen.shape[1] > ids.shape[1]
     # chat.py's main in this process (its command line is tested in test_chat.py): it answers without an error
     import chat

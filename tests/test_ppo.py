@@ -1,19 +1,23 @@
 """ppo.py: every piece of math against a slow, obvious reference; sampling equals the policy; end-to-end runs."""
 
+import json
 import math
 import random
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, make_model, make_tokenizer, read_metrics, run_script, stage_module
+from conftest import FAMILIES, ROOT, make_model, make_tokenizer, read_metrics, run_script, stage_module
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import common
-import common.generation
 import common.data
+import common.generation
 import common.logprobs
+import common.reward_fn
 import common.toy
 
 ppo = stage_module("ppo")  # the repo's, or a fork given with --script (conftest.py)
@@ -148,10 +152,7 @@ def test_sampling_distribution_is_the_policy_and_padding_does_not_change_logprob
     and a repetition penalty here, is not used), and a row's log-probs are the same alone and inside a left-padded
     batch (absolute positions)."""
     tok = common.load_tokenizer("toy") if family == "toy" else make_tokenizer(family)
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        tok.add_special_tokens({"pad_token": "<|pad|>"})
     model = make_model(family, tok)
-    common.resize_for_tokenizer(model, tok)
     for field, value in dict(top_k=7, repetition_penalty=1.3, min_p=0.9, epsilon_cutoff=3e-3,
                              suppress_tokens=[5, 6]).items():  # model defaults that must not reach PPO's sampling
         setattr(model.generation_config, field, value)
@@ -164,7 +165,7 @@ def test_sampling_distribution_is_the_policy_and_padding_does_not_change_logprob
         module = model
 
     torch.manual_seed(0)
-    padded = common.pad(prompts, tok.pad_token_id, side="left")
+    padded = common.pad(prompts, common.pad_id(tok), side="left")
     attn = common.pad([[1] * len(p) for p in prompts], 0, side="left")
     step_logits = []  # the logits each step of sample() drew its token from
     hook = model.register_forward_hook(lambda module, inputs, out: step_logits.append(out.logits[:, -1]))
@@ -174,7 +175,7 @@ def test_sampling_distribution_is_the_policy_and_padding_does_not_change_logprob
     gen = sequences[:, n_prompt:]
     scores = (torch.stack(step_logits[:gen.shape[1]], 1) / 0.7).log_softmax(-1)
     gen_logp = torch.gather(scores, -1, gen.unsqueeze(-1)).squeeze(-1)
-    _, mask, _, _ = ppo.truncate_after_eos(gen, tok.eos_token_id, tok.pad_token_id)
+    _, mask, _, _ = ppo.truncate_after_eos(gen, tok.eos_token_id, common.pad_id(tok))
     full_attn = torch.cat([attn, mask.long()], 1)
     with torch.no_grad():
         logp = ppo.seq_logprobs(model, sequences, full_attn, n_prompt, 0.7)
@@ -189,7 +190,7 @@ def test_sampling_distribution_is_the_policy_and_padding_does_not_change_logprob
     torch.manual_seed(0)
     rollout, n_prompt2 = ppo.generate(Engine, prompts, tok, cfg, 0, False, torch.device("cpu"))
     assert n_prompt2 == n_prompt
-    assert (rollout["seq"][:, n_prompt:][~rollout["mask"]] == tok.pad_token_id).all()
+    assert (rollout["seq"][:, n_prompt:][~rollout["mask"]] == common.pad_id(tok)).all()
 
 
 def test_exponential_race_draws_each_token_with_its_probability():
@@ -218,22 +219,19 @@ def test_sample_greedy_is_hf_generate_on_each_row_alone(family):
     prompt alone (no padding): positions, masks and the cache are right for every family; rows stop at EOS, then
     pad."""
     tok = make_tokenizer(family)
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        tok.add_special_tokens({"pad_token": "<|pad|>"})
     torch.manual_seed(0)
     model = make_model(family, tok)
-    common.resize_for_tokenizer(model, tok)
     model.eval()
     prompts = [common.encode_prompt(tok, common.to_messages(p)) for p in ["tell me about cats", "hi", "hey , tea"]]
     cfg = common.generation.generation_config(ppo.Args(max_new_tokens=10), tok, greedy=True)
-    padded = common.pad(prompts, tok.pad_token_id, side="left")
+    padded = common.pad(prompts, common.pad_id(tok), side="left")
     ours = common.generation.sample(model, padded, common.pad([[1] * len(p) for p in prompts], 0, side="left"), cfg)
     for i, p in enumerate(prompts):
         with torch.no_grad():
             alone = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                    generation_config=cfg)[0, len(p):]
         row = ours[i, padded.shape[1]:]
-        assert row[:len(alone)].tolist() == alone.tolist() and (row[len(alone):] == tok.pad_token_id).all()
+        assert row[:len(alone)].tolist() == alone.tolist() and (row[len(alone):] == common.pad_id(tok)).all()
 
 
 def _synced_sample(rank: int, port: int, ends: list, out: dict):
@@ -506,7 +504,6 @@ def tiny_pair(tiny_models, tmp_path_factory):
     tok = common.load_tokenizer(tiny_models["llama"])
     for name, poison in (("rm", False), ("nan_rm", True)):
         rm = AutoModelForSequenceClassification.from_pretrained(tiny_models["llama"], num_labels=1)
-        common.resize_for_tokenizer(rm, tok)
         if poison:
             torch.nn.init.constant_(rm.score.weight, float("nan"))
         rm.save_pretrained(d / name)
@@ -617,3 +614,38 @@ def test_encode_prompts_encodes_a_repeated_prompt_like_the_first():
     assert ids == [common.encode_prompt(tok, r["prompt"]) for r in records] and kept == records
     repeat = next(j for j in range(1, len(records)) if records[j]["prompt"] == records[0]["prompt"])
     assert ids[repeat] is not ids[0]  # rows never share a list
+
+
+def test_the_arithmetic_task(tmp_path):
+    """experiments/arithmetic.py: its reward reads the answer's last number; held-out pairs are never trained on."""
+    fn = common.reward_fn.load(f"{ROOT}/experiments/arithmetic.py:reward")
+    prompt = [{"role": "user", "content": "What is 13 + 4? Answer with just the number."}]
+    answers = ["17", "13 + 4 = 17.", "13 + 4 = 18", "", "17 or 18", "-17"]
+    assert fn([prompt] * len(answers), answers) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    subprocess.run([sys.executable, f"{ROOT}/experiments/arithmetic.py", str(tmp_path)], check=True)
+    train, held = ({json.loads(line)["prompt"] for line in open(tmp_path / f"{s}.jsonl")} for s in ("train", "eval"))
+    assert (len(train), len(held)) == (336, 64) and not train & held
+
+
+def test_a_reward_function_cannot_escape(tmp_path, monkeypatch, capsys):
+    """--reward_fn gets copies (its edits cannot change the stored prompts), a sys.exit() in it or at its import is
+    the one-line error, and a slow call is named on stderr while it runs."""
+    import time
+
+    prompts, responses = [[{"role": "user", "content": "hi"}]], ["hello"]
+
+    def edits(p, r):
+        p[0][0]["content"] = "changed"
+        r[0] = "changed"
+        return [1.0]
+
+    assert common.reward_fn.call(edits, "x:edits", prompts, responses, "cpu").tolist() == [1.0]
+    assert prompts[0][0]["content"] == "hi" and responses == ["hello"]
+    with pytest.raises(common.UserError, match=r"--reward_fn x:quits raised SystemExit: 0 \("):
+        common.reward_fn.call(lambda p, r: sys.exit(0), "x:quits", prompts, responses, "cpu")
+    (tmp_path / "rf.py").write_text("import sys\nsys.exit(0)\n")
+    with pytest.raises(common.UserError, match=r"loading .*rf.py raised SystemExit"):
+        common.reward_fn.load(f"{tmp_path}/rf.py:f")
+    monkeypatch.setattr(common.reward_fn, "SLOW_S", 0.05)
+    common.reward_fn.call(lambda p, r: time.sleep(0.3) or [0.0], "x:slow", prompts, responses, "cpu")
+    assert "note: --reward_fn x:slow has been running for 0.05 s on 1 responses" in capsys.readouterr().err

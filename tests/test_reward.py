@@ -24,14 +24,12 @@ def one_thread(monkeypatch):
 
 
 def seq_cls(family):
-    """A tiny random sequence classifier with one output and a pad token that is not EOS."""
+    """A tiny random sequence classifier with one output and the family's tokenizer as it is (GPT-2, GPT-NeoX and
+    Llama have no pad token: padding writes EOS, which also ends every row)."""
     from transformers import AutoModelForSequenceClassification
 
     tok = common.load_tokenizer("toy") if family == "toy" else make_tokenizer(family)
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        tok.add_special_tokens({"pad_token": "<|pad|>"})
     lm = common.toy.toy_model(tok) if family == "toy" else make_model(family, tok)
-    common.resize_for_tokenizer(lm, tok)
     cfg = lm.config
     cfg.num_labels = 1
     torch.manual_seed(1)
@@ -49,8 +47,8 @@ RECORDS = [
 
 
 def alone(model, ids: list[int]) -> float:
-    """Reference score: one row, no padding, the classifier's logit at its last position."""
-    return model(input_ids=torch.tensor([ids])).logits[0, -1].item()
+    """Reference score: one row, no padding, the score head at its last position."""
+    return model.score(model.base_model(input_ids=torch.tensor([ids])).last_hidden_state)[0, -1, 0].item()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama", "qwen2", "neox", "toy"])
@@ -64,7 +62,7 @@ def test_score_is_read_at_the_last_real_token_for_both_paddings(family):
     with torch.no_grad():
         ref = [alone(model, r) for r in rows]
         for side in ("right", "left"):
-            b = reward.collate_pairs(pairs, tok.pad_token_id, "cpu", side=side)
+            b = reward.collate_pairs(pairs, common.pad_id(tok), "cpu", side=side)
             got = reward.score(model, b["input_ids"], b["attention_mask"])
             assert got.tolist() == pytest.approx(ref, abs=1e-4), side
 
@@ -83,7 +81,7 @@ def test_pairwise_loss_against_a_loop():
     with torch.no_grad():
         torch.nn.init.normal_(model.score.weight, std=1.0)  # scores far apart enough for the margin to matter
         pairs = [reward.encode_pair(tok, x, 512, "left", "x")[:2] + (x.get("margin", 0.0),) for x in RECORDS]
-        b = reward.collate_pairs(pairs, tok.pad_token_id, "cpu")
+        b = reward.collate_pairs(pairs, common.pad_id(tok), "cpu")
         s = reward.score(model, b["input_ids"], b["attention_mask"])
         loss = reward.pairwise_loss(s[:3], s[3:], b["margin"]).mean().item()
         ref = [-math.log(1 / (1 + math.exp(-(alone(model, pc) - alone(model, pr) - pm)))) for pc, pr, pm in pairs]
@@ -120,7 +118,8 @@ def test_round_trip_through_plain_transformers(tiny_models, tmp_path, lora):
                "--learning_rate", "1e-2", "--lora_rank", lora)
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
-    assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+    assert model.config.num_labels == 1 and model.config.pad_token_id is None is tok.pad_token_id  # GPT-2's own
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
     assert not any("lora" in n or "modules_to_save" in n for n, _ in model.named_parameters())
     last = read_metrics(out)[-1]
@@ -139,7 +138,7 @@ def test_round_trip_through_plain_transformers(tiny_models, tmp_path, lora):
     assert model.config.reward_mean == pytest.approx(both.mean().item(), abs=1e-4) == last["eval/reward_mean"]
     assert model.config.reward_std == pytest.approx(both.std().item(), abs=1e-4) == last["eval/reward_std"]
     # and reward.py's scoring of a right-padded batch is what the plain model gives
-    b = reward.collate_pairs([p[:2] + (0.0,) for p in pairs], tok.pad_token_id, "cpu")
+    b = reward.collate_pairs([p[:2] + (0.0,) for p in pairs], common.pad_id(tok), "cpu")
     with torch.no_grad():
         assert torch.allclose(reward.score(model, b["input_ids"], b["attention_mask"]), both, atol=1e-5)
 

@@ -561,9 +561,12 @@ def test_9_reward_normalisation_is_never_nan(tiny_models, tmp_path):
     assert all(isinstance(config[k], float) and config[k] == config[k] for k in ("reward_mean", "reward_std"))
     assert not any(k.startswith("eval/accuracy") for r in read_metrics(tmp_path / "rm") for k in r)
 
-    class OneLogit(torch.nn.Module):
-        def forward(self, input_ids, attention_mask, position_ids, use_cache):
-            return type("Out", (), {"logits": torch.full((input_ids.shape[0], 1), 3.0)})()
+    class OneLogit(torch.nn.Module):  # a classifier whose score head says 3.0 everywhere
+        def base_model(self, input_ids, **kwargs):
+            return type("Out", (), {"last_hidden_state": torch.zeros(*input_ids.shape, 1)})()
+
+        def score(self, hidden):
+            return torch.full((*hidden.shape[:2], 1), 3.0)
 
         def train(self, mode=True):
             return self
@@ -670,7 +673,7 @@ def test_12_chat_checks_output_before_generating(tmp_path, monkeypatch):
     for spec, output in ((f"{other},{prompts}", str(prompts)), ("~/p.jsonl", "~/p.jsonl")):
         with pytest.raises(common.UserError) as e:
             chat.main(chat.Args(model=str(model), prompts=spec, output=output))
-        one_line_error(e, f"--output {output}", "would overwrite --prompts")
+        one_line_error(e, f"--output {output.replace('~', str(tmp_path))}", "would overwrite --prompts")
     assert prompts.read_text() == '{"prompt": "hi"}\n' and (model / "config.json").read_text() == "{}"
 
 

@@ -46,7 +46,7 @@ def test_loss_is_the_nll_of_assistant_tokens_only(family, template, tiny_models)
                {"messages": common.to_messages("describe rain") + [{"role": "assistant", "content": "rain ."}]}]
     examples, n_cut = sft.tokenize(records, tok, 512, "left", "test")
     assert n_cut == 0
-    batch = sft.collate(examples, tok.pad_token_id, "cpu")
+    batch = sft.collate(examples, common.pad_id(tok), "cpu")
     with torch.no_grad():
         total, count = sft.token_nll(model, batch)
     ref_total, ref_count = 0.0, 0
@@ -186,7 +186,7 @@ def eval_loss_of(folder, examples: list) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(examples), 64):
-            s, n = sft.token_nll(model, sft.collate(examples[i: i + 64], model.config.pad_token_id, "cpu"))
+            s, n = sft.token_nll(model, sft.collate(examples[i: i + 64], 0, "cpu"))  # pad: any id, masked
             total, count = total + s.item(), count + n.item()
     return total / count
 
@@ -226,10 +226,12 @@ def test_jsonl_run_with_lora_on_a_model_without_pad_token(tiny_models, tmp_path)
     p = run_script("sft.py", "--model", tiny_models["gpt2"], "--data", data, "--output_dir", out, "--max_steps", "12",
                    "--per_device_batch_size", "8", "--learning_rate", "3e-3", "--eval_fraction", "0.2",
                    "--eval_every", "0", "--max_seq_len", "24", "--lora_rank", "4")
-    tok = AutoTokenizer.from_pretrained(out)
-    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id  # gpt2 had none: one was added
+    tok, base_tok = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(tiny_models["gpt2"])
+    assert tok.pad_token_id is None and tok.get_vocab() == base_tok.get_vocab()  # gpt2 had none: none was added
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.get_input_embeddings().weight.shape[0] == len(tok) and model.config.pad_token_id == tok.pad_token_id
+    base = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"])
+    assert model.get_input_embeddings().weight.shape == base.get_input_embeddings().weight.shape
+    assert model.config.pad_token_id is None and model.config.vocab_size == base.config.vocab_size
     assert not (out / "adapter_config.json").exists() and not any("lora" in k for k in final_weights(out))
     examples, n_cut = sft.tokenize(common.data.load_data(str(data), "sft"), tok, 24, "left", "x")
     assert n_cut > 0 and f"{n_cut} examples truncated from the left to 24 tokens" in p.stdout
