@@ -78,6 +78,9 @@ def check_output(args: Args):
     """--output is checked before anything is generated: its folder exists and takes files, it is not --prompts
     and not in a model's folder (an answers file named config.json would replace the model's)."""
     out = Path(os.path.expanduser(args.output))
+    if out.exists() and not out.is_file() and not out.is_dir():  # /dev/stdout, a FIFO: written into (write_whole)
+        return
+    out = out.resolve()  # a link: its target is what gets written
     if out.is_dir():
         raise common.UserError(f"--output {args.output}: is a folder; expected a file name")
     for path in common.data.input_paths(args.prompts):  # each file of --prompts a.jsonl,b.jsonl; ~ expanded

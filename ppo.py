@@ -809,7 +809,7 @@ def save(args: Args, *, actor, critic, ema: dict | None, tokenizer, dtype, actor
     if args.ema:  # rank 0's copy (no gather), staged and moved into place as the model is
         common.save_hf(actor.module, tokenizer, str(Path(args.output_dir) / "ema"), 0,
                        state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in ema.items()})
-    common.runs.commit_args(args.output_dir)
+    common.runs.commit_args(args.output_dir, finished=True)
     common.print0(f"saved {args.output_dir}")
 
 

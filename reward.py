@@ -373,7 +373,7 @@ def main(args: Args):
     logger.close()
     stats = {"reward_mean": metrics["eval/reward_mean"], "reward_std": metrics["eval/reward_std"]}
     common.save_hf(engine.module, tokenizer, args.output_dir, args.zero_stage, extra_config=stats)
-    common.runs.commit_args(args.output_dir)
+    common.runs.commit_args(args.output_dir, finished=True)
     common.print0(f"saved {args.output_dir} (reward mean {stats['reward_mean']:.3f}, std {stats['reward_std']:.3f}, "
                   f"{time.time() - t0:.0f}s)")
 

@@ -297,7 +297,7 @@ def main(args: Args):
     # --- save ---
     logger.close()
     common.save_hf(engine.module, tokenizer, args.output_dir, args.zero_stage, lora_adapter=args.lora_save_adapter)
-    common.runs.commit_args(args.output_dir)
+    common.runs.commit_args(args.output_dir, finished=True)
     common.print0(f"saved {args.output_dir} ({time.time() - t0:.0f}s)")
 
 

@@ -193,16 +193,24 @@ def note(message: str):
         print(f"note: {message}", file=sys.stderr, flush=True)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """The tokenizer of a model folder or hub name, as it is: no token is ever added (padding is masked, any id)."""
     from transformers import AutoTokenizer
 
     if name == "toy":
         return toy.toy_tokenizer()
+    if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, f)) for f in TOKENIZER_FILES):
+        raise UserError(f"{name}: the folder has no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
+                        "copy them from the model it was trained from")
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except OSError as e:  # not a folder, not on the hub, or no network ("models/x" looks like a hub name)
-        raise UserError(f"{name}: cannot load a tokenizer: {str(e).strip().splitlines()[0]}")
+    except (OSError, ValueError, KeyError) as e:  # not a folder, not on the hub, no network, an unknown class
+        raise UserError(f"{name}: cannot load a tokenizer: {(str(e).strip().splitlines() or [repr(e)])[0][:300]}")
+    if not tok("Hello world", add_special_tokens=False)["input_ids"]:  # (transformers makes an empty one from none)
+        raise UserError(f"{name}: its tokenizer encodes text to no tokens; expected the model's own tokenizer files")
     if tok.eos_token_id is None:
         raise UserError(f"{name}: the tokenizer has no EOS token; set one in its tokenizer_config.json")
     return tok
@@ -535,11 +543,18 @@ def from_pretrained(cls, name: str, flag: str, **kwargs):
     from safetensors import SafetensorError
 
     try:
-        model, info = cls.from_pretrained(name, output_loading_info=True, **kwargs)
-    except (OSError, SafetensorError) as e:
+        model, info = cls.from_pretrained(name, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    except (OSError, SafetensorError, ValueError, KeyError) as e:  # (ValueError: a model_type transformers lacks)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"{flag} {name}: cannot load the model ({first}); are its files complete?")
-    missing = [k for k in info["missing_keys"] if k.split(".")[0] not in ("score", "classifier")]  # a new head
+        raise UserError(f"{flag} {name}: cannot load the model ({first})" + "; are its files complete?" * (
+            not isinstance(e, (ValueError, KeyError))))
+    head = ("score", "classifier")  # a new head: the one expected miss
+    for key, saved, built in info["mismatched_keys"]:
+        if key.split(".")[0] not in head:
+            raise UserError(f"{flag} {name}: weight {key} is {list(saved)} in its files but {list(built)} in the "
+                            "model its config.json describes (vocab_size, hidden_size, ...); the config and the "
+                            "weights disagree")
+    missing = [k for k in info["missing_keys"] if k.split(".")[0] not in head]
     total = len(model.state_dict())
     if len(missing) > total / 2 or len(info["unexpected_keys"]) > total / 2:
         raise UserError(f"{flag} {name}: {len(missing)} of the model's {total} weights are not in its files and "
@@ -549,7 +564,12 @@ def from_pretrained(cls, name: str, flag: str, **kwargs):
 
 
 def write_whole(path, text: str):
-    """Write a file through a temporary one moved into place: a kill or a full disk never leaves it half written."""
+    """Write a file through a temporary one moved into place: a kill or a full disk never leaves it half written. A
+    link's target is written (the link stays); what is not a regular file (/dev/stdout, a FIFO) is written into."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "w", encoding="utf-8") as f:
+            return f.write(text)
+    path = Path(path).resolve()
     tmp = Path(f"{path}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -624,7 +644,7 @@ def save_hf(model, tokenizer, output_dir: str, zero_stage: int, extra_config: di
 def check_finite(values: dict, step: int):
     """A NaN/inf loss or reward stops the run before anything new is saved."""
     for k, v in values.items():
-        if isinstance(v, float) and not math.isfinite(v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
             raise UserError(f"step {step}: {k} is {v}; stopping without saving (try a lower learning rate, "
                             "--dtype fp32, or check the data)")
 
@@ -675,11 +695,12 @@ class Logger:
                                         job_type=desc, config=config, dir=str(output_dir))
 
     def log(self, step: int, metrics: dict, advance: int = 0):
+        check_finite(metrics, step)  # every value as it is made (on every rank: they stop together)
         if not self.on:
             return
         row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
             for k, v in numbers.items():

@@ -2,7 +2,6 @@
 (docs/data.md); a record that fits none is a one-line error naming its file, line and fields."""
 
 import json
-import math
 import os
 import random
 import re
@@ -130,6 +129,7 @@ def _split_shared(where: str, obj: dict) -> tuple[list[dict], list[dict], list[d
     return chosen[:n], _answer(where, chosen[:n], chosen[n:], "chosen"), _answer(where, [], rejected[n:], "rejected")
 
 
+MAX_MARGIN = 1e6  # a reward margin's largest magnitude (a gap in reward units; published ones are single digits)
 SYSTEM_FIELDS = ("system", "system_prompt")  # a record's system message beside its layout (Orca's, OpenOrca's)
 
 
@@ -199,9 +199,10 @@ def validate(where: str, obj: dict, kind: str) -> dict:
             prompt, *sides = _split_shared(where, obj)
         out = {"prompt": _with_system(where, obj, prompt), "chosen": sides[0], "rejected": sides[1]}
         if "margin" in obj:
-            if not isinstance(obj["margin"], (int, float)) or isinstance(obj["margin"], bool) or not math.isfinite(
-                    obj["margin"]):
-                raise UserError(f"{where}: field 'margin' must be a finite number")
+            if not isinstance(obj["margin"], (int, float)) or isinstance(obj["margin"], bool) or not abs(
+                    obj["margin"]) <= MAX_MARGIN:  # (larger ones overflow the loss: inf, however the model scores)
+                raise UserError(f"{where}: field 'margin' must be a number from -{MAX_MARGIN:g} to {MAX_MARGIN:g}, "
+                                f"got {json.dumps(obj['margin'])[:40]}")
             out["margin"] = float(obj["margin"])
         return out
     if kind == "prompts":

@@ -2,6 +2,7 @@
 metrics.jsonl on resume, and the DeepSpeed checkpoints of resumable state."""
 
 import atexit
+import hashlib
 import json
 import os
 import random
@@ -94,6 +95,13 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, script: s
                     raise UserError(f"--output_dir {output_dir} holds {flag} {path}, an input of this run; choose "
                                     "another --output_dir")
     _check_folder(p, overwrite, resume, script)
+    if common.is_rank0():  # one run per folder from here on, before any model loads (start_output_dir checks again)
+        made = not p.exists()
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--output_dir {output_dir}: {e.strerror or e}")
+        take_lock(p, made)
     if not resume:
         return None
     tag = latest_checkpoint(p / checkpoints)
@@ -117,13 +125,40 @@ def _path_or_value(v):
     return v
 
 
+def fingerprints(args) -> dict:
+    """{flag: hash} of the run-defining flags that name local files (models, data, a --reward_fn file): each file's
+    name, size and bytes sampled at its start, middle and end, so that an input replaced in place (a model retrained
+    into its folder) is told apart; a run folder's checkpoints/ and hidden files are left out. Hub names are not."""
+    out = {}
+    for name in flags.run_flags(args):
+        value = getattr(args, name, None)
+        paths = [x if os.path.exists(x) else x.rsplit(":", 1)[0] for x in str(value).split(",")]
+        if not isinstance(value, str) or value == "toy" or not all(os.path.exists(x) for x in paths):
+            continue
+        h = hashlib.sha256()
+        for root in map(Path, paths):
+            files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file() and not any(
+                part.startswith(".") or part == "checkpoints" for part in f.relative_to(root).parts))
+            for f in files:
+                size = f.stat().st_size
+                h.update(f"{f.relative_to(root) if f != root else f.name}:{size}\n".encode())
+                with open(f, "rb") as fh:
+                    for at in (0, size // 2, max(size - 65536, 0)):
+                        fh.seek(at)
+                        h.update(fh.read(65536))
+        out[name] = h.hexdigest()[:16]
+    return out
+
+
 def check_resume(output_dir: str, args, tag: str, run: dict, length: str, fixed: tuple = ()):
     """A resumed run must be the run of its checkpoint: the flags that define a run (flags.run_flags), and `run`,
     figures derived from them and saved beside them in args.json (global batch, ranks, length...); `length` names the
     entry of `run` that may grow (a longer run continues; one that ends before the checkpoint is refused); `fixed`:
     names without which the checkpoint cannot be loaded (never accepted). Other differences are refused in one line
     unless named in --resume_changes."""
-    saved = json.loads((Path(output_dir) / "args.json").read_text())
+    top = json.loads((Path(output_dir) / "args.json").read_text())
+    carried = next(Path(output_dir, "checkpoints").glob(f"**/{tag}/args.json"), None)  # the checkpoint's own
+    saved = json.loads(carried.read_text()) if carried else top
     old = {**saved, **saved["_run"]}
     given, derived = (json.loads(json.dumps(x, default=str)) for x in (vars(args), run))
     # a flag whose default is worked out (--max_seq_len, --learning_rate) is compared as worked out, so that passing
@@ -145,17 +180,32 @@ def check_resume(output_dir: str, args, tag: str, run: dict, length: str, fixed:
     if hard:
         raise UserError("--resume: the checkpoint cannot be loaded with another " + ", ".join(
             f"{k} ({old[k]} -> {new[k]})" for k in hard))
+    changed = [k for k, v in fingerprints(args).items() if k not in differ and saved["_run"].get("inputs", {}).get(
+        k, v) != v]  # a path that names other files than the checkpoint's run read
+    if changed := [k for k in changed if k not in getattr(args, "resume_changes", ())]:
+        raise UserError("--resume: " + ", ".join(f"--{k} {getattr(args, k)}" for k in changed) + " changed since the "
+                        "checkpoint's run read it (its files differ); restore it, or pass --resume_changes "
+                        f"{' '.join(changed)} to continue with it")
     unaccepted = [k for k in differ if k not in getattr(args, "resume_changes", ())]
     if unaccepted:
         raise UserError("--resume: this is not the run of the checkpoint: " + ", ".join(
             f"{k} {old[k]} -> {new[k]}" for k in unaccepted) + f"; pass --resume_changes {' '.join(unaccepted)} to "
             "continue it so")
+    if top["_run"].get("finished") and run[length] == top["_run"].get(length):
+        raise UserError(f"--resume: the run finished ({length} {run[length]}; its model is in {output_dir}), so "
+                        f"nothing is left to train; a longer run continues from its checkpoint {tag}")
 
 
-def take_lock(folder: Path):
+def take_lock(folder: Path, made: bool = False):
     """One run per folder: `folder/.lock` holds the owner's pid, host and start time; a lock whose process is gone
-    is stale and replaced. Released at exit."""
+    is stale and replaced; this process may take it again. Released at exit, with the folder if this run `made` it
+    and wrote nothing into it (a run refused after the lock)."""
     lock = folder / LOCK
+    try:
+        if (lock, os.getpid()) in launcher._held_locks and json.loads(lock.read_text())["pid"] == os.getpid():
+            return
+    except (OSError, ValueError, KeyError):
+        pass
     stat = launcher._proc_stat(os.getpid())
     me = {"pid": os.getpid(), "host": socket.gethostname(), "start": stat[19] if stat else None}
     for _ in range(3):
@@ -177,10 +227,19 @@ def take_lock(folder: Path):
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
-        atexit.register(launcher._release_lock, lock, me["pid"])
+        atexit.register(_release, lock, me["pid"], made)
         launcher._held_locks.append((lock, me["pid"]))
         return
     raise UserError(f"--output_dir {folder}: cannot take {lock}")
+
+
+def _release(lock: Path, pid: int, made: bool):
+    launcher._release_lock(lock, pid)
+    if made:
+        try:
+            lock.parent.rmdir()  # only when empty
+        except OSError:
+            pass
 
 
 def start_output_dir(output_dir: str, args, overwrite: bool, resume: bool, run: dict | None = None):
@@ -203,7 +262,8 @@ def start_output_dir(output_dir: str, args, overwrite: bool, resume: bool, run: 
                             shutil.rmtree(f)
                         else:
                             f.unlink()
-            saved = json.loads(json.dumps(vars(args), default=str)) | {"_run": run or {}}
+            saved = json.loads(json.dumps(vars(args), default=str)) | {"_run": (run or {}) | {
+                "inputs": fingerprints(args)}}
             common.write_whole(p / ("args.json.next" if resume else "args.json"), json.dumps(saved, indent=2) + "\n")
         except UserError as e:
             error = e
@@ -218,13 +278,17 @@ def start_output_dir(output_dir: str, args, overwrite: bool, resume: bool, run: 
         raise error
 
 
-def commit_args(output_dir: str):
+def commit_args(output_dir: str, finished: bool = False):
     """A resumed run's args.json, written aside (args.json.next) at start-up, replaces the checkpoint's once the run
     has saved a checkpoint or its model: until then args.json describes what is on disk, and --resume compares with
     it (a resumed run killed before saving anything, or stopped early, leaves the folder as it found it)."""
     pending = Path(output_dir) / "args.json.next"
     if common.is_rank0() and pending.exists():
         os.replace(pending, pending.with_name("args.json"))
+    if common.is_rank0() and finished:  # --resume says so, instead of training the steps after the last checkpoint
+        saved = json.loads(pending.with_name("args.json").read_text())
+        saved["_run"]["finished"] = True
+        common.write_whole(pending.with_name("args.json"), json.dumps(saved, indent=2) + "\n")
 
 
 def truncate_log(output_dir: str, step: int):
@@ -254,6 +318,10 @@ def save_checkpoint(engine, folder: str, tag: str, state: dict):
     cannot be loaded. DeepSpeed's save ends with a barrier of all ranks."""
     engine.save_checkpoint(folder, tag=tag, client_state=state, save_latest=False)
     if common.is_rank0():
+        out = next((a for a in Path(folder).resolve().parents if (a / "args.json").exists()), None)  # the run's
+        if out:  # the args it was made with go in it: a kill before commit_args mixes no two runs
+            pending = out / "args.json.next"
+            shutil.copyfile(pending if pending.exists() else out / "args.json", Path(folder) / tag / "args.json")
         common.write_whole(Path(folder) / "latest", tag)
 
 

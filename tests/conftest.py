@@ -240,3 +240,15 @@ def _approx_plain_numbers(expected, *args, **kwargs):
 
 
 pytest.approx = _approx_plain_numbers
+
+
+@pytest.fixture(autouse=True)
+def release_locks():
+    """A script's main called in this process keeps its output folder's lock until the process exits, as a run does:
+    each test gives back what it took."""
+    yield
+    from common import launcher
+
+    for lock, pid in launcher._held_locks:
+        launcher._release_lock(lock, pid)
+    launcher._held_locks.clear()

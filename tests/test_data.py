@@ -472,8 +472,9 @@ BAD_ROWS = {  # row: what the error names
     '{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "c"}': "share no leading user turn",
     '{"prompt": "hi", "chosen": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}], '
     '"rejected": "c"}': "field 'chosen' starts with turns that are not the prompt's",
-    '{"prompt": "a", "chosen": "b", "rejected": "c", "margin": "big"}': "field 'margin' must be a finite number",
-    '{"prompt": "a", "chosen": "b", "rejected": "c", "margin": NaN}': "field 'margin' must be a finite number",
+    '{"prompt": "a", "chosen": "b", "rejected": "c", "margin": "big"}': "field 'margin' must be a number from",
+    '{"prompt": "a", "chosen": "b", "rejected": "c", "margin": NaN}': "field 'margin' must be a number from",
+    '{"prompt": "a", "chosen": "b", "rejected": "c", "margin": 1e308}': "got 1e+308",
     '{"prompt": "\\n\\nHuman: \\n\\nAssistant:", "chosen": "b", "rejected": "c"}': "field 'prompt[0]'",
     '{"system": 3, "prompt": "a", "chosen": "b", "rejected": "c"}': "field 'system' must be a string",
     '{"system": "x", "prompt": [{"role": "system", "content": "y"}, {"role": "user", "content": "a"}], '

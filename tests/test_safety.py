@@ -45,9 +45,9 @@ def sft_rows(n):
 
 
 def snapshot(folder) -> dict:
-    """Every file under a folder with a hash of its bytes."""
+    """Every file under a folder with a hash of its bytes (not the lock a run holds while it runs)."""
     return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(Path(folder).rglob("*")) if f.is_file()}
+            for f in sorted(Path(folder).rglob("*")) if f.is_file() and f.name != common.runs.LOCK}
 
 
 def one_line_error(excinfo_or_text, *needles):
@@ -96,8 +96,13 @@ def sft_args(flags: list, **changes) -> sft.Args:
     return dataclasses.replace(tyro.cli(sft.Args, args=list(map(str, flags)), use_underscores=True), **changes)
 
 
-def copy_run(run, tmp_path) -> Path:
-    return Path(shutil.copytree(run, tmp_path / "run"))
+def copy_run(run, tmp_path, finished: bool = False) -> Path:
+    """A copy of a run; by default as if killed after its last checkpoint (not finished)."""
+    out = Path(shutil.copytree(run, tmp_path / "run"))
+    saved = json.loads((out / "args.json").read_text())
+    if not finished and saved["_run"].pop("finished", None):
+        (out / "args.json").write_text(json.dumps(saved, indent=2) + "\n")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,7 +192,8 @@ def test_3_overwrite_removes_only_the_files_of_a_run(sft_run, tmp_path):
     common.launcher._release_lock(run / common.runs.LOCK, os.getpid())
     assert sorted(f.name for f in run.iterdir()) == ["args.json", "mydata", "notes.txt"]
     assert (run / "notes.txt").read_text() == "mine" and (run / "mydata" / "train.jsonl").exists()
-    assert json.loads((run / "args.json").read_text())["_run"] == {"script": "sft.py"}
+    assert json.loads((run / "args.json").read_text())["_run"] == {"script": "sft.py",
+                                                                   "inputs": common.runs.fingerprints(args)}
     foreign = tmp_path / "foreign"  # an args.json that is not ours: nothing is removed
     foreign.mkdir()
     (foreign / "args.json").write_text("{}")
@@ -433,9 +439,7 @@ def test_8_one_run_per_folder(tmp_path):
         live.wait()
     common.runs.take_lock(tmp_path)  # the owner is gone: stale, taken over
     assert json.loads((tmp_path / common.runs.LOCK).read_text())["pid"] == os.getpid()
-    with pytest.raises(common.UserError) as e:  # held by this process now
-        common.runs.take_lock(tmp_path)
-    one_line_error(e, f"pid {os.getpid()}")
+    common.runs.take_lock(tmp_path)  # held by this process now: taken again (prepare_output_dir, start_output_dir)
     common.launcher._release_lock(tmp_path / common.runs.LOCK, os.getpid())
     assert not (tmp_path / common.runs.LOCK).exists()
     (tmp_path / common.runs.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "start": "1"}))
@@ -645,7 +649,7 @@ def test_10_a_causal_lm_as_reward_model_is_refused(tiny_models, tmp_path, monkey
                           data=str(data), max_seq_len=64, max_new_tokens=8, rollout_batch_size=4,
                           per_device_batch_size=4))
     one_line_error(e, "--reward", "not a sequence classifier")
-    assert not (tmp_path / "o").exists()
+    assert snapshot(tmp_path / "o") == {}  # (its lock is held until this process exits, and the folder removed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -706,3 +710,144 @@ def test_12_chat_reads_stdin_as_utf8(tiny_models):
         with pytest.raises(common.UserError) as e:
             chat.main(chat.Args(model=tiny_models["gpt2"], **{flag[2:]: "caf\udce9"}))
         one_line_error(e, f"{flag} is not valid UTF-8")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 15: no silent wrong run: inputs checked where they enter, every exit honest
+
+
+def test_15_an_input_replaced_in_place_is_not_the_run_of_the_checkpoint(sft_run, tmp_path, no_models):
+    """Inputs were compared by path: a model folder (or data file) replaced in place between a kill and --resume was
+    taken without a word. Now args.json holds a fingerprint of each (names, sizes, sampled bytes)."""
+    run = copy_run(sft_run[0], tmp_path)
+    model = Path(shutil.copytree(sft_run[1][1], tmp_path / "model"))  # same files elsewhere: the same run
+    data = Path(shutil.copy(sft_run[1][3], tmp_path / "train.jsonl"))
+    for f in run.rglob("args.json"):  # (the run and its checkpoint's copy)
+        f.write_text(f.read_text().replace(sft_run[1][1], str(model)).replace(sft_run[1][3], str(data)))
+    flags = [str(model) if f == sft_run[1][1] else str(data) if f == sft_run[1][3] else f for f in sft_run[1]]
+    with pytest.raises(ModelsWouldLoadNow):
+        sft.main(sft_args(flags, output_dir=str(run), resume=True))
+    weights = model / "model.safetensors"  # retrained in place: same shapes and size, other numbers
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2 + 7] ^= 0x55
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(common.UserError) as e:
+        sft.main(sft_args(flags, output_dir=str(run), resume=True))
+    one_line_error(e, f"--model {model} changed since the checkpoint's run read it", "--resume_changes model")
+    with pytest.raises(ModelsWouldLoadNow):
+        sft.main(sft_args(flags, output_dir=str(run), resume=True, resume_changes=("model",)))
+    data.write_text(data.read_text().replace("a", "b", 1))
+    with pytest.raises(common.UserError) as e:
+        sft.main(sft_args(flags, output_dir=str(run), resume=True, resume_changes=("model",)))
+    one_line_error(e, f"--data {data} changed")
+
+
+def test_15_a_checkpoint_carries_the_args_it_was_made_with(sft_run, tmp_path, no_models):
+    """A resumed run (here with an accepted new learning rate) killed between its checkpoint and its args.json
+    commit left a checkpoint that args.json did not describe; a later --resume with the old flags mixed two runs."""
+    run = copy_run(sft_run[0], tmp_path)
+    new = sft_args(sft_run[1], output_dir=str(run), resume=True, learning_rate=2e-3, max_steps=8,
+                   resume_changes=("learning_rate",))
+    common.runs.start_output_dir(str(run), new, False, True, {"script": "sft.py", "total_steps": 8})
+
+    class Engine:  # writes a checkpoint folder as DeepSpeed would
+        def save_checkpoint(self, folder, tag, client_state, save_latest):
+            (Path(folder) / tag).mkdir()
+
+    common.runs.save_checkpoint(Engine(), str(run / "checkpoints"), "step6", {})  # ... and killed here
+    assert json.loads((run / "args.json").read_text())["learning_rate"] == 1e-3  # not committed
+    assert json.loads((run / "checkpoints" / "step6" / "args.json").read_text())["learning_rate"] == 2e-3
+    with pytest.raises(common.UserError) as e:
+        sft.main(sft_args(sft_run[1], output_dir=str(run), resume=True, max_steps=8))
+    one_line_error(e, "learning_rate 0.002 -> 0.001")
+
+
+def test_15_resume_of_a_finished_run_says_finished(sft_run, tmp_path, no_models):
+    """--resume of a finished run re-trained the steps after its last checkpoint (4 of 6) and replaced its model."""
+    run = copy_run(sft_run[0], tmp_path, finished=True)
+    before = snapshot(run)
+    with pytest.raises(common.UserError) as e:
+        sft.main(sft_args(sft_run[1], output_dir=str(run), resume=True))
+    one_line_error(e, "the run finished (total_steps 6", "a longer run continues from its checkpoint step4")
+    with pytest.raises(ModelsWouldLoadNow):  # a longer run continues
+        sft.main(sft_args(sft_run[1], output_dir=str(run), resume=True, max_steps=9))
+    assert snapshot(run) == before
+
+
+def test_15_the_folder_lock_is_taken_before_any_model_loads(sft_run, tmp_path, no_models):
+    """A second run into a busy folder was refused only after loading its models (29 s on the toy); a refused run
+    left the folder it had made."""
+    run = copy_run(sft_run[0], tmp_path)
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        (run / common.runs.LOCK).write_text(json.dumps({"pid": live.pid, "host": socket.gethostname(),
+                                                        "start": common.launcher._proc_stat(live.pid)[19]}))
+        with pytest.raises(common.UserError) as e:  # not ModelsWouldLoadNow
+            sft.main(sft_args(sft_run[1], output_dir=str(run), resume=True))
+        one_line_error(e, f"in use by another run (pid {live.pid}")
+    finally:
+        live.kill()
+        live.wait()
+    p = run_script("sft.py", "--model", sft_run[1][1], "--data", tmp_path / "missing.jsonl", "--output_dir",
+                   tmp_path / "new", check=False)
+    assert "no such data file" in p.stderr and not (tmp_path / "new").exists(), p.stderr[-2000:]  # made, locked,
+    # refused after the lock, removed
+
+
+def test_15_every_logged_value_is_checked_as_it_is_made(tmp_path):
+    """One pair with `margin: 1e308` made the step-0 evaluation log `Infinity` (not JSON) and the run trained on
+    until its final save refused. Such a margin is refused at load (test_data.py); any value logged, the first one
+    included, stops the run naming it, and no row is written."""
+    logger = common.Logger(str(tmp_path), 2, "test")
+    logger.log(0, {"eval/loss": 1.0, "n": 3})
+    for bad in (float("inf"), float("nan"), -float("inf")):
+        with pytest.raises(common.UserError) as e:
+            logger.log(0, {"eval/loss": bad})
+        one_line_error(e, "step 0: eval/loss is")
+    logger.close()
+    assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        {"step": 0, "eval/loss": 1.0, "n": 3}]
+
+
+def test_15_chat_output_writes_into_what_it_names(tiny_models, tmp_path):
+    """--output renamed a temporary file over the path: /dev/stdout, a FIFO or a device became a regular file (as
+    root, a system device), and a link to a file was replaced by a file. Now those are written into, and a link's
+    target is written."""
+    flags = ["--model", tiny_models["gpt2"], "--prompt", "hi", "--max_new_tokens", "2", "--greedy"]
+    p = subprocess.run([sys.executable, str(ROOT / "chat.py"), *flags, "--output", "/dev/stdout"], cwd=ROOT,
+                       env=script_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and json.loads(p.stdout.strip().splitlines()[-1])["prompt"] == "hi", p.stderr[-2000:]
+    fifo, link, target = tmp_path / "fifo", tmp_path / "link.jsonl", tmp_path / "target.jsonl"
+    os.mkfifo(fifo)
+    link.symlink_to(target.name)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE, text=True)
+    run_script("chat.py", *flags, "--output", fifo)
+    assert json.loads(reader.communicate(timeout=60)[0])["prompt"] == "hi"
+    run_script("chat.py", *flags, "--output", link)
+    assert fifo.is_fifo() and link.is_symlink() and json.loads(target.read_text())["prompt"] == "hi"
+
+
+@pytest.mark.parametrize("case", ["no tokenizer files", "unknown model_type", "vocab_size not the weights'"])
+def test_15_a_model_folder_that_does_not_fit_is_one_line(tiny_models, tmp_path, case):
+    """A folder without tokenizer files trained with an empty tokenizer that transformers made up (loss 0, exit 0);
+    an unknown model_type and a config whose vocab_size disagreed with the weights were tracebacks."""
+    model = Path(shutil.copytree(tiny_models["gpt2"], tmp_path / "m"))
+    config = json.loads((model / "config.json").read_text())
+    if case == "no tokenizer files":
+        for f in model.iterdir():
+            if f.name not in ("config.json", "generation_config.json", "model.safetensors"):
+                f.unlink()
+        needle = "the folder has no tokenizer files"
+    elif case == "unknown model_type":
+        config["model_type"] = "gpt9"
+        needle = "model type `gpt9`"
+    else:
+        config["vocab_size"] += 7
+        needle = f"is [{config['vocab_size'] - 7}, {config['n_embd']}] in its files but [{config['vocab_size']}"
+    (model / "config.json").write_text(json.dumps(config))
+    p = run_script("sft.py", "--model", model, "--data", "toy", "--max_steps", "1", "--output_dir", tmp_path / "o",
+                   check=False)
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert len(errors) == 1 and needle in errors[0], p.stderr[-3000:]
+    assert not (tmp_path / "o").exists()
