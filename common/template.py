@@ -141,9 +141,9 @@ def _piece_ids(tokenizer, text: str, plain: bool, first: bool) -> list[int]:
 
 def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: bool = False
                         ) -> tuple[list[int], list[bool]]:
-    """Ids of a conversation as its template renders it, and a mask True on each answer and the token(s) ending its
-    turn (the template's first special token after it, else an EOS put in). Contents are plain text (a typed
-    `<|im_start|>` never becomes the special id); the BOS comes first, once; docs/data.md, "Encoding"."""
+    """Ids of a conversation as its template renders it, and a mask True on each answer (but one of `weight` 0) and
+    the token(s) ending its turn (the template's first special token after it, else an EOS put in). Contents are
+    plain text (a typed `<|im_start|>` never becomes the special id); the BOS comes first, once; docs/data.md."""
     specials = special_ids(tokenizer)
     ids, mask, answer_ended = [], [], True
     segments = _segments(tokenizer, messages, add_generation_prompt)
@@ -155,7 +155,7 @@ def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: 
     for text, j in segments:
         new = _piece_ids(tokenizer, text, plain=j is not None, first=not ids)
         if j is not None:
-            answer_ended = messages[j]["role"] != "assistant"
+            answer_ended = messages[j]["role"] != "assistant" or messages[j].get("weight") == 0  # (OpenAI's)
             ids, mask = ids + new, mask + [not answer_ended] * len(new)
             continue
         end = next((i + 1 for i, t in enumerate(new) if t in specials), 0) if not answer_ended else 0

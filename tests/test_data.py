@@ -309,8 +309,8 @@ def test_real_world_file_quirks(tmp_path, monkeypatch):
     (tmp_path / "c.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}]}) + "\n")
     with pytest.raises(common.UserError) as e:
         common.data.load_data(str(tmp_path / "c.jsonl"), "sft")
-    assert e.value.code.startswith(f"error: {tmp_path / 'c.jsonl'}:1: field 'prompt' is missing: no sft layout fits "
-                                   "the fields ['conversations']")
+    assert e.value.code.startswith(f"error: {tmp_path / 'c.jsonl'}:1: no layout fits the fields ['conversations']")
+    assert "ShareGPT's conversations: convert them to \"messages\"" in e.value.code
     assert "\n" not in e.value.code
 
 
@@ -375,8 +375,8 @@ LAYOUTS = {  # kind: [(row, canonical record)]
         ({"prompt": HH, "response": " Madrid.", "chosen": " Madrid.", "rejected": " Rome."},  # Dahoas/rm-static
          {"messages": Q + [assistant("Madrid.")]}),
         ({"chosen": HH + " Madrid.", "rejected": HH + " Rome."}, {"messages": Q + [assistant("Madrid.")]}),  # HH-RLHF
-        ({"prompt": "hi", "messages": [user("hi"), assistant("yo")], "chosen": [user("hi"), assistant("yo")]},
-         {"messages": [user("hi"), assistant("yo")]}),  # UltraFeedback: its messages
+        ({"prompt": "hi", "messages": [user("hi"), assistant("yo")], "chosen": [user("hi"), assistant("yo")],
+          "rejected": [user("hi"), assistant("no")]}, {"messages": [user("hi"), assistant("yo")]}),  # UltraFeedback
     ],
     "pairs": [
         ({"prompt": "hi", "chosen": "good .", "rejected": "bad ."},
@@ -498,6 +498,122 @@ def test_a_system_field_is_the_conversations_system_message():
             ("prompts", {"system": "Be terse.", "prompt": "2+2?"}, {"prompt": system + user}),
             ("prompts", {"system": "", "messages": user + answer}, {"prompt": user})):
         assert common.data.validate("d.jsonl:1", row, kind) == want, (kind, row)
+
+
+# faithful copies of published rows (field names and value types as the sets publish them)
+KTO_MIX = [  # trl-lib/kto-mix-14k: TRL's unpaired preference, conversational
+    {"prompt": [{"content": "Q: What is 2+2?", "role": "user"}], "completion": [{"content": "4", "role": "assistant"}],
+     "label": True},
+    {"prompt": [{"content": "Q: What is 2+2?", "role": "user"}], "completion": [{"content": "5", "role": "assistant"}],
+     "label": False}]
+OPENAI_FT = {"messages": [  # OpenAI's fine-tuning format: an assistant message of weight 0 is not trained
+    {"role": "system", "content": "Marv is a factual chatbot that is also sarcastic."},
+    {"role": "user", "content": "What's the capital of France?"},
+    {"role": "assistant", "content": "Paris", "weight": 0},
+    {"role": "user", "content": "Can you be more sarcastic?"},
+    {"role": "assistant", "content": "Paris, as if everyone doesn't know that already.", "weight": 1}]}
+ALPACA = {"instruction": "Give three tips for staying healthy.", "input": "", "output": "1. Eat well.",  # tatsu-lab
+          "text": "Below is an instruction that describes a task. Write a response that appropriately completes "
+                  "the request.\n\n### Instruction:\nGive three tips for staying healthy.\n\n### Response:\n"
+                  "1. Eat well."}
+OASST1 = {"message_id": "6ab24d72-0181-4594-a9cd-deaf170242fb", "parent_id": None,  # OpenAssistant/oasst1
+          "user_id": "c3fe8c76-fc30-4fa7-b7f8-c492f5967d18", "created_date": "2023-02-05T14:23:50.983374+00:00",
+          "text": "Can you write a short introduction about the relevance of the term monopsony?", "role": "prompter",
+          "lang": "en", "review_count": 3, "review_result": True, "deleted": False, "rank": None, "synthetic": False,
+          "model_name": None, "message_tree_id": "6ab24d72-0181-4594-a9cd-deaf170242fb",
+          "tree_state": "ready_for_export"}
+ORCA_DPO = {"system": "You are an AI assistant. Answer briefly.",  # Intel/orca_dpo_pairs
+            "question": "What is the capital of France?", "chosen": "Paris.", "rejected": "Rome, probably."}
+ORCA_DPO_INPUT = {"system": "", "input": "What is the capital of France?", "chosen": "Paris.",  # argilla's copy
+                  "rejected": "Rome, probably.", "generations": ["Paris.", "Rome, probably."],
+                  "order": ["chosen", "rejected"], "labelling_model": "gpt-4-1106-preview", "rating": [10.0, 3.0],
+                  "status": "unchanged", "chosen_score": 10.0, "in_gsm8k_train": False}
+OPENORCA = {"id": "niv.242684", "system_prompt": "You are an AI assistant. Answer briefly.",  # Open-Orca/OpenOrca
+            "question": "What is the capital of France?", "response": "Paris."}
+
+
+def test_fields_that_say_do_not_learn_this_are_honoured(tmp_path, capsys, toks):
+    """Class 1: TRL's unpaired preference rows train their `label: true` answers only (the others are counted, and
+    refused as reward pairs); an OpenAI fine-tuning assistant turn of `weight` 0 is context, not trained."""
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in KTO_MIX))
+    assert common.data.load_data(str(path), "sft") == [{"messages": [user("Q: What is 2+2?"), assistant("4")]}]
+    assert "1 records with label false" in capsys.readouterr().out
+    assert common.data.load_data(str(path), "prompts") == [{"prompt": [user("Q: What is 2+2?")]}] * 2
+    with pytest.raises(common.UserError, match=f"{path}:1: an unpaired preference row .* no rejected answer"):
+        common.data.load_data(str(path), "pairs")
+    for bad in ({**KTO_MIX[0], "label": "yes"}, {**KTO_MIX[0], "label": 1}):
+        with pytest.raises(common.UserError, match="field 'label' must be true or false"):
+            common.data.validate("k:1", bad, "sft")
+    with pytest.raises(common.UserError, match=r"nearest: preference .* \['label'\] would change its meaning"):
+        common.data.validate("k:1", {"prompt": "a", "chosen": "b", "rejected": "c", "label": True}, "pairs")
+    record = common.data.validate("o:1", OPENAI_FT, "sft")
+    assert record["messages"][2] == {"role": "assistant", "content": "Paris", "weight": 0}
+    tok = toks["chatml"]
+    assert common.show_example(tok, *common.encode_record(tok, record)) == (
+        "<|im_start|>system\nMarv is a factual chatbot that is also sarcastic.<|im_end|>\n<|im_start|>user\nWhat's "
+        "the capital of France?<|im_end|>\n<|im_start|>assistant\nParis<|im_end|>\n<|im_start|>user\nCan you be "
+        "more sarcastic?<|im_end|>\n<|im_start|>assistant\n[[Paris, as if everyone doesn't know that already."
+        "<|im_end|>]]\n")
+    only_zero = {"messages": OPENAI_FT["messages"][:3]}
+    with pytest.raises(common.UserError, match="no assistant turn to learn from \\(each has weight 0\\)"):
+        common.data.validate("o:1", only_zero, "sft")
+    for j, weight in ((1, 0), (2, 0.5), (2, True)):
+        bad = {"messages": [dict(m) for m in OPENAI_FT["messages"]]}
+        bad["messages"][j]["weight"] = weight
+        with pytest.raises(common.UserError, match=f"field 'messages\\[{j}\\]' has weight"):
+            common.data.validate("o:1", bad, "sft")
+    with pytest.raises(common.UserError, match=r"field 'messages\[0\]' has \['name'\], which would change"):
+        common.data.validate("o:1", {"messages": [user("a") | {"name": "bob"}, assistant("b")]}, "sft")
+
+
+def test_text_reads_as_plain_text_only_beside_no_other_layouts_fields():
+    """Class 5: Alpaca's {instruction, input, output, text} and oasst1's message rows {text, role, parent_id, ...}
+    were trained as plain text, prompts included: refused in one line naming the fields and what to convert to."""
+    for row, needle in ((ALPACA, "Alpaca's instruction/input/output: convert each to"),
+                        (OASST1, "a message row of a tree \\(oasst1\\)"),
+                        ({**OASST1, "parent_id": "6ab24d72"}, "a message row of a tree \\(oasst1\\)"),
+                        ({"text": "a", "prompt": "b"}, "would change its meaning unread"),
+                        ({"text": "a", "messages": [user("b"), assistant("c")]}, "would change its meaning unread")):
+        row = {k: v for k, v in row.items() if v is not None}  # (as load_data reads nulls)
+        for kind in ("sft", "prompts"):
+            with pytest.raises(common.UserError, match="x:3: no layout fits the fields .*" + needle):
+                common.data.validate("x:3", row, kind)
+    assert common.data.validate("x:3", {"text": "a", "id": 7, "source": "web"}, "sft") == {"text": "a"}  # metadata
+    with pytest.raises(common.UserError, match="a {\"text\"} record is plain text, no prompt"):
+        common.data.validate("x:3", {"text": "a"}, "prompts")
+
+
+def test_orca_and_openorca_layouts_are_read():
+    """Class 6: Intel/orca_dpo_pairs {system, question, chosen, rejected} (and argilla's copy with `input`) and
+    OpenOrca {id, system_prompt, question, response}, as published."""
+    system, q = {"role": "system", "content": "You are an AI assistant. Answer briefly."}, user(
+        "What is the capital of France?")
+    pair = {"prompt": [system, q], "chosen": [assistant("Paris.")], "rejected": [assistant("Rome, probably.")]}
+    assert common.data.validate("o:1", ORCA_DPO, "pairs") == pair
+    assert common.data.validate("o:1", ORCA_DPO_INPUT, "pairs") == {**pair, "prompt": [q]}  # an empty system: none
+    assert common.data.validate("o:1", ORCA_DPO, "sft") == {"messages": [system, q, assistant("Paris.")]}
+    assert common.data.validate("o:1", ORCA_DPO, "prompts") == {"prompt": [system, q]}
+    assert common.data.validate("o:1", OPENORCA, "sft") == {"messages": [system, q, assistant("Paris.")]}
+    assert common.data.validate("o:1", OPENORCA, "prompts") == {"prompt": [system, q]}
+    with pytest.raises(common.UserError, match="a OpenOrca record has no rejected answer"):
+        common.data.validate("o:1", OPENORCA, "pairs")
+    for kind in ("sft", "pairs", "prompts"):  # one layout a record: question and input are two prompts
+        with pytest.raises(common.UserError, match="no layout fits"):
+            common.data.validate("o:1", {**ORCA_DPO, "input": "x"}, kind)
+
+
+def test_null_in_jsonl_is_a_missing_field(tmp_path):
+    """Class 7: `datasets`' to_json writes null for a column a row lacks; it reads as the field being absent, as the
+    same dataset's folder does."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "hi", "response": "yo", "chosen": None, "rejected": None, "margin": None})
+                    + "\n" + json.dumps({"prompt": "a", "response": None, "chosen": "b", "rejected": "c",
+                                         "margin": 1.5}) + "\n")
+    assert common.data.load_data(str(path), "sft") == [{"messages": [user("hi"), assistant("yo")]},
+                                                        {"messages": [user("a"), assistant("b")]}]
+    assert common.data.load_data(str(path), "pairs", skip_invalid=True) == [
+        {"prompt": [user("a")], "chosen": [assistant("b")], "rejected": [assistant("c")], "margin": 1.5}]
 
 
 @pytest.mark.parametrize("row", BAD_ROWS)
