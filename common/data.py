@@ -1,6 +1,7 @@
 """Data: JSONL/JSON files, `datasets` folders and hub names read into canonical records, one layout per record
 (common.layouts, docs/data.md); a record that fits none is a one-line error naming its file, line and fields."""
 
+import importlib.util
 import json
 import os
 import random
@@ -18,11 +19,41 @@ from common.layouts import (  # noqa: F401 (common.data.validate, the layouts)
 # data
 
 
+MAX_RECORD_CHARS = 4 << 20  # a record's text: ~1M tokens, 8 times a 128k-token context (docs/data.md)
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of half a UTF-16 pair (json.loads accepts one alone)
+BINARY = {b"PAR1": "Parquet", b"\x1f\x8b": "gzip-compressed", b"PK\x03\x04": "a zip archive"}  # (first bytes)
+
+
+def _checked(obj, size: int, text: str):
+    """A decoded record, or the message saying why it is not one (too large, a lone surrogate, not an object)."""
+    if size > MAX_RECORD_CHARS:
+        return (f"a record of {size:,} characters, more than the {MAX_RECORD_CHARS:,} a record may have (nothing "
+                "trains on more); expected records that fit a context: cut it, or drop it with --skip_invalid")
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    if _SURROGATE.search(text):
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            return (f"a lone surrogate escape ({e.object[e.start]!r}) in a string is no character; expected valid "
+                    "Unicode text")
+    return obj
+
+
+DEEP = "JSON nested deeper than Python's reader can go; expected records of strings, numbers and message lists"
+
+
 def _read_rows(path: str):
-    """(where, object or error message) for each record of a JSONL file or a JSON array file, `where` being
-    `file:line`. A record that is not a JSON object comes back as its error message (see load_data)."""
+    """(where, object or error message) for each record of a JSONL file, a JSON array file or a file of one JSON
+    object, `where` being `file:line`. A record that is not one comes back as its error message (see load_data)."""
     raw, rows = Path(path).read_bytes(), 0
     raw = raw.removeprefix(b"\xef\xbb\xbf")  # the UTF-8 byte-order mark some Windows editors write first
+    if kind := next((name for magic, name in BINARY.items() if raw.startswith(magic)), None):
+        raise UserError(f"--data {path}: a {kind} file; expected JSONL or a JSON array" + (
+            " (Parquet is read with `pip install datasets`)" if kind == "Parquet" else " (decompress it first)"))
+    if raw.lstrip().startswith(b"{") and (one := _one_object(path, raw)) is not None:
+        yield f"{path}:{raw.count(10, 0, raw.index(b'{')) + 1}", _checked(one, len(raw), raw.decode("utf-8"))
+        return
     if raw.lstrip().startswith(b"["):  # a JSON array; line numbers from the decoder's offsets
         try:
             text = raw.decode("utf-8")
@@ -30,14 +61,15 @@ def _read_rows(path: str):
             raise UserError(f"{path}:{raw.count(10, 0, e.start) + 1}: not valid UTF-8; expected UTF-8 JSON")
         dec, skip, i, last, line = json.JSONDecoder(), re.compile(r"[\s,]*"), text.index("[") + 1, 0, 1
         while (i := skip.match(text, i).end()) < len(text) and text[i] != "]":
-            line, last = line + text.count("\n", last, i), i
+            line, last, start = line + text.count("\n", last, i), i, i
             try:
                 obj, i = dec.raw_decode(text, i)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})")
+            except RecursionError:  # (an array cannot go on past a record it cannot read)
+                raise UserError(f"{path}:{line}: {DEEP}")
             rows += 1
-            not_object = f"expected a JSON object, got {type(obj).__name__}"
-            yield f"{path}:{line}", obj if isinstance(obj, dict) else not_object
+            yield f"{path}:{line}", _checked(obj, i - start, text[start:i])
         if i >= len(text) or text[i + 1:].strip():  # cut short, or something after the array
             why = "no closing ]" if i >= len(text) else "text after its closing ]"
             raise UserError(f"{path}:{text.count(chr(10), 0, i) + 1}: malformed JSON array ({why})")
@@ -46,17 +78,45 @@ def _read_rows(path: str):
             if not line.strip():
                 continue
             rows += 1
+            if len(line) > MAX_RECORD_CHARS:  # (not decoded: a 200 MB line is refused before it costs anything)
+                yield f"{path}:{n}", _checked(None, len(line), "")
+                continue
             try:
-                obj = json.loads(line.decode("utf-8"))
+                text = line.decode("utf-8")
+                obj = json.loads(text)
+            except RecursionError:
+                yield f"{path}:{n}", DEEP
+                continue
             except UnicodeDecodeError as e:
                 yield f"{path}:{n}", f"not valid UTF-8 (byte {e.start}); expected UTF-8 JSON"
                 continue
             except json.JSONDecodeError as e:
                 yield f"{path}:{n}", f"malformed JSON ({e.msg} at column {e.colno}); expected one object a line"
                 continue
-            yield f"{path}:{n}", obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
+            yield f"{path}:{n}", _checked(obj, len(text), text)
     if not rows:
         raise UserError(f"{path}: the data file is empty; expected one JSON object a line, or a JSON array")
+
+
+def _one_object(path: str, raw: bytes) -> dict | None:
+    """The record of a file that is one JSON object written over several lines (None for JSONL); a file whose object
+    holds the records in a list is refused, naming the field."""
+    first = raw.lstrip().split(b"\n", 1)[0]
+    try:
+        json.loads(first)
+        return None  # its first line is a whole object: JSONL
+    except (ValueError, RecursionError):
+        pass
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None  # (JSONL with a bad first line: said line by line)
+    held = next((k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)
+                 and k not in KNOWN), None) if isinstance(obj, dict) else None
+    if held is not None:
+        raise UserError(f"{path}: one JSON object holding its records in field '{held}'; expected JSONL or a JSON "
+                        f"array of records (write out the list under '{held}')")
+    return obj if isinstance(obj, dict) else None
 
 
 def _hub_reachable() -> bool:
@@ -73,19 +133,19 @@ def _hub_reachable() -> bool:
 
 def _dataset_rows(path: str, split: str | None):
     """(where, row) of a `datasets` save_to_disk folder or an HF hub dataset."""
-    import importlib.util
-
     if importlib.util.find_spec("datasets") is None:
         raise UserError(f"--data {path}: not a data file, and `datasets` (to read a dataset folder or an HF hub "
                         "name) is not installed: pip install datasets")
     told = "1" in (os.environ.get("HF_DATASETS_OFFLINE"), os.environ.get("HF_HUB_OFFLINE"))
-    offline = not os.path.isdir(path) and not told and not _hub_reachable()
+    offline = not os.path.exists(path) and not told and not _hub_reachable()
     if offline:  # read the local cache only (set before datasets reads these at import)
         os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
     import datasets
 
     try:
-        if os.path.isdir(path):
+        if os.path.isfile(path):  # Parquet
+            ds = datasets.load_dataset("parquet", data_files=path, split="train")
+        elif os.path.isdir(path):
             ds = datasets.load_from_disk(path)
         else:
             if offline:  # datasets was imported already: its flags too
@@ -107,7 +167,16 @@ def _dataset_rows(path: str, split: str | None):
         raise UserError(f"--data {path}: a dataset saved without splits has no split '{split}'; pass held-out data "
                         "as --eval_data")
     for i, row in enumerate(ds):  # a column some rows leave empty (None) is a field those rows do not have
-        yield f"{path}[{split or 'train'}][{i}]", {k: v for k, v in row.items() if v is not None}
+        yield f"{path}[{split or 'train'}][{i}]", _checked({k: v for k, v in row.items() if v is not None},
+                                                            _chars(row), "")
+
+
+def _chars(value) -> int:
+    """The characters of the strings in a record."""
+    if isinstance(value, str):
+        return len(value)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return sum(_chars(v) for v in items)
 
 
 class Record(dict):
@@ -158,7 +227,9 @@ def load_data(spec: str, kind: str, split: str | None = None, skip_invalid: bool
         if os.path.isfile(path):
             if split not in (None, "train"):
                 raise UserError(f"--data {path}: a file has no split '{split}'; pass held-out data as --eval_data")
-            rows = _read_rows(path)
+            with open(path, "rb") as f:
+                parquet = f.read(4) == b"PAR1" and importlib.util.find_spec("datasets") is not None
+            rows = _dataset_rows(path, None) if parquet else _read_rows(path)
         elif path.endswith((".jsonl", ".json")) or path.startswith((".", "/", "~")) and not os.path.isdir(path):
             raise UserError(f"--data {path}: no such data file")
         else:

@@ -4,6 +4,7 @@ generation stop ids, data files (JSONL, JSON arrays, dataset folders) with --ski
 a Qwen2.5-base-style model (ChatML turns, EOS <|endoftext|>) fed the public datasets' layouts."""
 
 import json
+import re
 import time
 
 import pytest
@@ -614,6 +615,54 @@ def test_null_in_jsonl_is_a_missing_field(tmp_path):
                                                         {"messages": [user("a"), assistant("b")]}]
     assert common.data.load_data(str(path), "pairs", skip_invalid=True) == [
         {"prompt": [user("a")], "chosen": [assistant("b")], "rejected": [assistant("c")], "margin": 1.5}]
+
+
+def test_files_of_other_shapes_and_hostile_records_are_one_line(tmp_path, monkeypatch, capsys):
+    """A file of one JSON object (pretty-printed) is one record, one holding its records in a list is named; Parquet
+    is read through `datasets` (a stand-in here) or named; a record too large to train on, a lone surrogate escape
+    and JSON nested past Python's reader are one line each naming file:line, and --skip_invalid drops them."""
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"prompt": "hi", "response": "yo"}, indent=2))
+    assert common.data.load_data(str(one), "sft") == [{"messages": [user("hi"), assistant("yo")]}]
+    one.write_text(json.dumps({"version": 1, "data": [{"prompt": "hi", "response": "yo"}]}, indent=2))
+    with pytest.raises(common.UserError, match=f"{one}: one JSON object holding its records in field 'data'"):
+        common.data.load_data(str(one), "sft")
+    pq = tmp_path / "train.parquet"
+    pq.write_bytes(b"PAR1" + bytes(range(256)) + b"PAR1")
+    with pytest.raises(common.UserError, match=f"--data {pq}: a Parquet file; .*pip install datasets"):
+        common.data.load_data(str(pq), "sft")
+    import importlib.machinery
+    import sys
+    import types
+
+    fake = types.ModuleType("datasets")
+    fake.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
+    fake.DatasetDict = type("DatasetDict", (dict,), {})
+    fake.load_dataset = lambda kind, data_files, split: (kind, data_files, split) == ("parquet", str(pq),
+                                                                                     "train") and [
+        {"prompt": "hi", "response": "yo", "chosen": None}]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert common.data.load_data(str(pq), "sft") == [{"messages": [user("hi"), assistant("yo")]}]
+    monkeypatch.delitem(sys.modules, "datasets")
+    good = json.dumps({"prompt": "a", "response": "b"})
+    monkeypatch.setattr(common.data, "MAX_RECORD_CHARS", 250_000)  # (4 Mi characters; a 200 MB line alike)
+    for bad, why in ((json.dumps({"prompt": "a", "response": "b" * 300_000}), "a record of 300,0\\d\\d characters, "
+                      "more than the 250,000 a record may have"),
+                     ('{"prompt": "a\\ud800b", "response": "c"}', "a lone surrogate escape \\('\\\\ud800'\\)"),
+                     ('{"prompt": ' + "[" * 100000 + "]" * 100000 + ', "response": "c"}', "JSON nested deeper")):
+        for path in (tmp_path / "d.jsonl", tmp_path / "d.json"):
+            path.write_text(good + "\n" + bad + "\n" if path.suffix == ".jsonl" else f"[{good},\n{bad}]")
+            with pytest.raises(common.UserError) as e:
+                common.data.load_data(str(path), "sft")
+            assert e.value.code.startswith(f"error: {path}:2: ") and "\n" not in e.value.code
+            assert re.search(why, e.value.code), e.value.code
+            if "nested" in why and path.suffix == ".json":
+                continue  # an array cannot go on past a record it cannot read: refused, not skipped
+            assert len(common.data.load_data(str(path), "sft", skip_invalid=True)) == 1
+            assert "--skip_invalid: dropped 1 invalid records" in capsys.readouterr().out
+    # the surrogate pair of a real character is one
+    (tmp_path / "e.jsonl").write_text('{"prompt": "\\ud83d\\ude00", "response": "c"}\n')
+    assert common.data.load_data(str(tmp_path / "e.jsonl"), "sft")[0]["messages"][0] == user("\U0001F600")
 
 
 @pytest.mark.parametrize("row", BAD_ROWS)
