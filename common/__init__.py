@@ -229,7 +229,7 @@ def to_messages(example) -> list[dict]:
 from common.template import (  # noqa: E402,F401 (the chat-template section, common.encode_prompt etc.)
     render, format_prompt, _segments, special_ids, turn_tokens, _traits, _encode, _piece_ids, encode_conversation,
     encode_prompt, encode_scored, encode_plain, encode_record, stop_token_ids, decode_answers, template_gap,
-    show_example, truncate_left, _TRAITS, _TURNS,
+    show_example, cut_tokens, fit_turns, fit_record, truncate_left, _TRAITS, _TURNS,
 )
 
 

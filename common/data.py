@@ -279,18 +279,24 @@ def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
 
 def encode_prompts(records: list[dict], tokenizer, max_len: int, truncation: str, source: str,
                    skip_invalid: bool = False):
-    """Token ids of each record's prompt, cut from the left to max_len (or an error with --truncation error), the
-    number cut, and the records kept (--skip_invalid drops those that cannot be encoded)."""
+    """Token ids of each record's prompt, cut from the left to max_len by whole turns (common.fit_turns; or an error
+    with --truncation error), the number cut, and the records kept (--skip_invalid drops those that cannot be
+    encoded)."""
     known = {}
+
+    def prompt(messages):
+        return (common.encode_prompt(tokenizer, messages),)
 
     def encode(record, where):
         key = repr(record["prompt"])
         if key not in known:  # a repeated prompt (the demo draws 4096 from 115) is encoded once
-            known[key] = common.encode_prompt(tokenizer, record["prompt"])
-        if len(known[key]) > max_len and truncation == "error":
-            raise UserError(f"{where}: {len(known[key])} tokens > --max_seq_len - --max_new_tokens = "
+            known[key] = len(prompt(record["prompt"])[0]), common.fit_turns(tokenizer, record["prompt"], max_len,
+                                                                            prompt)
+        if known[key][0] > max_len and truncation == "error":
+            raise UserError(f"{where}: {known[key][0]} tokens > --max_seq_len - --max_new_tokens = "
                                    f"{max_len} (pass --truncation left to cut it)")
-        return record, common.truncate_left(list(known[key]), max_len)
+        (ids,), cut = known[key][1]
+        return record, (list(ids), cut)
 
     encoded = encode_records(records, encode, source, skip_invalid)
     return [ids for _, (ids, _) in encoded], sum(cut for _, (_, cut) in encoded), [r for r, _ in encoded]

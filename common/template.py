@@ -47,7 +47,8 @@ def _segments(tokenizer, messages: list[dict], add_generation_prompt: bool) -> l
         piece = next((p for p in dict.fromkeys((m["content"], m["content"].strip())) if marked.count(mark) == 1
                       and text == marked[:k] + p + marked[k + len(mark):]), None)
         if piece is None:
-            raise UserError(f"the chat template rewrites the text of a {m['role']} message, or writes it twice "
+            raise UserError(f"the chat template rewrites the text of {'an' if m['role'][0] in 'aeiou' else 'a'} "
+                            f"{m['role']} message, or writes it twice "
                             f"(cannot place {m['content'][:40]!r} in its rendering)")
         found.append((k, j, piece))
     out, start = [], 0
@@ -241,6 +242,38 @@ def show_example(tokenizer, ids: list[int], mask: list[bool]) -> str:
         out += f"[[{text[len(shown):]}]]" if mask[i] else text[len(shown):]
         shown, i = text, j
     return out
+
+
+def cut_tokens(tokenizer, rows: tuple, max_len: int) -> tuple:
+    """Rows of one sequence (ids, and a mask alike) cut to their last `max_len` items, a leading BOS kept."""
+    bos = tokenizer.bos_token_id
+    head = int(bos is not None and rows[0][:1] == [bos] and max_len > 1)
+    return tuple(r[:head] + r[len(r) - max_len + head:] if len(r) > max_len else r for r in rows)
+
+
+def fit_turns(tokenizer, messages: list[dict], max_len: int, encode, keep: int = 1) -> tuple[tuple, bool]:
+    """`encode(messages)` (a tuple: ids, ...) within `max_len` tokens, cut from the left as chat.py fits a history:
+    the oldest whole exchanges (a user turn up to the next one) go first, a leading system message and the last
+    `keep` messages stay (and with them the BOS and the template's header); what is still too long loses its oldest
+    tokens after the BOS (cut_tokens). Returns the rows and whether anything was cut."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns, cut = messages[len(system):], False
+    rows = encode(system + turns)
+    while len(rows[0]) > max_len and (k := next((i for i in range(1, len(turns) - keep + 1)
+                                                 if turns[i]["role"] == "user"), 0)):
+        turns, rows, cut = turns[k:], encode(system + turns[k:]), True
+    if len(rows[0]) > max_len:
+        rows, cut = cut_tokens(tokenizer, rows, max_len), True
+    return rows, cut
+
+
+def fit_record(tokenizer, record: dict, max_len: int) -> tuple[tuple[list[int], list[bool]], bool]:
+    """An SFT record's (ids, mask) within `max_len` (fit_turns; a {"text"} record loses its oldest tokens after the
+    BOS), and whether it was cut."""
+    if "text" in record:
+        rows = encode_plain(tokenizer, record["text"])
+        return cut_tokens(tokenizer, rows, max_len), len(rows[0]) > max_len
+    return fit_turns(tokenizer, record["messages"], max_len, lambda m: encode_conversation(tokenizer, m))
 
 
 def truncate_left(ids: list, max_len: int) -> tuple[list, bool]:

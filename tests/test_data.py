@@ -665,6 +665,29 @@ def test_files_of_other_shapes_and_hostile_records_are_one_line(tmp_path, monkey
     assert common.data.load_data(str(tmp_path / "e.jsonl"), "sft")[0]["messages"][0] == user("\U0001F600")
 
 
+def test_left_cuts_drop_whole_oldest_turns_and_keep_the_bos_and_header(toks):
+    """Class 7: a left-cut example lost its BOS and chat header; sft.py, reward.py and ppo.py's prompts now drop the
+    oldest whole exchanges first (a system message stays), as chat.py does, and cut tokens after the BOS only when
+    the last exchange alone is too long."""
+    tok = toks["llama3"]
+    conv = [{"role": "system", "content": "be brief"}, user("first " * 12), assistant("one ."), user("second ?"),
+            assistant("two .")]
+    tail = common.encode_conversation(tok, [conv[0], *conv[3:]])
+    n = len(tail[0])
+    assert len(common.encode_conversation(tok, conv)[0]) > n
+    examples, n_cut = sft.tokenize([{"messages": conv}], tok, n, "left", "x")
+    assert examples == [tail] and n_cut == 1
+    examples, _ = sft.tokenize([{"messages": conv}], tok, 8, "left", "x")  # the last exchange alone is too long
+    assert examples == [(tail[0][:1] + tail[0][-7:], tail[1][:1] + tail[1][-7:])] and tail[0][0] == tok.bos_token_id
+    pair = {"prompt": conv[:4], "chosen": [assistant("two .")], "rejected": [assistant("two .")]}
+    chosen, rejected, cut = reward.encode_pair(tok, pair, n, "left", "x")
+    assert cut and chosen == rejected == common.encode_scored(tok, [conv[0], *conv[3:]])
+    prompt = common.encode_prompt(tok, [conv[0], conv[3]])
+    ids, n_cut, _ = common.data.encode_prompts([{"prompt": conv[:4]}], tok, len(prompt), "left", "x")
+    assert ids == [prompt] and n_cut == 1
+    assert decode(tok, prompt).startswith("<s><|start_header_id|>system<|end_header_id|>\n\nbe brief<|eot_id|>")
+
+
 @pytest.mark.parametrize("row", BAD_ROWS)
 def test_bad_rows_name_file_line_and_field(row, tmp_path):
     kind = "sft" if '"prompt": "hi"}' in row or '"text"' in row else "pairs"
