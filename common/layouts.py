@@ -18,7 +18,8 @@ def _check_text(where: str, obj: dict, field: str):
         raise UserError(f"{where}: field '{field}' must be a non-empty string, got {json.dumps(v)[:40]}")
 
 
-MESSAGE_KEYS = ("role", "content", "weight")  # weight: OpenAI's fine-tuning format, 0 or 1 on an assistant message
+MESSAGE_KEYS = ("role", "content", "weight", "reasoning_content")  # weight: OpenAI's fine-tuning format (0 or 1);
+# reasoning_content: a reasoning model's thinking before its answer (Qwen3's, DeepSeek-R1's templates write it)
 
 
 def _check_messages(where: str, msgs, field: str = "messages"):
@@ -33,6 +34,10 @@ def _check_messages(where: str, msgs, field: str = "messages"):
         if other:
             raise UserError(f"{where}: field '{field}[{j}]' has {other}, which would change the message unread; "
                             f"expected only {list(MESSAGE_KEYS)} (remove or convert them)")
+        if m.get("reasoning_content") is not None and (m["role"] != "assistant" or not isinstance(
+                m["reasoning_content"], str)):
+            raise UserError(f"{where}: field '{field}[{j}]' has reasoning_content; expected a string, on an "
+                            "assistant message")
         if m.get("weight") is not None and (field != "messages" or m["role"] != "assistant"
                                             or m["weight"] not in (0, 1) or type(m["weight"]) is not int):
             raise UserError(f"{where}: field '{field}[{j}]' has weight {json.dumps(m['weight'])}; expected 0 or 1, "
@@ -51,8 +56,8 @@ def turns(where: str, obj: dict, field: str, role: str = "user") -> list[dict]:
     _check_text(where, obj, field)
     v = obj[field]
     if isinstance(v, list):
-        return [{"role": m["role"], "content": m["content"], **({"weight": 0} if m.get("weight") == 0 else {})}
-                for m in v]
+        return [{"role": m["role"], "content": m["content"], **({"weight": 0} if m.get("weight") == 0 else {}),
+                 **({"reasoning_content": m["reasoning_content"]} if m.get("reasoning_content") else {})} for m in v]
     hh = v.replace("\r\n", "\n")  # (a file written on Windows)
     if not re.match(r"\s*Human:", hh):  # HH's form starts with a Human turn; a prompt may end before "Assistant:"
         return [{"role": role, "content": v.strip()}]

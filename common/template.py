@@ -3,6 +3,7 @@ tokens, with the trained mask (docs/data.md, "Encoding"). Re-exported by name fr
 
 import copy
 import functools
+import os
 import weakref
 
 from common import UserError
@@ -46,6 +47,8 @@ def _segments(tokenizer, messages: list[dict], add_generation_prompt: bool) -> l
         k = marked.find(mark)
         piece = next((p for p in dict.fromkeys((m["content"], m["content"].strip())) if marked.count(mark) == 1
                       and text == marked[:k] + p + marked[k + len(mark):]), None)
+        if piece is None and m["role"] == "assistant" and "</think>" in m["content"] and marked.count(mark) == 1:
+            k, piece = _think_piece(tokenizer, messages[:j], m["content"], text, marked[:k], marked[k + len(mark):])
         if piece is None:
             raise UserError(f"the chat template rewrites the text of {'an' if m['role'][0] in 'aeiou' else 'a'} "
                             f"{m['role']} message, or writes it twice "
@@ -58,6 +61,31 @@ def _segments(tokenizer, messages: list[dict], add_generation_prompt: bool) -> l
         out += [(text[start:k], None), (piece, j)]
         start = k + len(piece)
     return out + [(text[start:], None)]
+
+
+def _think_piece(tokenizer, before: list[dict], content: str, text: str, head: str, tail: str):
+    """(place, text) of an answer whose content has a `<think>...</think>` block a reasoning template (Qwen3,
+    DeepSeek-R1) writes its own way: everything from the end of the generation prompt to the turn's end markup, so
+    the `<think>` the model writes itself is trained; (0, None) where that is not the content's answer."""
+    prompt = render(tokenizer, before, add_generation_prompt=True) if before else ""
+    start = len(os.path.commonprefix([text, head]))
+    start = len(prompt) if text.startswith(prompt) and len(prompt) <= start else start
+    piece = text[start: len(text) - len(tail)] if text.endswith(tail) and len(text) - len(tail) >= start else ""
+    answer = content.split("</think>")[-1].strip()
+    return (start, piece) if piece and piece.rstrip().endswith(answer) else (0, None)
+
+
+def _fold_reasoning(tokenizer, messages: list[dict]) -> list[dict]:
+    """Assistant messages' `reasoning_content` written into their content as the templates that read it do
+    (`<think>\n{reasoning}\n</think>\n\n{content}`); refused for a template that does not read it."""
+    if not any("reasoning_content" in m for m in messages):
+        return messages
+    if "reasoning_content" not in (getattr(tokenizer, "chat_template", None) or ""):
+        raise UserError("a message has reasoning_content, which this chat template does not write; expected a "
+                        "reasoning template (Qwen3, DeepSeek-R1), or the reasoning left out")
+    return [{k: v for k, v in m.items() if k != "reasoning_content"} | {"content": "<think>\n" + m[
+        "reasoning_content"].strip("\n") + "\n</think>\n\n" + m["content"].lstrip("\n")}
+            if "reasoning_content" in m else m for m in messages]
 
 
 def special_ids(tokenizer) -> set[int]:
@@ -145,7 +173,7 @@ def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: 
     """Ids of a conversation as its template renders it, and a mask True on each answer (but one of `weight` 0) and
     the token(s) ending its turn (the template's first special token after it, else an EOS put in). Contents are
     plain text (a typed `<|im_start|>` never becomes the special id); the BOS comes first, once; docs/data.md."""
-    specials = special_ids(tokenizer)
+    specials, messages = special_ids(tokenizer), _fold_reasoning(tokenizer, messages)
     ids, mask, answer_ended = [], [], True
     segments = _segments(tokenizer, messages, add_generation_prompt)
     for i in range(0, len(segments) - 1, 2):  # (markup, content) pairs, then the last markup

@@ -688,6 +688,66 @@ def test_left_cuts_drop_whole_oldest_turns_and_keep_the_bos_and_header(toks):
     assert decode(tok, prompt).startswith("<s><|start_header_id|>system<|end_header_id|>\n\nbe brief<|eot_id|>")
 
 
+QWEN3 = (  # Qwen3's published chat template, its tool-call branches left out
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}"
+    "{%- endif %}{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}"
+    "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+    "{%- if ns.multi_step_tool and message.role == 'user' and message.content is string %}"
+    "{%- set ns.multi_step_tool = false %}{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}{%- if message.content is string %}{%- set content = message.content %}"
+    "{%- else %}{%- set content = '' %}{%- endif %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}"
+    "{%- elif message.role == 'assistant' %}{%- set reasoning_content = '' %}"
+    "{%- if message.reasoning_content is string %}{%- set reasoning_content = message.reasoning_content %}"
+    "{%- else %}{%- if '</think>' in content %}"
+    "{%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\n') %}{%- endif %}{%- endif %}"
+    "{%- if loop.index0 > ns.last_query_index %}{%- if loop.last or (not loop.last and reasoning_content) %}"
+    "{{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + "
+    "content.lstrip('\n') }}{%- else %}{{- '<|im_start|>' + message.role + '\n' + content }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\n' + content }}{%- endif %}{{- '<|im_end|>\n' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}")
+
+
+def qwen3_tokenizer():
+    """Qwen3's layout: ChatML markers special, <think> and </think> plain added tokens, its template."""
+    tok = make_tokenizer("qwen2")
+    tok.add_tokens(["<think>", "</think>"])
+    tok.chat_template = QWEN3
+    return tok
+
+
+def test_reasoning_in_content_and_reasoning_content_are_trained_as_the_template_writes_them():
+    """Class 4: a Qwen3 answer with `<think>...</think>` in its content was refused though the template writes it,
+    and `reasoning_content` was dropped: both encode as apply_chat_template's ids, the thinking trained from where
+    the generation prompt ends; a template that does not write reasoning_content refuses it."""
+    tok = qwen3_tokenizer()
+    think = "<think>\nAdd them up.\n</think>\n\n4"
+    for last in ({"role": "assistant", "content": think},
+                 {"role": "assistant", "content": "4", "reasoning_content": "Add them up."}):
+        record = common.data.validate("r:1", {"messages": [user("2+2?"), last]}, "sft")
+        ids, mask = common.encode_record(tok, record)
+        whole = tok.apply_chat_template(record["messages"], tokenize=True)
+        assert ids == (whole if isinstance(whole, list) else whole["input_ids"])
+        assert common.show_example(tok, ids, mask) == (
+            "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n[[<think>\nAdd them up.\n</think>\n\n4"
+            "<|im_end|>]]\n")
+        assert tok.convert_ids_to_tokens(ids).count("<think>") == 1  # the model's own token, not characters
+    # a past answer: the template drops its thinking, so does training
+    past = [user("2+2?"), assistant(think), user("and 3+3?"), assistant("<think>\nAgain.\n</think>\n\n6")]
+    assert common.show_example(tok, *common.encode_conversation(tok, past)) == (
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n[[4<|im_end|>]]\n<|im_start|>user\nand 3+3?"
+        "<|im_end|>\n<|im_start|>assistant\n[[<think>\nAgain.\n</think>\n\n6<|im_end|>]]\n")
+    with pytest.raises(common.UserError, match="reasoning_content, which this chat template does not write"):
+        common.encode_conversation(tokenizer("chatml"), [user("2+2?"), assistant("4") | {
+            "reasoning_content": "Add."}])
+    with pytest.raises(common.UserError, match=r"field 'messages\[0\]' has reasoning_content; expected a string"):
+        common.data.validate("r:1", {"messages": [user("a") | {"reasoning_content": "x"}, assistant("b")]}, "sft")
+
+
 @pytest.mark.parametrize("row", BAD_ROWS)
 def test_bad_rows_name_file_line_and_field(row, tmp_path):
     kind = "sft" if '"prompt": "hi"}' in row or '"text"' in row else "pairs"
