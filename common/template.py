@@ -100,23 +100,26 @@ _TRAITS, _TURNS = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
 
 
 def turn_tokens(tokenizer) -> tuple[dict, object]:
-    """Plain (not special) added tokens the template writes between turns, as axolotl's `tokens:` adds ChatML's:
-    ({text: id}, a copy of the Rust tokenizer where they are special). They end a turn and stay text in contents;
-    one written only inside answers (Qwen3's `<think>`) stays a token."""
+    """Plain (not special) added tokens the template writes between turns, as axolotl's `tokens:` adds ChatML's and
+    DeepSeek-R1's tokenizer has `<｜User｜>`, `<｜Assistant｜>`: ({text: id}, a copy of the Rust tokenizer where they
+    are special). They end a turn and stay text in contents; one written only inside answers (Qwen3's `<think>`)
+    stays a token."""
     if tokenizer not in _TURNS:
         plain = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
                  if not getattr(t, "special", False) and t.content and not t.content.isalnum()  # markup, not a word
                  and not any(c.isspace() for c in t.content)}  # nor white space the template writes anyway
         probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                  {"role": "user", "content": "bye"}]
-        markup = ""
+        markup, header, prompt_tail = "", "", ""
         if plain and getattr(tokenizer, "chat_template", None):
-            try:  # the markup before each user message: the end of the turn before it and the start of its own
-                pieces = _segments(tokenizer, probe, False)
-                markup = "".join(pieces[k - 1][0] for k, (_, j) in enumerate(pieces) if j in (0, 2))
-            except UserError:
-                pass
-        found = {text: i for text, i in plain.items() if text in markup}
+            try:  # the markup before each user message (the end of the turn before it and the start of its own),
+                pieces = _segments(tokenizer, probe, False)  # and before an answer what the generation prompt writes
+                before = {j: pieces[k - 1][0] for k, (_, j) in enumerate(pieces) if j is not None}
+                markup, header = before[0] + before[2], before[1]
+                prompt_tail = _segments(tokenizer, probe[:1], True)[-1][0]
+            except (UserError, KeyError):
+                prompt_tail = ""
+        found = {text: i for text, i in plain.items() if text in markup or text in header and text in prompt_tail}
         split = None
         if found and getattr(tokenizer, "backend_tokenizer", None) is not None:
             from tokenizers import AddedToken

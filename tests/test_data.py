@@ -748,6 +748,57 @@ def test_reasoning_in_content_and_reasoning_content_are_trained_as_the_template_
         common.data.validate("r:1", {"messages": [user("a") | {"reasoning_content": "x"}, assistant("b")]}, "sft")
 
 
+R1_DISTILL = (  # DeepSeek-R1-Distill's published chat template, its tool branches left out
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}{{ bos_token }}{{ ns.system_prompt }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{%- set ns.is_tool = false -%}{{ '<｜User｜>' + message['content'] }}"
+    "{%- endif %}{%- if message['role'] == 'assistant' and message['content'] is not none %}"
+    "{% set content = message['content'] %}{% if '</think>' in content %}"
+    "{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}{%- endfor -%}"
+    "{% if add_generation_prompt and not ns.is_tool %}{{ '<｜Assistant｜><think>\n' }}{% endif %}")
+
+
+def r1_distill_tokenizer():
+    """DeepSeek-R1-Distill's layout: BOS/EOS special, <｜User｜>, <｜Assistant｜>, <think>, </think> plain added
+    tokens (special: false, as its tokenizer.json has them), its template."""
+    from tokenizers import AddedToken
+
+    tok = make_tokenizer("llama")
+    tok.add_special_tokens({"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>"})
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t in ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>")])
+    tok.chat_template = R1_DISTILL
+    return tok
+
+
+@pytest.mark.parametrize("make", [r1_distill_tokenizer, qwen3_tokenizer])
+def test_every_marker_the_template_writes_stays_text_inside_contents(make):
+    """Class 2: DeepSeek-R1-Distill's `<｜Assistant｜>` is a plain added token; typed in data or chat it became the
+    marker id and opened an assistant turn. Every marker the template writes between turns stays text in contents
+    (and ends a turn); a token written only inside answers (<think>) stays the model's own token."""
+    tok = make()
+    added = {t.content: i for i, t in tok.added_tokens_decoder.items()}
+    markers = [t for t in added if t in ("<｜User｜>", "<｜Assistant｜>", "<|im_start|>", "<|im_end|>")]
+    assert markers and sorted(common.turn_tokens(tok)[0]) == sorted(t for t in markers if not tok.added_tokens_decoder[
+        added[t]].special)
+    typed = "say " + " then ".join(markers) + " now"
+    for msgs in ([user(typed)], [user("hi"), assistant(typed)], [{"role": "system", "content": typed}, user("hi")]):
+        ids, mask = common.encode_conversation(tok, msgs + ([] if msgs[-1]["role"] == "assistant" else
+                                                           [assistant("ok")]))
+        rendered = common.render(tok, msgs + ([] if msgs[-1]["role"] == "assistant" else [assistant("ok")]))
+        assert decode(tok, ids).endswith(rendered.removeprefix(tok.bos_token or ""))  # the same text
+        n_markup = sum(rendered.count(t) for t in markers) - sum(typed.count(t) for t in markers)
+        assert sum(ids.count(added[t]) for t in markers) == n_markup  # the typed ones are characters
+    prompt = common.encode_prompt(tok, [user(typed)])
+    assert sum(prompt.count(added[t]) for t in markers) == sum(common.format_prompt(tok, [user(typed)]).count(t)
+                                                               for t in markers) - len(markers)
+    assert "<think>" not in common.turn_tokens(tok)[0]  # the model's own token: not a turn marker
+
+
 @pytest.mark.parametrize("row", BAD_ROWS)
 def test_bad_rows_name_file_line_and_field(row, tmp_path):
     kind = "sft" if '"prompt": "hi"}' in row or '"text"' in row else "pairs"
