@@ -166,10 +166,11 @@ def layout(where: str, obj: dict, kind: str = "sft") -> str:
                                       -len(set(LAYOUTS[n][0]) - seen)))
     fields = LAYOUTS[near][0]
     hint = next((FOREIGN[k] for k in obj if k in FOREIGN), None)
-    what = f"missing {sorted(set(fields) - seen)}" if not set(fields) <= seen else (
-        f"{sorted(seen - set(fields) - set(SYSTEM_FIELDS) - {'margin'})} would change its meaning unread")
-    raise UserError(f"{where}: no layout fits the fields {list(obj)}; nearest: {near} {{{', '.join(fields)}}}, "
-                    f"{what}; " + (hint or "keep one layout's fields a record (docs/data.md lists them)"))
+    missing = [f for f in fields if f not in seen]
+    what = f"field '{missing[0]}' is missing" if missing else (
+        f"fields {sorted(seen - set(fields) - set(SYSTEM_FIELDS) - {'margin'})} would change its meaning unread")
+    raise UserError(f"{where}: no layout fits the fields {list(obj)}: {what} for the nearest, {near} "
+                    f"{{{', '.join(fields)}}}; " + (hint or "keep one layout's fields a record (docs/data.md)"))
 
 
 def validate(where: str, obj: dict, kind: str) -> dict | None:
