@@ -180,7 +180,7 @@ def answer_batch(model, tokenizer, conversations: list[list[dict]], args: Args, 
     """Answers to many conversations: left-padded batches, KV cache, each answer decoded up to its EOS."""
     budget, answers = context_budget(model, args), []
     for i in range(0, len(conversations), args.batch_size):
-        ids = [common.encode_prompt(tokenizer, fit_history(tokenizer, c, budget))[-budget:]
+        ids = [common.fit_turns(tokenizer, c, budget, lambda m: (common.encode_prompt(tokenizer, m),))[0][0]
                for c in conversations[i: i + args.batch_size]]
         input_ids = common.pad(ids, common.pad_id(tokenizer), side="left").to(device)
         attention_mask = common.pad([[1] * len(x) for x in ids], 0, side="left").to(device)
@@ -244,7 +244,7 @@ def chat_loop(model, tokenizer, args: Args, device):
         ids = common.encode_prompt(tokenizer, messages)
         if len(ids) > budget:
             print(f"(message too long: keeping its last {budget} tokens)", file=sys.stderr, flush=True)
-            ids = ids[-budget:]
+            ids = common.cut_tokens(tokenizer, (ids,), budget)[0]  # (its BOS kept)
         print("bot> ", end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         try:

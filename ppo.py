@@ -506,10 +506,10 @@ def load_prompts(args: Args, tokenizer, max_prompt: int):
 
 def load_ptx(args: Args, tokenizer, max_seq_len: int) -> list:
     """PPO-ptx's SFT rows (ids, trained mask), cut from the left to max_seq_len."""
-    rows = [common.encode_record(tokenizer, r) for r in common.data.load_data(args.ptx_data, "sft", None,
-                                                                              args.skip_invalid)]
-    common.print0("example ptx (trained tokens in [[ ]]):\n" + common.show_example(tokenizer, *rows[0]))
-    return [(common.truncate_left(i, max_seq_len)[0], common.truncate_left(m, max_seq_len)[0]) for i, m in rows]
+    records = common.data.load_data(args.ptx_data, "sft", None, args.skip_invalid)
+    common.print0("example ptx (trained tokens in [[ ]]):\n" + common.show_example(
+        tokenizer, *common.encode_record(tokenizer, records[0])))
+    return [common.fit_record(tokenizer, r, max_seq_len)[0] for r in records]
 
 
 @torch.no_grad()

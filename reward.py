@@ -129,7 +129,9 @@ def encode_pair(tokenizer, record: dict, max_seq_len: int, truncation: str, wher
         if len(ids) > max_seq_len and truncation == "error":
             raise common.UserError(f"{where}: {side} has {len(ids)} tokens > --max_seq_len {max_seq_len} "
                                    "(pass --truncation left to cut it)")
-        ids, c = common.truncate_left(ids, max_seq_len)
+        (ids,), c = ((ids,), False) if len(ids) <= max_seq_len else common.fit_turns(  # oldest whole turns first
+            tokenizer, record["prompt"] + answer, max_seq_len, lambda m: (common.encode_scored(tokenizer, m),),
+            keep=len(answer))
         out.append(ids)
         cut |= c
     return out[0], out[1], cut
@@ -259,6 +261,8 @@ def main(args: Args):
         n = len(common.encode_scored(tokenizer, r["prompt"] + r[side]))
         common.print0(f"example {side} (answer in [[ ]], scored at its last token):\n"
                       + common.show_example(tokenizer, ids[:n], mask[:n]))
+    if gap := common.template_gap(tokenizer):
+        common.note(gap)
     # normalisation set: SFT-style responses (demo: held-out demonstrations; else both sides of the eval pairs, or
     # of up to 512 training pairs when nothing is held out)
     if toy:

@@ -120,13 +120,11 @@ def tokenize(records: list[dict], tokenizer, max_seq_len: int, truncation: str, 
         if len(ids) > max_seq_len and truncation == "error":
             raise common.UserError(f"{where}: {len(ids)} tokens > --max_seq_len {max_seq_len} (pass --truncation "
                                    "left to cut it)")
-        return ids, mask
+        return ((ids, mask), False) if len(ids) <= max_seq_len else common.fit_record(tokenizer, record, max_seq_len)
 
     examples, n_truncated, n_empty = [], 0, 0
-    for ids, mask in common.data.encode_records(records, encode, source, skip_invalid):
-        if len(ids) > max_seq_len:
-            ids, _ = common.truncate_left(ids, max_seq_len)
-            mask, _ = common.truncate_left(mask, max_seq_len)
+    for (ids, mask), cut in common.data.encode_records(records, encode, source, skip_invalid):
+        if cut:  # whole oldest turns first, the BOS and the template's header kept (common.fit_turns)
             n_truncated += 1
             if not any(mask[1:]):  # the first token is never predicted
                 n_empty += 1

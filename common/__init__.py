@@ -1,12 +1,11 @@
 """The thin shared part of sft.py, reward.py, ppo.py and chat.py: errors, ranks and start-up, the DeepSpeed
-config, tokenization and chat templates, model loading and HF checkpoints, logging. The other shared concerns are
-modules beside this one (data, runs, flags, logprobs, toy, launcher, dropout); this file imports only the leaves
-(toy, launcher, dropout), and no module of common imports a stage script. No training loop, loss or RL math
-lives here."""
+config, tokenization, model loading and HF checkpoints, logging. The other shared concerns are modules beside this
+one (template, data, runs, flags, logprobs, toy, launcher, dropout); this file imports only the leaves (toy, launcher,
+dropout) and template (re-exported by name), and no module of common imports a stage script. No
+training loop, loss or RL math lives here."""
 
 import atexit
 import contextlib
-import copy
 import functools
 import json
 import math
@@ -16,7 +15,6 @@ import shutil
 import socket
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -236,245 +234,11 @@ def to_messages(example) -> list[dict]:
     return list(example)
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The text of a conversation: the tokenizer's chat template when it has one, else DeepSpeed-Chat's format
-    "\\n\\nHuman: {user}\\n\\nAssistant: {answer}<eos>" (a system message is written as it is, before the turns). A
-    prompt for generation ends before a space the template writes where an answer begins (DeepSpeed-Chat's prompts
-    end with "Assistant:"): the answer's first token carries it, as in the whole text (`Ġcats`)."""
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        except Exception as e:  # jinja's own errors (a template that refuses a role or an empty conversation)
-            raise UserError(f"the chat template cannot render {[m['role'] for m in messages]}: {e}")
-    else:
-        text = ""
-        for m in messages:
-            head = {"user": "\n\nHuman: ", "assistant": "\n\nAssistant: "}.get(m["role"], "")
-            text += head + m["content"] + (tokenizer.eos_token if m["role"] == "assistant" else "")
-        text += "\n\nAssistant: " if add_generation_prompt else ""
-    return text.rstrip(" ") if add_generation_prompt else text
-
-
-def format_prompt(tokenizer, messages: list[dict]) -> str:
-    """The prompt text of every script; it ends where the next assistant answer begins."""
-    return render(tokenizer, messages, add_generation_prompt=True)
-
-
-def _segments(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, int | None]]:
-    """The rendered conversation as (text, message index) pieces: contents (index j) and markup (None). Each content
-    is found by rendering again with a marker in its place, so a template may trim a content (Llama 2 and 3), strip
-    the text around it (Llama 2's system block) or move it (Mistral's system message)."""
-    text, found = render(tokenizer, messages, add_generation_prompt), []
-    mark = "\ufffc"  # the object replacement character, made longer while the text holds it
-    while mark in text:
-        mark += "\ufffc"
-    for j, m in enumerate(messages):
-        marked = render(tokenizer, messages[:j] + [{**m, "content": mark}] + messages[j + 1:], add_generation_prompt)
-        if marked == text:  # a message the template leaves out (Mistral's system message, but in the last turn)
-            continue
-        k = marked.find(mark)
-        piece = next((p for p in dict.fromkeys((m["content"], m["content"].strip())) if marked.count(mark) == 1
-                      and text == marked[:k] + p + marked[k + len(mark):]), None)
-        if piece is None:
-            raise UserError(f"the chat template rewrites the text of a {m['role']} message, or writes it twice "
-                            f"(cannot place {m['content'][:40]!r} in its rendering)")
-        found.append((k, j, piece))
-    out, start = [], 0
-    for k, j, piece in sorted(found):
-        if k < start:
-            raise UserError(f"the chat template writes {messages[j]['role']} message {j} inside another message")
-        out += [(text[start:k], None), (piece, j)]
-        start = k + len(piece)
-    return out + [(text[start:], None)]
-
-
-def special_ids(tokenizer) -> set[int]:
-    """Ids of the tokenizer's special tokens (EOS, BOS, pad, a template's turn markers), and of the plain added
-    tokens its chat template writes as turn markers (turn_tokens)."""
-    added = getattr(tokenizer, "added_tokens_decoder", {})
-    return (set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
-            | set(turn_tokens(tokenizer)[0].values()))
-
-
-_TRAITS, _TURNS = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
-
-
-def turn_tokens(tokenizer) -> tuple[dict, object]:
-    """Plain (not special) added tokens the template writes between turns, as axolotl's `tokens:` adds ChatML's:
-    ({text: id}, a copy of the Rust tokenizer where they are special). They end a turn and stay text in contents;
-    one written only inside answers (Qwen3's `<think>`) stays a token."""
-    if tokenizer not in _TURNS:
-        plain = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
-                 if not getattr(t, "special", False) and t.content and not t.content.isalnum()  # markup, not a word
-                 and not any(c.isspace() for c in t.content)}  # nor white space the template writes anyway
-        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                 {"role": "user", "content": "bye"}]
-        markup = ""
-        if plain and getattr(tokenizer, "chat_template", None):
-            try:  # the markup before each user message: the end of the turn before it and the start of its own
-                pieces = _segments(tokenizer, probe, False)
-                markup = "".join(pieces[k - 1][0] for k, (_, j) in enumerate(pieces) if j in (0, 2))
-            except UserError:
-                pass
-        found = {text: i for text, i in plain.items() if text in markup}
-        split = None
-        if found and getattr(tokenizer, "backend_tokenizer", None) is not None:
-            from tokenizers import AddedToken
-
-            split = copy.deepcopy(tokenizer.backend_tokenizer)
-            split.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in found])
-        _TURNS[tokenizer] = found, split
-    return _TURNS[tokenizer]
-
-
-def _traits(tokenizer) -> tuple[bool, bool]:
-    """(adds a BOS to every input, puts a SentencePiece "▁" before every input), worked out once per tokenizer."""
-    if tokenizer not in _TRAITS:
-        ids = tokenizer("a")["input_ids"]
-        bare = tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"])
-        _TRAITS[tokenizer] = (tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id],
-                              bool(bare) and bare[0].startswith("▁"))
-    return _TRAITS[tokenizer]
-
-
-def _encode(tokenizer, text: str, plain: bool) -> list[int]:
-    """Ids of a text, no special tokens added (`plain`: special-token strings stay text), through the Rust tokenizer
-    where there is one: the Python wrapper costs ~0.1 ms a call, 4 s for the demo's 6,000 conversations."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
-    turns, split = turn_tokens(tokenizer)
-    if plain and split is not None and any(t in text for t in turns):  # plain turn markers stay text too
-        backend = split
-    before, backend.encode_special_tokens = backend.encode_special_tokens, plain
-    try:
-        return backend.encode(text, add_special_tokens=False).ids
-    finally:
-        backend.encode_special_tokens = before
-
-
-def _piece_ids(tokenizer, text: str, plain: bool, first: bool) -> list[int]:
-    """Token ids of one piece of a conversation (`plain`: special-token strings stay text). SentencePiece-style
-    tokenizers put a "▁" (a space) before every input: a piece inside the text is tokenised after a newline whose
-    ids are then cut, so it gets no space the template did not write."""
-    ids = _encode(tokenizer, text, plain)
-    if first or not ids or not _traits(tokenizer)[1]:
-        return ids
-    for sentinel in ("\n", "\ue000"):  # a vocabulary that merges "\n" with what follows: a private-use character
-        head = _encode(tokenizer, sentinel, False)
-        both = _encode(tokenizer, sentinel + text, plain)
-        if both[: len(head)] == head:
-            return both[len(head):]
-    return ids
-
-
-def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: bool = False
-                        ) -> tuple[list[int], list[bool]]:
-    """Ids of a conversation as its template renders it, and a mask True on each answer and the token(s) ending its
-    turn (the template's first special token after it, else an EOS put in). Contents are plain text (a typed
-    `<|im_start|>` never becomes the special id); the BOS comes first, once; docs/data.md, "Encoding"."""
-    specials = special_ids(tokenizer)
-    ids, mask, answer_ended = [], [], True
-    segments = _segments(tokenizer, messages, add_generation_prompt)
-    for i in range(0, len(segments) - 1, 2):  # (markup, content) pairs, then the last markup
-        (markup, _), (content, j) = segments[i], segments[i + 1]
-        head = markup.rstrip(" ")
-        if content:  # spaces the markup writes before a content are tokenised with it, as in the whole text:
-            segments[i], segments[i + 1] = (head, None), (markup[len(head):] + content, j)  # `:` `Ġcats`, not `Ġ`
-    for text, j in segments:
-        new = _piece_ids(tokenizer, text, plain=j is not None, first=not ids)
-        if j is not None:
-            answer_ended = messages[j]["role"] != "assistant"
-            ids, mask = ids + new, mask + [not answer_ended] * len(new)
-            continue
-        end = next((i + 1 for i, t in enumerate(new) if t in specials), 0) if not answer_ended else 0
-        if not answer_ended and not end:  # a template that writes nothing special after an answer
-            new, end = [tokenizer.eos_token_id] + new, 1
-        ids, mask = ids + new, mask + [i < end for i in range(len(new))]
-        answer_ended = True
-    if _traits(tokenizer)[0] and ids[:1] != [tokenizer.bos_token_id]:
-        ids, mask = [tokenizer.bos_token_id] + ids, [False] + mask
-    return ids, mask
-
-
-def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a prompt, ready for generation (ends with the assistant prefix): a prefix of the ids of the
-    conversation that continues it (encode_conversation)."""
-    return encode_conversation(tokenizer, messages, add_generation_prompt=True)[0]
-
-
-def encode_scored(tokenizer, messages: list[dict]) -> list[int]:
-    """Ids of a conversation that ends with an answer, cut after the token that ends that answer's turn: where a
-    reward model reads its score (reward.py, ppo.py and chat.py agree on it)."""
-    ids, mask = encode_conversation(tokenizer, messages)
-    return ids[: max((i for i, m in enumerate(mask) if m), default=len(ids) - 1) + 1]
-
-
-def encode_plain(tokenizer, text: str) -> tuple[list[int], list[bool]]:
-    """A `{"text"}` record: plain language-model data, no template; BOS (if the tokenizer adds one) + text + EOS,
-    every token trained; special-token strings in it stay text."""
-    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
-    ids = ([tokenizer.bos_token_id] if _traits(tokenizer)[0] else []) + ids
-    return ids, [True] * len(ids)
-
-
-def encode_record(tokenizer, record: dict) -> tuple[list[int], list[bool]]:
-    """ids and trained mask of an SFT record: {"messages"} or {"text"}."""
-    if "text" in record:
-        return encode_plain(tokenizer, record["text"])
-    return encode_conversation(tokenizer, record["messages"])
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """Ids that end an answer in generation: the EOS and the chat template's end of turn (ChatML's `<|im_end|>`,
-    Llama 3's `<|eot_id|>`) when it is another token."""
-    ids, mask = encode_conversation(tokenizer, [{"role": "user", "content": "hi"},
-                                                {"role": "assistant", "content": "hi"}])
-    return sorted({tokenizer.eos_token_id, ids[max(i for i, m in enumerate(mask) if m)]})
-
-
-def decode_answers(tokenizer, rows) -> list[str]:
-    """Generated answers (rows of ids, padded) as text, stripped, without special tokens (EOS, padding) or the plain
-    tokens the template uses as turn markers (turn_tokens: a ChatML answer ends with a plain `<|im_end|>` then)."""
-    drop = set(turn_tokens(tokenizer)[0].values())
-    if drop:
-        rows = [[i for i in row.tolist() if i not in drop] for row in rows]
-    return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
-
-
-def template_gap(tokenizer) -> str | None:
-    """What a chat template writes at the start of an answer turn and its generation prompt does not (Qwen3 puts an
-    empty `<think></think>` block in past answers only): SFT trains answers after tokens that a prompt never ends
-    with, so generation starts where training never did. None when the prompt ends where the answer begins."""
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    ids, mask = encode_conversation(tokenizer, msgs)
-    prompt, first = encode_prompt(tokenizer, msgs[:1]), mask.index(True)
-    if ids[:first] == prompt:
-        return None
-    same = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b), min(len(prompt), first))
-    decode = functools.partial(tokenizer.decode, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    return (f"the chat template starts an answer turn with {decode(ids[same:first])!r} where its generation prompt "
-            f"ends with {decode(prompt[same:])!r}: answers are trained after text that generation does not give "
-            "(pass a template whose generation prompt ends where an answer begins)")
-
-
-def show_example(tokenizer, ids: list[int], mask: list[bool]) -> str:
-    """A decoded example with the trained tokens in [[ ]], to print before training (each run is what it adds to
-    the decoded text, so a SentencePiece run keeps its leading space)."""
-    out, shown, i = "", "", 0
-    while i < len(ids):
-        j = i
-        while j < len(ids) and mask[j] == mask[i]:
-            j += 1
-        text = tokenizer.decode(ids[:j], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        out += f"[[{text[len(shown):]}]]" if mask[i] else text[len(shown):]
-        shown, i = text, j
-    return out
-
-
-def truncate_left(ids: list, max_len: int) -> tuple[list, bool]:
-    """Keep the last `max_len` items; say whether anything was cut."""
-    return (ids[-max_len:], True) if len(ids) > max_len else (ids, False)
+from common.template import (  # noqa: E402,F401 (the chat-template section, common.encode_prompt etc.)
+    render, format_prompt, _segments, special_ids, turn_tokens, _traits, _encode, _piece_ids, encode_conversation,
+    encode_prompt, encode_scored, encode_plain, encode_record, stop_token_ids, decode_answers, template_gap,
+    show_example, cut_tokens, fit_turns, fit_record, truncate_left, _TRAITS, _TURNS,
+)
 
 
 def pad(rows: list[list[int]], value: int, side: str = "right", length: int | None = None) -> torch.Tensor:

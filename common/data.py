@@ -1,6 +1,7 @@
 """Data: JSONL/JSON files, `datasets` folders and hub names read into canonical records, one layout per record
-(docs/data.md); a record that fits none is a one-line error naming its file, line and fields."""
+(common.layouts, docs/data.md); a record that fits none is a one-line error naming its file, line and fields."""
 
+import importlib.util
 import json
 import os
 import random
@@ -10,16 +11,49 @@ from pathlib import Path
 
 import common
 from common import UserError, toy
+from common.layouts import (  # noqa: F401 (common.data.validate, the layouts)
+    FOREIGN, KNOWN, LAYOUTS, MESSAGE_KEYS, PAIRS, SYSTEM_FIELDS, layout, turns, validate,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # data
 
 
+MAX_RECORD_CHARS = 4 << 20  # a record's text: ~1M tokens, 8 times a 128k-token context (docs/data.md)
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of half a UTF-16 pair (json.loads accepts one alone)
+BINARY = {b"PAR1": "Parquet", b"\x1f\x8b": "gzip-compressed", b"PK\x03\x04": "a zip archive"}  # (first bytes)
+
+
+def _checked(obj, size: int, text: str):
+    """A decoded record, or the message saying why it is not one (too large, a lone surrogate, not an object)."""
+    if size > MAX_RECORD_CHARS:
+        return (f"a record of {size:,} characters, more than the {MAX_RECORD_CHARS:,} a record may have (nothing "
+                "trains on more); expected records that fit a context: cut it, or drop it with --skip_invalid")
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    if _SURROGATE.search(text):
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            return (f"a lone surrogate escape ({e.object[e.start]!r}) in a string is no character; expected valid "
+                    "Unicode text")
+    return obj
+
+
+DEEP = "JSON nested deeper than Python's reader can go; expected records of strings, numbers and message lists"
+
+
 def _read_rows(path: str):
-    """(where, object or error message) for each record of a JSONL file or a JSON array file, `where` being
-    `file:line`. A record that is not a JSON object comes back as its error message (see load_data)."""
+    """(where, object or error message) for each record of a JSONL file, a JSON array file or a file of one JSON
+    object, `where` being `file:line`. A record that is not one comes back as its error message (see load_data)."""
     raw, rows = Path(path).read_bytes(), 0
     raw = raw.removeprefix(b"\xef\xbb\xbf")  # the UTF-8 byte-order mark some Windows editors write first
+    if kind := next((name for magic, name in BINARY.items() if raw.startswith(magic)), None):
+        raise UserError(f"--data {path}: a {kind} file; expected JSONL or a JSON array" + (
+            " (Parquet is read with `pip install datasets`)" if kind == "Parquet" else " (decompress it first)"))
+    if raw.lstrip().startswith(b"{") and (one := _one_object(path, raw)) is not None:
+        yield f"{path}:{raw.count(10, 0, raw.index(b'{')) + 1}", _checked(one, len(raw), raw.decode("utf-8"))
+        return
     if raw.lstrip().startswith(b"["):  # a JSON array; line numbers from the decoder's offsets
         try:
             text = raw.decode("utf-8")
@@ -27,14 +61,15 @@ def _read_rows(path: str):
             raise UserError(f"{path}:{raw.count(10, 0, e.start) + 1}: not valid UTF-8; expected UTF-8 JSON")
         dec, skip, i, last, line = json.JSONDecoder(), re.compile(r"[\s,]*"), text.index("[") + 1, 0, 1
         while (i := skip.match(text, i).end()) < len(text) and text[i] != "]":
-            line, last = line + text.count("\n", last, i), i
+            line, last, start = line + text.count("\n", last, i), i, i
             try:
                 obj, i = dec.raw_decode(text, i)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})")
+            except RecursionError:  # (an array cannot go on past a record it cannot read)
+                raise UserError(f"{path}:{line}: {DEEP}")
             rows += 1
-            not_object = f"expected a JSON object, got {type(obj).__name__}"
-            yield f"{path}:{line}", obj if isinstance(obj, dict) else not_object
+            yield f"{path}:{line}", _checked(obj, i - start, text[start:i])
         if i >= len(text) or text[i + 1:].strip():  # cut short, or something after the array
             why = "no closing ]" if i >= len(text) else "text after its closing ]"
             raise UserError(f"{path}:{text.count(chr(10), 0, i) + 1}: malformed JSON array ({why})")
@@ -43,183 +78,45 @@ def _read_rows(path: str):
             if not line.strip():
                 continue
             rows += 1
+            if len(line) > MAX_RECORD_CHARS:  # (not decoded: a 200 MB line is refused before it costs anything)
+                yield f"{path}:{n}", _checked(None, len(line), "")
+                continue
             try:
-                obj = json.loads(line.decode("utf-8"))
+                text = line.decode("utf-8")
+                obj = json.loads(text)
+            except RecursionError:
+                yield f"{path}:{n}", DEEP
+                continue
             except UnicodeDecodeError as e:
                 yield f"{path}:{n}", f"not valid UTF-8 (byte {e.start}); expected UTF-8 JSON"
                 continue
             except json.JSONDecodeError as e:
                 yield f"{path}:{n}", f"malformed JSON ({e.msg} at column {e.colno}); expected one object a line"
                 continue
-            yield f"{path}:{n}", obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
+            yield f"{path}:{n}", _checked(obj, len(text), text)
     if not rows:
         raise UserError(f"{path}: the data file is empty; expected one JSON object a line, or a JSON array")
 
 
-def _check_text(where: str, obj: dict, field: str):
-    v = obj.get(field)
-    if field not in obj:
-        raise UserError(f"{where}: field '{field}' is missing; expected a non-empty string")
-    if isinstance(v, list):
-        _check_messages(where, v, field)
-    elif not isinstance(v, str) or not v.strip():
-        raise UserError(f"{where}: field '{field}' must be a non-empty string, got {json.dumps(v)[:40]}")
-
-
-def _check_messages(where: str, msgs, field: str = "messages"):
-    if not isinstance(msgs, list) or not msgs:
-        raise UserError(f"{where}: field '{field}' must be a non-empty list of {{role, content}} objects")
-    for j, m in enumerate(msgs):
-        ok = isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-        if not ok or not isinstance(m.get("content"), str) or not m["content"].strip():
-            raise UserError(f"{where}: field '{field}[{j}]' must be {{\"role\": system|user|assistant, "
-                            f"\"content\": non-empty string}}")
-
-
-_HH_TURN = re.compile(r"(?:^\s*|\n\n)(Human|Assistant):")
-
-
-def turns(where: str, obj: dict, field: str, role: str = "user") -> list[dict]:
-    """A field as a message list: a list of {role, content} as it is; a string written as DeepSpeed-Chat / HH-RLHF
-    turns ("\\n\\nHuman: ...\\n\\nAssistant: ...") parsed into them (a last empty "Assistant:" is the place where
-    the answer goes, and is dropped); any other string is one message of `role`. Strings lose the white space
-    around them (the space of Dahoas' " The answer" after "Assistant:" is the format's, not the answer's)."""
-    _check_text(where, obj, field)
-    v = obj[field]
-    if isinstance(v, list):
-        return [{"role": m["role"], "content": m["content"]} for m in v]
-    hh = v.replace("\r\n", "\n")  # (a file written on Windows)
-    if not re.match(r"\s*Human:", hh):  # HH's form starts with a Human turn; a prompt may end before "Assistant:"
-        return [{"role": role, "content": v.strip()}]
-    parts = _HH_TURN.split(hh)
-    out = [{"role": "user" if r == "Human" else "assistant", "content": c.strip()}
-           for r, c in zip(parts[1::2], parts[2::2])]
-    if out[-1]["role"] == "assistant" and not out[-1]["content"]:
-        out.pop()
-    _check_messages(where, out, field)
-    return out
-
-
-def _answer(where: str, prompt: list[dict], side: list[dict], field: str) -> list[dict]:
-    """The answer turns of one side: a side that repeats the prompt's turns first (UltraFeedback) is cut to what
-    follows them (white space around a content aside: a prompt string loses it, a message list keeps it); it must
-    then start and end with an assistant turn."""
-    def bare(turns):
-        return [(m["role"], m["content"].strip()) for m in turns]
-
-    if bare(side[: len(prompt)]) == bare(prompt):
-        side = side[len(prompt):]
-    if not side or side[-1]["role"] != "assistant":
-        raise UserError(f"{where}: field '{field}' must end with an assistant turn")
-    if side[0]["role"] != "assistant":
-        raise UserError(f"{where}: field '{field}' starts with turns that are not the prompt's; expected the answer, "
-                        "or the prompt's turns followed by the answer")
-    return side
-
-
-def _split_shared(where: str, obj: dict) -> tuple[list[dict], list[dict], list[dict]]:
-    """HH-RLHF pairs without a prompt: the turns both sides share, up to the last user turn, are the prompt."""
-    chosen, rejected = turns(where, obj, "chosen"), turns(where, obj, "rejected")
-    n = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
-    while n and chosen[n - 1]["role"] != "user":
-        n -= 1
-    if not n:
-        raise UserError(f"{where}: no 'prompt' field and 'chosen' and 'rejected' share no leading user turn; expected "
-                        "a prompt, or both sides written as the same conversation with different answers")
-    return chosen[:n], _answer(where, chosen[:n], chosen[n:], "chosen"), _answer(where, [], rejected[n:], "rejected")
-
-
-MAX_MARGIN = 1e6  # a reward margin's largest magnitude (a gap in reward units; published ones are single digits)
-SYSTEM_FIELDS = ("system", "system_prompt")  # a record's system message beside its layout (Orca's, OpenOrca's)
-
-
-def _with_system(where: str, obj: dict, msgs: list[dict]) -> list[dict]:
-    """A conversation with the record's `system` (or `system_prompt`) field, a string, as its first message; an empty
-    one adds none, and one the conversation already starts with is not written twice."""
-    field = next((f for f in SYSTEM_FIELDS if f in obj), None)
-    if field is None:
-        return msgs
-    if not isinstance(obj[field], str):
-        raise UserError(f"{where}: field '{field}' must be a string (the conversation's system message)")
-    system = obj[field].strip()
-    if not system:
-        return msgs
-    if msgs and msgs[0]["role"] == "system":
-        if msgs[0]["content"].strip() == system:
-            return msgs
-        raise UserError(f"{where}: field '{field}' and the conversation's own system message differ; expected one "
-                        "system message")
-    return [{"role": "system", "content": system}] + msgs
-
-
-LAYOUTS = {"sft": '{"messages"}, {"prompt", "response" or "completion"}, {"prompt", "chosen"}, {"chosen"} (HH) or '
-                  '{"text"}',
-           "pairs": '{"prompt", "chosen", "rejected"} or {"chosen", "rejected"} (HH)',
-           "prompts": '{"prompt"}, {"messages"} or {"chosen", "rejected"} (HH)'}
-
-
-def validate(where: str, obj: dict, kind: str) -> dict:
-    """Check one record of any layout (README, "Data") and return it in canonical form:
-    sft -> {"messages"} (with an assistant turn) or {"text"}; pairs -> {"prompt": messages, "chosen": messages,
-    "rejected": messages} (each side the answer turn(s) only) and an optional "margin"; prompts -> {"prompt":
-    messages} (ending with a user turn)."""
-    keys = {"sft": ("messages", "text", "prompt", "chosen"), "pairs": ("prompt", "chosen"),
-            "prompts": ("prompt", "messages", "chosen")}[kind]
-    if not any(k in obj for k in keys):  # ShareGPT's "conversations", Alpaca's "instruction", ...
-        raise UserError(f"{where}: field '{keys[-1] if kind == 'pairs' else 'prompt'}' is missing: no {kind} layout "
-                        f"fits the fields {list(obj)}; expected " + LAYOUTS[kind] + " (README, Data)")
-    if kind == "sft":
-        if "messages" in obj:
-            msgs = turns(where, obj, "messages")
-            if not any(m["role"] == "assistant" for m in msgs):
-                raise UserError(f"{where}: field 'messages' has no assistant turn to learn from")
-            return {"messages": _with_system(where, obj, msgs)}
-        if "text" in obj and "prompt" not in obj:
-            _check_text(where, obj, "text")
-            if not isinstance(obj["text"], str):
-                raise UserError(f"{where}: field 'text' must be a string")
-            return {"text": obj["text"]}
-        if "prompt" not in obj and "chosen" in obj:  # HH-RLHF: the chosen conversation
-            msgs = turns(where, obj, "chosen")
-            if msgs[-1]["role"] != "assistant":
-                raise UserError(f"{where}: field 'chosen' must end with an assistant turn")
-            return {"messages": _with_system(where, obj, msgs)}
-        prompt = turns(where, obj, "prompt")
-        field = next((f for f in ("response", "completion", "chosen") if f in obj), None)
-        if field is None:
-            raise UserError(f"{where}: field 'response' is missing (nor 'completion' or 'chosen'); expected the "
-                            "answer as a non-empty string or message list")
-        answer = _answer(where, prompt, turns(where, obj, field, "assistant"), field)
-        return {"messages": _with_system(where, obj, prompt + answer)}
-    if kind == "pairs":
-        if "prompt" in obj:
-            prompt = turns(where, obj, "prompt")
-            sides = [_answer(where, prompt, turns(where, obj, f, "assistant"), f) for f in ("chosen", "rejected")]
-        else:
-            prompt, *sides = _split_shared(where, obj)
-        out = {"prompt": _with_system(where, obj, prompt), "chosen": sides[0], "rejected": sides[1]}
-        if "margin" in obj:
-            if not isinstance(obj["margin"], (int, float)) or isinstance(obj["margin"], bool) or not abs(
-                    obj["margin"]) <= MAX_MARGIN:  # (larger ones overflow the loss: inf, however the model scores)
-                raise UserError(f"{where}: field 'margin' must be a number from -{MAX_MARGIN:g} to {MAX_MARGIN:g}, "
-                                f"got {json.dumps(obj['margin'])[:40]}")
-            out["margin"] = float(obj["margin"])
-        return out
-    if kind == "prompts":
-        if "prompt" in obj:
-            msgs, field = turns(where, obj, "prompt"), "prompt"
-        elif "messages" in obj:  # a conversation: everything before its last answer
-            msgs, field = turns(where, obj, "messages"), "messages"
-            while msgs and msgs[-1]["role"] == "assistant":
-                msgs = msgs[:-1]
-        else:
-            msgs, field = _split_shared(where, obj)[0], "chosen"
-        if not msgs or msgs[-1]["role"] != "user":
-            raise UserError(f"{where}: field '{field}' has no user turn to answer"
-                            if not any(m["role"] == "user" for m in msgs) else
-                            f"{where}: field '{field}' must end with a user turn")
-        return {"prompt": _with_system(where, obj, msgs)}
-    raise ValueError(kind)
+def _one_object(path: str, raw: bytes) -> dict | None:
+    """The record of a file that is one JSON object written over several lines (None for JSONL); a file whose object
+    holds the records in a list is refused, naming the field."""
+    first = raw.lstrip().split(b"\n", 1)[0]
+    try:
+        json.loads(first)
+        return None  # its first line is a whole object: JSONL
+    except (ValueError, RecursionError):
+        pass
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None  # (JSONL with a bad first line: said line by line)
+    held = next((k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)
+                 and k not in KNOWN), None) if isinstance(obj, dict) else None
+    if held is not None:
+        raise UserError(f"{path}: one JSON object holding its records in field '{held}'; expected JSONL or a JSON "
+                        f"array of records (write out the list under '{held}')")
+    return obj if isinstance(obj, dict) else None
 
 
 def _hub_reachable() -> bool:
@@ -236,19 +133,19 @@ def _hub_reachable() -> bool:
 
 def _dataset_rows(path: str, split: str | None):
     """(where, row) of a `datasets` save_to_disk folder or an HF hub dataset."""
-    import importlib.util
-
     if importlib.util.find_spec("datasets") is None:
         raise UserError(f"--data {path}: not a data file, and `datasets` (to read a dataset folder or an HF hub "
                         "name) is not installed: pip install datasets")
     told = "1" in (os.environ.get("HF_DATASETS_OFFLINE"), os.environ.get("HF_HUB_OFFLINE"))
-    offline = not os.path.isdir(path) and not told and not _hub_reachable()
+    offline = not os.path.exists(path) and not told and not _hub_reachable()
     if offline:  # read the local cache only (set before datasets reads these at import)
         os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
     import datasets
 
     try:
-        if os.path.isdir(path):
+        if os.path.isfile(path):  # Parquet
+            ds = datasets.load_dataset("parquet", data_files=path, split="train")
+        elif os.path.isdir(path):
             ds = datasets.load_from_disk(path)
         else:
             if offline:  # datasets was imported already: its flags too
@@ -270,7 +167,16 @@ def _dataset_rows(path: str, split: str | None):
         raise UserError(f"--data {path}: a dataset saved without splits has no split '{split}'; pass held-out data "
                         "as --eval_data")
     for i, row in enumerate(ds):  # a column some rows leave empty (None) is a field those rows do not have
-        yield f"{path}[{split or 'train'}][{i}]", {k: v for k, v in row.items() if v is not None}
+        yield f"{path}[{split or 'train'}][{i}]", _checked({k: v for k, v in row.items() if v is not None},
+                                                            _chars(row), "")
+
+
+def _chars(value) -> int:
+    """The characters of the strings in a record."""
+    if isinstance(value, str):
+        return len(value)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return sum(_chars(v) for v in items)
 
 
 class Record(dict):
@@ -316,12 +222,14 @@ def load_data(spec: str, kind: str, split: str | None = None, skip_invalid: bool
     `skip_invalid` is dropped and counted."""
     if spec == "toy":
         return toy.toy_data(kind, split or "train")
-    records, skipped = [], []
+    records, skipped, unlearned = [], [], 0
     for path in input_paths(spec):
         if os.path.isfile(path):
             if split not in (None, "train"):
                 raise UserError(f"--data {path}: a file has no split '{split}'; pass held-out data as --eval_data")
-            rows = _read_rows(path)
+            with open(path, "rb") as f:
+                parquet = f.read(4) == b"PAR1" and importlib.util.find_spec("datasets") is not None
+            rows = _dataset_rows(path, None) if parquet else _read_rows(path)
         elif path.endswith((".jsonl", ".json")) or path.startswith((".", "/", "~")) and not os.path.isdir(path):
             raise UserError(f"--data {path}: no such data file")
         else:
@@ -330,13 +238,19 @@ def load_data(spec: str, kind: str, split: str | None = None, skip_invalid: bool
             try:
                 if isinstance(obj, str):
                     raise UserError(f"{where}: {obj}")
-                records.append(Record(validate(where, obj, kind), where=where))
+                record = validate(where, {k: v for k, v in obj.items() if v is not None}, kind)  # null: no field
+                if record is None:
+                    unlearned += 1
+                    continue
+                records.append(Record(record, where=where))
             except UserError as e:
                 if not skip_invalid:
                     raise
                 skipped.append(e.code.removeprefix("error: "))
     if skipped:
         common.print0(f"--skip_invalid: dropped {len(skipped)} invalid records of {spec} (first: {skipped[0]})")
+    if unlearned:
+        common.print0(f"{spec}: {unlearned} records with label false (an answer not to learn) are not trained")
     if not records:
         raise UserError(f"--data {spec}: no valid records")
     return records
@@ -365,18 +279,24 @@ def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
 
 def encode_prompts(records: list[dict], tokenizer, max_len: int, truncation: str, source: str,
                    skip_invalid: bool = False):
-    """Token ids of each record's prompt, cut from the left to max_len (or an error with --truncation error), the
-    number cut, and the records kept (--skip_invalid drops those that cannot be encoded)."""
+    """Token ids of each record's prompt, cut from the left to max_len by whole turns (common.fit_turns; or an error
+    with --truncation error), the number cut, and the records kept (--skip_invalid drops those that cannot be
+    encoded)."""
     known = {}
+
+    def prompt(messages):
+        return (common.encode_prompt(tokenizer, messages),)
 
     def encode(record, where):
         key = repr(record["prompt"])
         if key not in known:  # a repeated prompt (the demo draws 4096 from 115) is encoded once
-            known[key] = common.encode_prompt(tokenizer, record["prompt"])
-        if len(known[key]) > max_len and truncation == "error":
-            raise UserError(f"{where}: {len(known[key])} tokens > --max_seq_len - --max_new_tokens = "
+            known[key] = len(prompt(record["prompt"])[0]), common.fit_turns(tokenizer, record["prompt"], max_len,
+                                                                            prompt)
+        if known[key][0] > max_len and truncation == "error":
+            raise UserError(f"{where}: {known[key][0]} tokens > --max_seq_len - --max_new_tokens = "
                                    f"{max_len} (pass --truncation left to cut it)")
-        return record, common.truncate_left(list(known[key]), max_len)
+        (ids,), cut = known[key][1]
+        return record, (list(ids), cut)
 
     encoded = encode_records(records, encode, source, skip_invalid)
     return [ids for _, (ids, _) in encoded], sum(cut for _, (_, cut) in encoded), [r for r, _ in encoded]

@@ -4,6 +4,7 @@ generation stop ids, data files (JSONL, JSON arrays, dataset folders) with --ski
 a Qwen2.5-base-style model (ChatML turns, EOS <|endoftext|>) fed the public datasets' layouts."""
 
 import json
+import re
 import time
 
 import pytest
@@ -309,8 +310,8 @@ def test_real_world_file_quirks(tmp_path, monkeypatch):
     (tmp_path / "c.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}]}) + "\n")
     with pytest.raises(common.UserError) as e:
         common.data.load_data(str(tmp_path / "c.jsonl"), "sft")
-    assert e.value.code.startswith(f"error: {tmp_path / 'c.jsonl'}:1: field 'prompt' is missing: no sft layout fits "
-                                   "the fields ['conversations']")
+    assert e.value.code.startswith(f"error: {tmp_path / 'c.jsonl'}:1: no layout fits the fields ['conversations']")
+    assert "ShareGPT's conversations: convert them to \"messages\"" in e.value.code
     assert "\n" not in e.value.code
 
 
@@ -375,8 +376,8 @@ LAYOUTS = {  # kind: [(row, canonical record)]
         ({"prompt": HH, "response": " Madrid.", "chosen": " Madrid.", "rejected": " Rome."},  # Dahoas/rm-static
          {"messages": Q + [assistant("Madrid.")]}),
         ({"chosen": HH + " Madrid.", "rejected": HH + " Rome."}, {"messages": Q + [assistant("Madrid.")]}),  # HH-RLHF
-        ({"prompt": "hi", "messages": [user("hi"), assistant("yo")], "chosen": [user("hi"), assistant("yo")]},
-         {"messages": [user("hi"), assistant("yo")]}),  # UltraFeedback: its messages
+        ({"prompt": "hi", "messages": [user("hi"), assistant("yo")], "chosen": [user("hi"), assistant("yo")],
+          "rejected": [user("hi"), assistant("no")]}, {"messages": [user("hi"), assistant("yo")]}),  # UltraFeedback
     ],
     "pairs": [
         ({"prompt": "hi", "chosen": "good .", "rejected": "bad ."},
@@ -499,6 +500,305 @@ def test_a_system_field_is_the_conversations_system_message():
             ("prompts", {"system": "Be terse.", "prompt": "2+2?"}, {"prompt": system + user}),
             ("prompts", {"system": "", "messages": user + answer}, {"prompt": user})):
         assert common.data.validate("d.jsonl:1", row, kind) == want, (kind, row)
+
+
+# faithful copies of published rows (field names and value types as the sets publish them)
+KTO_MIX = [  # trl-lib/kto-mix-14k: TRL's unpaired preference, conversational
+    {"prompt": [{"content": "Q: What is 2+2?", "role": "user"}], "completion": [{"content": "4", "role": "assistant"}],
+     "label": True},
+    {"prompt": [{"content": "Q: What is 2+2?", "role": "user"}], "completion": [{"content": "5", "role": "assistant"}],
+     "label": False}]
+OPENAI_FT = {"messages": [  # OpenAI's fine-tuning format: an assistant message of weight 0 is not trained
+    {"role": "system", "content": "Marv is a factual chatbot that is also sarcastic."},
+    {"role": "user", "content": "What's the capital of France?"},
+    {"role": "assistant", "content": "Paris", "weight": 0},
+    {"role": "user", "content": "Can you be more sarcastic?"},
+    {"role": "assistant", "content": "Paris, as if everyone doesn't know that already.", "weight": 1}]}
+ALPACA = {"instruction": "Give three tips for staying healthy.", "input": "", "output": "1. Eat well.",  # tatsu-lab
+          "text": "Below is an instruction that describes a task. Write a response that appropriately completes "
+                  "the request.\n\n### Instruction:\nGive three tips for staying healthy.\n\n### Response:\n"
+                  "1. Eat well."}
+OASST1 = {"message_id": "6ab24d72-0181-4594-a9cd-deaf170242fb", "parent_id": None,  # OpenAssistant/oasst1
+          "user_id": "c3fe8c76-fc30-4fa7-b7f8-c492f5967d18", "created_date": "2023-02-05T14:23:50.983374+00:00",
+          "text": "Can you write a short introduction about the relevance of the term monopsony?", "role": "prompter",
+          "lang": "en", "review_count": 3, "review_result": True, "deleted": False, "rank": None, "synthetic": False,
+          "model_name": None, "message_tree_id": "6ab24d72-0181-4594-a9cd-deaf170242fb",
+          "tree_state": "ready_for_export"}
+ORCA_DPO = {"system": "You are an AI assistant. Answer briefly.",  # Intel/orca_dpo_pairs
+            "question": "What is the capital of France?", "chosen": "Paris.", "rejected": "Rome, probably."}
+ORCA_DPO_INPUT = {"system": "", "input": "What is the capital of France?", "chosen": "Paris.",  # argilla's copy
+                  "rejected": "Rome, probably.", "generations": ["Paris.", "Rome, probably."],
+                  "order": ["chosen", "rejected"], "labelling_model": "gpt-4-1106-preview", "rating": [10.0, 3.0],
+                  "status": "unchanged", "chosen_score": 10.0, "in_gsm8k_train": False}
+OPENORCA = {"id": "niv.242684", "system_prompt": "You are an AI assistant. Answer briefly.",  # Open-Orca/OpenOrca
+            "question": "What is the capital of France?", "response": "Paris."}
+
+
+def test_fields_that_say_do_not_learn_this_are_honoured(tmp_path, capsys, toks):
+    """Class 1: TRL's unpaired preference rows train their `label: true` answers only (the others are counted, and
+    refused as reward pairs); an OpenAI fine-tuning assistant turn of `weight` 0 is context, not trained."""
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in KTO_MIX))
+    assert common.data.load_data(str(path), "sft") == [{"messages": [user("Q: What is 2+2?"), assistant("4")]}]
+    assert "1 records with label false" in capsys.readouterr().out
+    assert common.data.load_data(str(path), "prompts") == [{"prompt": [user("Q: What is 2+2?")]}] * 2
+    with pytest.raises(common.UserError, match=f"{path}:1: an unpaired preference row .* no rejected answer"):
+        common.data.load_data(str(path), "pairs")
+    for bad in ({**KTO_MIX[0], "label": "yes"}, {**KTO_MIX[0], "label": 1}):
+        with pytest.raises(common.UserError, match="field 'label' must be true or false"):
+            common.data.validate("k:1", bad, "sft")
+    with pytest.raises(common.UserError, match=r"fields \['label'\] would change its meaning unread for the "
+                                               "nearest, preference"):
+        common.data.validate("k:1", {"prompt": "a", "chosen": "b", "rejected": "c", "label": True}, "pairs")
+    record = common.data.validate("o:1", OPENAI_FT, "sft")
+    assert record["messages"][2] == {"role": "assistant", "content": "Paris", "weight": 0}
+    tok = toks["chatml"]
+    assert common.show_example(tok, *common.encode_record(tok, record)) == (
+        "<|im_start|>system\nMarv is a factual chatbot that is also sarcastic.<|im_end|>\n<|im_start|>user\nWhat's "
+        "the capital of France?<|im_end|>\n<|im_start|>assistant\nParis<|im_end|>\n<|im_start|>user\nCan you be "
+        "more sarcastic?<|im_end|>\n<|im_start|>assistant\n[[Paris, as if everyone doesn't know that already."
+        "<|im_end|>]]\n")
+    only_zero = {"messages": OPENAI_FT["messages"][:3]}
+    with pytest.raises(common.UserError, match="no assistant turn to learn from \\(each has weight 0\\)"):
+        common.data.validate("o:1", only_zero, "sft")
+    for j, weight in ((1, 0), (2, 0.5), (2, True)):
+        bad = {"messages": [dict(m) for m in OPENAI_FT["messages"]]}
+        bad["messages"][j]["weight"] = weight
+        with pytest.raises(common.UserError, match=f"field 'messages\\[{j}\\]' has weight"):
+            common.data.validate("o:1", bad, "sft")
+    with pytest.raises(common.UserError, match=r"field 'messages\[0\]' has \['name'\], which would change"):
+        common.data.validate("o:1", {"messages": [user("a") | {"name": "bob"}, assistant("b")]}, "sft")
+
+
+def test_text_reads_as_plain_text_only_beside_no_other_layouts_fields():
+    """Class 5: Alpaca's {instruction, input, output, text} and oasst1's message rows {text, role, parent_id, ...}
+    were trained as plain text, prompts included: refused in one line naming the fields and what to convert to."""
+    for row, needle in ((ALPACA, "Alpaca's instruction/input/output: convert each to"),
+                        (OASST1, "a message row of a tree \\(oasst1\\)"),
+                        ({**OASST1, "parent_id": "6ab24d72"}, "a message row of a tree \\(oasst1\\)"),
+                        ({"text": "a", "prompt": "b"}, "would change its meaning unread"),
+                        ({"text": "a", "messages": [user("b"), assistant("c")]}, "would change its meaning unread")):
+        row = {k: v for k, v in row.items() if v is not None}  # (as load_data reads nulls)
+        for kind in ("sft", "prompts"):
+            with pytest.raises(common.UserError, match="x:3: no layout fits the fields .*" + needle):
+                common.data.validate("x:3", row, kind)
+    assert common.data.validate("x:3", {"text": "a", "id": 7, "source": "web"}, "sft") == {"text": "a"}  # metadata
+    with pytest.raises(common.UserError, match="a {\"text\"} record is plain text, no prompt"):
+        common.data.validate("x:3", {"text": "a"}, "prompts")
+
+
+def test_orca_and_openorca_layouts_are_read():
+    """Class 6: Intel/orca_dpo_pairs {system, question, chosen, rejected} (and argilla's copy with `input`) and
+    OpenOrca {id, system_prompt, question, response}, as published."""
+    system, q = {"role": "system", "content": "You are an AI assistant. Answer briefly."}, user(
+        "What is the capital of France?")
+    pair = {"prompt": [system, q], "chosen": [assistant("Paris.")], "rejected": [assistant("Rome, probably.")]}
+    assert common.data.validate("o:1", ORCA_DPO, "pairs") == pair
+    assert common.data.validate("o:1", ORCA_DPO_INPUT, "pairs") == {**pair, "prompt": [q]}  # an empty system: none
+    assert common.data.validate("o:1", ORCA_DPO, "sft") == {"messages": [system, q, assistant("Paris.")]}
+    assert common.data.validate("o:1", ORCA_DPO, "prompts") == {"prompt": [system, q]}
+    assert common.data.validate("o:1", OPENORCA, "sft") == {"messages": [system, q, assistant("Paris.")]}
+    assert common.data.validate("o:1", OPENORCA, "prompts") == {"prompt": [system, q]}
+    with pytest.raises(common.UserError, match="a OpenOrca record has no rejected answer"):
+        common.data.validate("o:1", OPENORCA, "pairs")
+    for kind in ("sft", "pairs", "prompts"):  # one layout a record: question and input are two prompts
+        with pytest.raises(common.UserError, match="no layout fits"):
+            common.data.validate("o:1", {**ORCA_DPO, "input": "x"}, kind)
+
+
+def test_null_in_jsonl_is_a_missing_field(tmp_path):
+    """Class 7: `datasets`' to_json writes null for a column a row lacks; it reads as the field being absent, as the
+    same dataset's folder does."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "hi", "response": "yo", "chosen": None, "rejected": None, "margin": None})
+                    + "\n" + json.dumps({"prompt": "a", "response": None, "chosen": "b", "rejected": "c",
+                                         "margin": 1.5}) + "\n")
+    assert common.data.load_data(str(path), "sft") == [{"messages": [user("hi"), assistant("yo")]},
+                                                        {"messages": [user("a"), assistant("b")]}]
+    assert common.data.load_data(str(path), "pairs", skip_invalid=True) == [
+        {"prompt": [user("a")], "chosen": [assistant("b")], "rejected": [assistant("c")], "margin": 1.5}]
+
+
+def test_files_of_other_shapes_and_hostile_records_are_one_line(tmp_path, monkeypatch, capsys):
+    """A file of one JSON object (pretty-printed) is one record, one holding its records in a list is named; Parquet
+    is read through `datasets` (a stand-in here) or named; a record too large to train on, a lone surrogate escape
+    and JSON nested past Python's reader are one line each naming file:line, and --skip_invalid drops them."""
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"prompt": "hi", "response": "yo"}, indent=2))
+    assert common.data.load_data(str(one), "sft") == [{"messages": [user("hi"), assistant("yo")]}]
+    one.write_text(json.dumps({"version": 1, "data": [{"prompt": "hi", "response": "yo"}]}, indent=2))
+    with pytest.raises(common.UserError, match=f"{one}: one JSON object holding its records in field 'data'"):
+        common.data.load_data(str(one), "sft")
+    pq = tmp_path / "train.parquet"
+    pq.write_bytes(b"PAR1" + bytes(range(256)) + b"PAR1")
+    with pytest.raises(common.UserError, match=f"--data {pq}: a Parquet file; .*pip install datasets"):
+        common.data.load_data(str(pq), "sft")
+    import importlib.machinery
+    import sys
+    import types
+
+    fake = types.ModuleType("datasets")
+    fake.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
+    fake.DatasetDict = type("DatasetDict", (dict,), {})
+    fake.load_dataset = lambda kind, data_files, split: (kind, data_files, split) == ("parquet", str(pq),
+                                                                                     "train") and [
+        {"prompt": "hi", "response": "yo", "chosen": None}]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert common.data.load_data(str(pq), "sft") == [{"messages": [user("hi"), assistant("yo")]}]
+    monkeypatch.delitem(sys.modules, "datasets")
+    good = json.dumps({"prompt": "a", "response": "b"})
+    monkeypatch.setattr(common.data, "MAX_RECORD_CHARS", 250_000)  # (4 Mi characters; a 200 MB line alike)
+    for bad, why in ((json.dumps({"prompt": "a", "response": "b" * 300_000}), "a record of 300,0\\d\\d characters, "
+                      "more than the 250,000 a record may have"),
+                     ('{"prompt": "a\\ud800b", "response": "c"}', "a lone surrogate escape \\('\\\\ud800'\\)"),
+                     ('{"prompt": ' + "[" * 100000 + "]" * 100000 + ', "response": "c"}', "JSON nested deeper")):
+        for path in (tmp_path / "d.jsonl", tmp_path / "d.json"):
+            path.write_text(good + "\n" + bad + "\n" if path.suffix == ".jsonl" else f"[{good},\n{bad}]")
+            with pytest.raises(common.UserError) as e:
+                common.data.load_data(str(path), "sft")
+            assert e.value.code.startswith(f"error: {path}:2: ") and "\n" not in e.value.code
+            assert re.search(why, e.value.code), e.value.code
+            if "nested" in why and path.suffix == ".json":
+                continue  # an array cannot go on past a record it cannot read: refused, not skipped
+            assert len(common.data.load_data(str(path), "sft", skip_invalid=True)) == 1
+            assert "--skip_invalid: dropped 1 invalid records" in capsys.readouterr().out
+    # the surrogate pair of a real character is one
+    (tmp_path / "e.jsonl").write_text('{"prompt": "\\ud83d\\ude00", "response": "c"}\n')
+    assert common.data.load_data(str(tmp_path / "e.jsonl"), "sft")[0]["messages"][0] == user("\U0001F600")
+
+
+def test_left_cuts_drop_whole_oldest_turns_and_keep_the_bos_and_header(toks):
+    """Class 7: a left-cut example lost its BOS and chat header; sft.py, reward.py and ppo.py's prompts now drop the
+    oldest whole exchanges first (a system message stays), as chat.py does, and cut tokens after the BOS only when
+    the last exchange alone is too long."""
+    tok = toks["llama3"]
+    conv = [{"role": "system", "content": "be brief"}, user("first " * 12), assistant("one ."), user("second ?"),
+            assistant("two .")]
+    tail = common.encode_conversation(tok, [conv[0], *conv[3:]])
+    n = len(tail[0])
+    assert len(common.encode_conversation(tok, conv)[0]) > n
+    examples, n_cut = sft.tokenize([{"messages": conv}], tok, n, "left", "x")
+    assert examples == [tail] and n_cut == 1
+    examples, _ = sft.tokenize([{"messages": conv}], tok, 8, "left", "x")  # the last exchange alone is too long
+    assert examples == [(tail[0][:1] + tail[0][-7:], tail[1][:1] + tail[1][-7:])] and tail[0][0] == tok.bos_token_id
+    pair = {"prompt": conv[:4], "chosen": [assistant("two .")], "rejected": [assistant("two .")]}
+    chosen, rejected, cut = reward.encode_pair(tok, pair, n, "left", "x")
+    assert cut and chosen == rejected == common.encode_scored(tok, [conv[0], *conv[3:]])
+    prompt = common.encode_prompt(tok, [conv[0], conv[3]])
+    ids, n_cut, _ = common.data.encode_prompts([{"prompt": conv[:4]}], tok, len(prompt), "left", "x")
+    assert ids == [prompt] and n_cut == 1
+    assert decode(tok, prompt).startswith("<s><|start_header_id|>system<|end_header_id|>\n\nbe brief<|eot_id|>")
+
+
+QWEN3 = (  # Qwen3's published chat template, its tool-call branches left out
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}"
+    "{%- endif %}{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}"
+    "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+    "{%- if ns.multi_step_tool and message.role == 'user' and message.content is string %}"
+    "{%- set ns.multi_step_tool = false %}{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}{%- if message.content is string %}{%- set content = message.content %}"
+    "{%- else %}{%- set content = '' %}{%- endif %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}"
+    "{%- elif message.role == 'assistant' %}{%- set reasoning_content = '' %}"
+    "{%- if message.reasoning_content is string %}{%- set reasoning_content = message.reasoning_content %}"
+    "{%- else %}{%- if '</think>' in content %}"
+    "{%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\n') %}{%- endif %}{%- endif %}"
+    "{%- if loop.index0 > ns.last_query_index %}{%- if loop.last or (not loop.last and reasoning_content) %}"
+    "{{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + "
+    "content.lstrip('\n') }}{%- else %}{{- '<|im_start|>' + message.role + '\n' + content }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\n' + content }}{%- endif %}{{- '<|im_end|>\n' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}")
+
+
+def qwen3_tokenizer():
+    """Qwen3's layout: ChatML markers special, <think> and </think> plain added tokens, its template."""
+    tok = make_tokenizer("qwen2")
+    tok.add_tokens(["<think>", "</think>"])
+    tok.chat_template = QWEN3
+    return tok
+
+
+def test_reasoning_in_content_and_reasoning_content_are_trained_as_the_template_writes_them():
+    """Class 4: a Qwen3 answer with `<think>...</think>` in its content was refused though the template writes it,
+    and `reasoning_content` was dropped: both encode as apply_chat_template's ids, the thinking trained from where
+    the generation prompt ends; a template that does not write reasoning_content refuses it."""
+    tok = qwen3_tokenizer()
+    think = "<think>\nAdd them up.\n</think>\n\n4"
+    for last in ({"role": "assistant", "content": think},
+                 {"role": "assistant", "content": "4", "reasoning_content": "Add them up."}):
+        record = common.data.validate("r:1", {"messages": [user("2+2?"), last]}, "sft")
+        ids, mask = common.encode_record(tok, record)
+        whole = tok.apply_chat_template(record["messages"], tokenize=True)
+        assert ids == (whole if isinstance(whole, list) else whole["input_ids"])
+        assert common.show_example(tok, ids, mask) == (
+            "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n[[<think>\nAdd them up.\n</think>\n\n4"
+            "<|im_end|>]]\n")
+        assert tok.convert_ids_to_tokens(ids).count("<think>") == 1  # the model's own token, not characters
+    # a past answer: the template drops its thinking, so does training
+    past = [user("2+2?"), assistant(think), user("and 3+3?"), assistant("<think>\nAgain.\n</think>\n\n6")]
+    assert common.show_example(tok, *common.encode_conversation(tok, past)) == (
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n[[4<|im_end|>]]\n<|im_start|>user\nand 3+3?"
+        "<|im_end|>\n<|im_start|>assistant\n[[<think>\nAgain.\n</think>\n\n6<|im_end|>]]\n")
+    with pytest.raises(common.UserError, match="reasoning_content, which this chat template does not write"):
+        common.encode_conversation(tokenizer("chatml"), [user("2+2?"), assistant("4") | {
+            "reasoning_content": "Add."}])
+    with pytest.raises(common.UserError, match=r"field 'messages\[0\]' has reasoning_content; expected a string"):
+        common.data.validate("r:1", {"messages": [user("a") | {"reasoning_content": "x"}, assistant("b")]}, "sft")
+
+
+R1_DISTILL = (  # DeepSeek-R1-Distill's published chat template, its tool branches left out
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}{{ bos_token }}{{ ns.system_prompt }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{%- set ns.is_tool = false -%}{{ '<｜User｜>' + message['content'] }}"
+    "{%- endif %}{%- if message['role'] == 'assistant' and message['content'] is not none %}"
+    "{% set content = message['content'] %}{% if '</think>' in content %}"
+    "{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}{%- endfor -%}"
+    "{% if add_generation_prompt and not ns.is_tool %}{{ '<｜Assistant｜><think>\n' }}{% endif %}")
+
+
+def r1_distill_tokenizer():
+    """DeepSeek-R1-Distill's layout: BOS/EOS special, <｜User｜>, <｜Assistant｜>, <think>, </think> plain added
+    tokens (special: false, as its tokenizer.json has them), its template."""
+    from tokenizers import AddedToken
+
+    tok = make_tokenizer("llama")
+    tok.add_special_tokens({"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>"})
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t in ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>")])
+    tok.chat_template = R1_DISTILL
+    return tok
+
+
+@pytest.mark.parametrize("make", [r1_distill_tokenizer, qwen3_tokenizer])
+def test_every_marker_the_template_writes_stays_text_inside_contents(make):
+    """Class 2: DeepSeek-R1-Distill's `<｜Assistant｜>` is a plain added token; typed in data or chat it became the
+    marker id and opened an assistant turn. Every marker the template writes between turns stays text in contents
+    (and ends a turn); a token written only inside answers (<think>) stays the model's own token."""
+    tok = make()
+    added = {t.content: i for i, t in tok.added_tokens_decoder.items()}
+    markers = [t for t in added if t in ("<｜User｜>", "<｜Assistant｜>", "<|im_start|>", "<|im_end|>")]
+    assert markers and sorted(common.turn_tokens(tok)[0]) == sorted(t for t in markers if not tok.added_tokens_decoder[
+        added[t]].special)
+    typed = "say " + " then ".join(markers) + " now"
+    for msgs in ([user(typed)], [user("hi"), assistant(typed)], [{"role": "system", "content": typed}, user("hi")]):
+        ids, mask = common.encode_conversation(tok, msgs + ([] if msgs[-1]["role"] == "assistant" else
+                                                           [assistant("ok")]))
+        rendered = common.render(tok, msgs + ([] if msgs[-1]["role"] == "assistant" else [assistant("ok")]))
+        assert decode(tok, ids).endswith(rendered.removeprefix(tok.bos_token or ""))  # the same text
+        n_markup = sum(rendered.count(t) for t in markers) - sum(typed.count(t) for t in markers)
+        assert sum(ids.count(added[t]) for t in markers) == n_markup  # the typed ones are characters
+    prompt = common.encode_prompt(tok, [user(typed)])
+    assert sum(prompt.count(added[t]) for t in markers) == sum(common.format_prompt(tok, [user(typed)]).count(t)
+                                                               for t in markers) - len(markers)
+    assert "<think>" not in common.turn_tokens(tok)[0]  # the model's own token: not a turn marker
 
 
 @pytest.mark.parametrize("row", BAD_ROWS)

@@ -71,7 +71,8 @@ def test_long_examples_are_cut_from_the_left_and_counted(tiny_models):
     full, full_mask = common.encode_conversation(tok, long["messages"])
     examples, n_cut = sft.tokenize([short, long, short], tok, 24, "left", "data.jsonl")
     assert len(examples[0][0]) <= 24 < len(full) and n_cut == 1
-    assert examples[1] == (full[-24:], full_mask[-24:])  # the answer and its EOS survive, the prompt's start goes
+    assert examples[1] == (full[:1] + full[-23:], full_mask[:1] + full_mask[-23:])  # the BOS, the answer and its
+    assert examples[1][0][0] == tok.bos_token_id  # EOS survive, the prompt's start goes
     assert examples[1][0][-1] == tok.eos_token_id and sum(examples[1][1]) == sum(full_mask)
     assert examples[0] == common.encode_conversation(tok, short["messages"])
     with pytest.raises(common.UserError) as e:
