@@ -190,7 +190,8 @@ def generate_scores(engine, prompts: list, references: list[str], max_new_tokens
     """BLEU and ROUGE of greedy answers to the held-out prompts (common.refmetrics). Each rank answers its share
     (left padding, KV cache; under ZeRO-3 the parameters gathered once, as ppo.py does); every rank scores them all."""
     world, pad_id = common.world_size(), common.pad_id(tokenizer)
-    config = common.generation.generation_config(SimpleNamespace(max_new_tokens=max_new_tokens), tokenizer, True)
+    config = common.generation.generation_config(SimpleNamespace(max_new_tokens=max_new_tokens), tokenizer,
+                                                 greedy=True)
     mine, answers = prompts[common.rank()::world], []
     with common.generation.generation_mode(engine, zero_stage, sharded=False) as sample:
         for i in range(0, len(mine), batch_size):
