@@ -8,6 +8,7 @@ rw_eval (a reward model scores every answer). No DeepSpeed here: plain transform
     python chat.py --model ./ppo_ckpt --prompt "tell me about cats"     # one answer on stdout, nothing else
     python chat.py --model ./ppo_ckpt --prompts prompts.jsonl --output answers.jsonl
     python chat.py --model ./ppo_ckpt --compare ./sft_ckpt --reward ./reward_ckpt --prompts toy
+    python chat.py --model ./sft_ckpt --prompts test.jsonl     # records with answers: BLEU and ROUGE against them
 """
 
 import json
@@ -23,6 +24,7 @@ import tyro
 import common
 import common.data
 import common.flags
+import common.refmetrics
 import common.toy
 from common.flags import flag
 
@@ -44,7 +46,8 @@ class Args:
     prompt: str | None = None
     """answer this one prompt and print only the answer"""
     prompts: str | None = None
-    """prompts: a JSONL or JSON file of any layout (docs/data.md), or `toy` (the demo's eval prompts)"""
+    """a JSONL/JSON file of any layout (docs/data.md; its answers are BLEU/ROUGE references), or `toy` (demo eval
+    prompts)"""
     data_split: str = "train"
     """split of a dataset folder or HF hub dataset that --prompts names"""
     skip_invalid: bool = False
@@ -303,6 +306,11 @@ def main(args: Args):
     else:
         records = common.data.load_data(args.prompts, "prompts", args.data_split, args.skip_invalid)
     conversations = [system + r["prompt"] for r in records]
+    refs = ([None] * len(records) if args.prompts in (None, "toy") else
+            common.refmetrics.references(args.prompts, args.data_split, records, args.skip_invalid))
+    if any(r is not None for r in refs) and (why := common.refmetrics.missing()):
+        print(f"note: answers not scored against the references of --prompts: {why}", file=sys.stderr, flush=True)
+        refs = [None] * len(records)
     rows = [{"prompt": r["prompt"][0]["content"] if len(r["prompt"]) == 1 else r["prompt"]} for r in records]
     models = {"": args.model, "_compare": args.compare} if args.compare else {"": args.model}
 
@@ -329,15 +337,26 @@ def main(args: Args):
             for suffix in models:
                 row["gold" + suffix] = common.toy.gold_score(c[-1]["content"], row["response" + suffix])
 
+    # --- reference metrics: each answer against its record's reference (BLEU, ROUGE-1/2/L F1; common.refmetrics) ---
+    with_ref, table = [(row, ref) for row, ref in zip(rows, refs) if ref is not None], {}
+    for suffix in models if with_ref else ():
+        answers, references = [row["response" + suffix] for row, _ in with_ref], [ref for _, ref in with_ref]
+        for (row, ref), s in zip(with_ref, common.refmetrics.answer_scores(answers, references)):
+            row.update({"reference": ref} | {k + suffix: v for k, v in s.items()})
+        table[suffix] = common.refmetrics.corpus_scores(answers, references)
+
     # --- output: a JSONL file, or the answers side by side ---
+    width = max(len(p) for p in models.values())
     if args.output:  # written whole, then renamed into place
         common.write_whole(os.path.expanduser(args.output), "".join(json.dumps(row) + "\n" for row in rows))
     else:
-        width = max(len(p) for p in models.values())
         for n, (row, c) in enumerate(zip(rows, conversations), 1):
             print(f"[{n}] {c[-1]['content']}")
+            if "reference" in row:
+                print(f"  {'(reference)':<{width}}  {row['reference']}")
             for suffix, path in models.items():
-                scores = ", ".join(f"{k} {row[k + suffix]:.3f}" for k in ("reward", "gold") if k + suffix in row)
+                scores = ", ".join(f"{k} {row[k + suffix]:.3f}" for k in ("reward", "gold", "rougeL")
+                                   if k + suffix in row)
                 print(f"  {path:<{width}}  {row['response' + suffix]}" + (f"   ({scores})" if scores else ""))
 
     # --- summary: mean scores, and the win rate of --model over --compare (ties count half) ---
@@ -351,6 +370,11 @@ def main(args: Args):
         rates = [f"{k} {win_rate([r[k] for r in rows], [r[k + '_compare'] for r in rows]):.2f}" for k in scored]
         rates[0] += f" (n={len(rows)})"
         print(f"win rate of {args.model} over {args.compare}: " + ", ".join(rates))
+    if table:
+        print(f"against the references of {len(with_ref)} prompts (corpus BLEU 0-100, mean ROUGE F1 0-1, stemmed):")
+        print(f"  {'':<{width}}  " + "  ".join(f"{k:>7}" for k in common.refmetrics.NAMES))
+        for suffix, path in models.items():
+            print(f"  {path:<{width}}  " + "  ".join(f"{table[suffix][k]:7.3f}" for k in common.refmetrics.NAMES))
 
 
 if __name__ == "__main__":

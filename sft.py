@@ -3,6 +3,7 @@
 References: InstructGPT (Ouyang et al. 2022) for response-only SFT; DeepSpeed-Chat step 1 for the launch model.
 
     python sft.py                                          # the built-in demo, on a CPU, in about a minute
+    python sft.py --eval_generate 64                       # also BLEU and ROUGE of answers to held-out prompts
     deepspeed sft.py --model Qwen/Qwen2-0.5B --data my.jsonl --zero_stage 2
     deepspeed --num_gpus 8 sft.py --model meta-llama/Llama-3.2-1B --data a.jsonl,b.jsonl --zero_stage 3
     deepspeed --hostfile hosts.txt sft.py ...              # several nodes
@@ -14,6 +15,8 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
+from types import SimpleNamespace
 from typing import Literal
 
 import deepspeed
@@ -23,7 +26,9 @@ import tyro
 import common
 import common.data
 import common.flags
+import common.generation
 import common.logprobs
+import common.refmetrics
 import common.runs
 from common.flags import flag
 
@@ -94,6 +99,8 @@ class Args:
     # logging & checkpoints
     eval_every: int = flag(100, ">= 0", run=False)
     """evaluate every this many steps (>= 0) and at 0 and the end; 0: only at 0 and the end"""
+    eval_generate: int = flag(0, ">= 0", run=False)
+    """each evaluation also answers this many held-out prompts greedily: eval/bleu, eval/rouge* (>= 0; 0: off)"""
     save_every: int = flag(0, ">= 0", run=False)
     """write a resumable DeepSpeed checkpoint every this many steps (>= 0); 0: never"""
     resume: bool = flag(False, run=False)
@@ -155,10 +162,54 @@ def token_nll(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor,
     return -logp.sum(), mask[:, 1:].sum()
 
 
+def generation_set(examples: list, n: int, max_seq_len: int, tokenizer) -> dict:
+    """The first n held-out conversations cut before their last answer (the last run of trained tokens; a {"text"}
+    record, trained whole, has none): prompt ids, that answer as text (the reference), and the answer length
+    generation allows (twice the longest reference, at most half of max_seq_len; prompts are cut to the rest)."""
+    prompts, answers = [], []
+    for ids, mask in examples:
+        start = end = max(i for i, m in enumerate(mask) if m) + 1
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        if start > 0 and len(prompts) < n:
+            prompts.append(ids[:start])
+            answers.append(ids[start:end])
+    if not prompts:
+        raise common.UserError("--eval_generate: no held-out record has a prompt before its answer (only {\"text\"} "
+                               "records?); expected conversations")
+    new = min(2 * max(len(a) for a in answers), max_seq_len // 2)
+    return {"prompts": [p[-(max_seq_len - new):] for p in prompts], "max_new_tokens": new,
+            "references": common.decode_answers(tokenizer, common.pad(answers, common.pad_id(tokenizer)))}
+
+
 @torch.no_grad()
-def evaluate(engine, examples: list, batch_size: int, pad_id: int, device, chunk_size: int = 1024) -> dict:
+def generate_scores(engine, prompts: list, references: list[str], max_new_tokens: int, tokenizer, zero_stage: int,
+                    batch_size: int, device) -> dict:
+    """BLEU and ROUGE of greedy answers to the held-out prompts (common.refmetrics). Each rank answers its share
+    (left padding, KV cache; under ZeRO-3 the parameters gathered once, as ppo.py does); every rank scores them all."""
+    world, pad_id = common.world_size(), common.pad_id(tokenizer)
+    config = common.generation.generation_config(SimpleNamespace(max_new_tokens=max_new_tokens), tokenizer,
+                                                 greedy=True)
+    mine, answers = prompts[common.rank()::world], []
+    with common.generation.generation_mode(engine, zero_stage, sharded=False) as sample:
+        for i in range(0, len(mine), batch_size):
+            ids = common.pad(mine[i: i + batch_size], pad_id, side="left").to(device)
+            attn = common.pad([[1] * len(p) for p in mine[i: i + batch_size]], 0, side="left").to(device)
+            seq = sample(input_ids=ids, attention_mask=attn, generation_config=config)
+            answers += common.decode_answers(tokenizer, seq[:, ids.shape[1]:])
+    if world > 1:  # rank r answered prompts r, r + world, ...
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, answers)
+        answers = [shares[i % world][i // world] for i in range(len(prompts))]
+    return {f"eval/{k}": v for k, v in common.refmetrics.corpus_scores(answers, references).items()}
+
+
+@torch.no_grad()
+def evaluate(engine, examples: list, batch_size: int, pad_id: int, device, chunk_size: int = 1024,
+             generate: dict | None = None) -> dict:
     """Token-mean NLL over the whole eval set, split across ranks. Every rank runs the same number of forwards
-    (ZeRO-3 needs that), so rows past the end repeat row 0 with weight 0."""
+    (ZeRO-3 needs that), so rows past the end repeat row 0 with weight 0. With `generate` (generate_scores'
+    arguments) also BLEU and ROUGE."""
     engine.eval()
     per_rank = math.ceil(len(examples) / common.world_size())
     start = common.rank() * per_rank
@@ -171,7 +222,8 @@ def evaluate(engine, examples: list, batch_size: int, pad_id: int, device, chunk
     engine.train()
     total, count = common.all_reduce_sum([total, count], device)
     loss = total / max(count, 1)
-    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50))}
+    out = {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50))}
+    return out | (generate_scores(engine, **generate) if generate else {})
 
 
 def main(args: Args):
@@ -181,6 +233,8 @@ def main(args: Args):
         raise common.UserError("--lora_save_adapter saves a LoRA adapter for a base model that loads from a path: "
                                "it needs --lora_rank > 0 and a --model other than the demo's toy")
     common.check_zero_stage(args.zero_stage)
+    if args.eval_generate and (why := common.refmetrics.missing()):
+        raise common.UserError(f"--eval_generate: {why}")
     tag = common.runs.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "sft.py",
                                     {"--model": args.model, "--data": args.data, "--eval_data": args.eval_data})
     common.check_report_to(args.report_to)
@@ -208,6 +262,8 @@ def main(args: Args):
     common.print0("example (trained tokens in [[ ]]):\n" + common.show_example(tokenizer, *train[0]))
     if gap := common.template_gap(tokenizer):
         common.note(gap)
+    if args.eval_generate and not evals:
+        raise common.UserError("--eval_generate needs held-out data; --eval_fraction 0 leaves none")
     micro = common.flags.fit_micro_batch(args.per_device_batch_size, len(train),
                                          world * args.gradient_accumulation_steps, "examples")
     global_batch = micro * world * args.gradient_accumulation_steps
@@ -257,8 +313,13 @@ def main(args: Args):
     # --- loop ---
     logger = common.Logger(args.output_dir, total_steps, "sft", initial=start_step, report_to=args.report_to,
                            config=vars(args))
+    generate = None if not args.eval_generate else dict(  # generate_scores' arguments
+        generation_set(evals, args.eval_generate, max_seq_len, tokenizer), tokenizer=tokenizer,
+        zero_stage=args.zero_stage, batch_size=micro, device=device)
+    run_eval = partial(evaluate, engine, evals, micro, common.pad_id(tokenizer), device, args.logprob_chunk_size,
+                       generate)
     if start_step == 0 and evals:  # no eval set (--eval_fraction 0): no eval rows
-        logger.log(0, evaluate(engine, evals, micro, common.pad_id(tokenizer), device, args.logprob_chunk_size))
+        logger.log(0, run_eval())
     t0, n_tokens = time.time(), 0
     for step in range(start_step, total_steps):
         epoch, k = divmod(step, steps_per_epoch)
@@ -285,7 +346,7 @@ def main(args: Args):
                    "throughput/tokens_per_s": n_tokens * world / (time.time() - t0)}
         common.check_finite(metrics, step + 1)
         if evals and ((args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == total_steps):
-            metrics |= evaluate(engine, evals, micro, common.pad_id(tokenizer), device, args.logprob_chunk_size)
+            metrics |= run_eval()
         logger.log(step + 1, metrics, advance=1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             common.runs.save_checkpoint(engine, ckpt_dir, f"step{step + 1}",
