@@ -219,10 +219,10 @@ def main(args: Args):
     # --- setup ---
     common.flags.check(args)
     common.check_zero_stage(args.zero_stage)
+    common.check_model_path(args.model, "--model")
+    common.check_report_to(args.report_to)
     tag = common.runs.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "reward.py",
                                     {"--model": args.model, "--data": args.data, "--eval_data": args.eval_data})
-    common.check_report_to(args.report_to)
-    common.check_model_path(args.model, "--model")
     device = common.init_distributed()
     world, rank = common.world_size(), common.rank()
     dtype = common.resolve_dtype(args.dtype)

@@ -235,9 +235,10 @@ def main(args: Args):
     common.check_zero_stage(args.zero_stage)
     if args.eval_generate and (why := common.refmetrics.missing()):
         raise common.UserError(f"--eval_generate: {why}")
+    common.check_model_path(args.model, "--model")
+    common.check_report_to(args.report_to)
     tag = common.runs.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "sft.py",
                                     {"--model": args.model, "--data": args.data, "--eval_data": args.eval_data})
-    common.check_report_to(args.report_to)
     device = common.init_distributed()
     world, rank = common.world_size(), common.rank()
     dtype = common.resolve_dtype(args.dtype)
@@ -245,7 +246,6 @@ def main(args: Args):
     lr = args.learning_rate if args.learning_rate is not None else (1e-3 if args.model == "toy" else 2e-5)
 
     # --- data ---
-    common.check_model_path(args.model, "--model")
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
     context = common.flags.model_context(args.model, args.trust_remote_code)
     max_seq_len = common.flags.fit_max_seq_len(args.max_seq_len, context)
