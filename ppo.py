@@ -34,6 +34,7 @@ import tyro
 import common
 import common.data
 import common.engines
+import common.prompts
 import common.flags
 import common.generation
 import common.logprobs
@@ -413,32 +414,6 @@ def reduce_sums(sums: dict, device) -> dict:
     return dict(zip(names, common.all_reduce_sum(values, device)))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# rollout
-
-
-def load_prompts(args: Args, tokenizer, max_prompt: int):
-    """Training and held-out prompts, (records, token ids) each; the example prompt is printed."""
-    records, eval_records = common.data.load_splits(args.data, args.eval_data, args.data_split, args.eval_split,
-                                                    "prompts", args.skip_invalid)
-    if eval_records is None:
-        records, eval_records = common.data.split_eval(records, args.eval_fraction, args.seed)
-    ids, n_cut, records = common.data.encode_prompts(records, tokenizer, max_prompt, args.truncation, args.data,
-                                                     args.skip_invalid)
-    eval_ids, _, eval_records = common.data.encode_prompts(eval_records[: args.num_eval_prompts], tokenizer,
-                                                           max_prompt, args.truncation, "eval data", args.skip_invalid)
-    common.print0(f"{len(ids)} prompts ({n_cut} cut from the left); example:\n" + tokenizer.decode(ids[0]))
-    return records, ids, eval_records, eval_ids
-
-
-def load_ptx(args: Args, tokenizer, max_seq_len: int) -> list:
-    """PPO-ptx's SFT rows (ids, trained mask), cut from the left to max_seq_len."""
-    rows = [common.encode_record(tokenizer, r) for r in common.data.load_data(args.ptx_data, "sft", None,
-                                                                              args.skip_invalid)]
-    common.print0("example ptx (trained tokens in [[ ]]):\n" + common.show_example(tokenizer, *rows[0]))
-    return [(common.truncate_left(i, max_seq_len)[0], common.truncate_left(m, max_seq_len)[0]) for i, m in rows]
-
-
 @torch.no_grad()
 def generate(actor, prompt_ids: list[list[int]], tokenizer, gen_config, zero_stage: int, sharded: bool, device,
              chunk: int = 0, seeds: list[int] | None = None):
@@ -566,24 +541,6 @@ def check_args(args: Args) -> str | None:
     return tag
 
 
-def resume(args: Args, tag: str, *, actor, critic, actor_lr: float, critic_lr: float) -> tuple[int, float, dict]:
-    """Load checkpoint `tag` of actor and critic: (the iteration to start at, the KL coefficient, the EMA)."""
-    ckpt, changed = Path(args.output_dir) / "checkpoints", set(args.resume_changes)
-    decay = args.weight_decay if "weight_decay" in changed else None
-    if critic is not None:
-        common.runs.load_checkpoint(critic, str(ckpt / "critic"), tag,
-                                    critic_lr if "critic_learning_rate" in changed else None, decay)
-    state = common.runs.load_checkpoint(actor, str(ckpt / "actor"), tag,
-                                        actor_lr if "learning_rate" in changed else None, decay)
-    kl_coef = state["kl_coef"] if args.adaptive_kl and "kl_coef" not in changed else args.kl_coef
-    ema = None
-    if args.ema and common.is_rank0():  # fp32 (a checkpoint from before the fp32 copy has the model's dtype)
-        ema = {k: v.float() if v.is_floating_point() else v for k, v in state["ema"].items()}
-    common.print0(f"resumed from {ckpt}/*/{tag} at iteration {state['iteration']}")
-    common.runs.truncate_log(args.output_dir, state["iteration"])  # drop rows logged after the checkpoint
-    return state["iteration"], kl_coef, ema
-
-
 @torch.no_grad()
 def score_rollout(args: Args, rollout: dict, n_prompt: int, *, actor, ref, critic, micro: int, forward_once: bool,
                   device) -> dict:
@@ -695,18 +652,6 @@ def iteration_metrics(total: dict, t: dict, *, kl_coef: float, critic_free: bool
     return metrics
 
 
-def save(args: Args, *, actor, critic, ema: dict | None, tokenizer, dtype, actor_stage: int, critic_stage: int):
-    """The actor (--save_critic: the critic, --ema: the average) as HF folders; then args.json is the run's."""
-    common.save_hf(actor.module, tokenizer, args.output_dir, actor_stage)
-    if args.save_critic:
-        common.save_hf(critic.module.model, tokenizer, str(Path(args.output_dir) / "critic"), critic_stage)
-    if args.ema:  # rank 0's copy (no gather), staged and moved into place as the model is
-        common.save_hf(actor.module, tokenizer, str(Path(args.output_dir) / "ema"), 0,
-                       state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in ema.items()})
-    common.runs.commit_args(args.output_dir)
-    common.print0(f"saved {args.output_dir}")
-
-
 def main(args: Args):
     # --- setup ---
     tag = check_args(args)  # and the output folder: the checkpoint to resume from, or None
@@ -740,8 +685,8 @@ def main(args: Args):
         raise common.UserError(f"--reward {args.reward}: its tokenizer differs from the actor's ({args.actor}); pass "
                                "--reward_tokenizer to re-tokenise responses for it")
     max_prompt = max_seq_len - args.max_new_tokens
-    records, prompt_ids, eval_records, eval_prompt_ids = load_prompts(args, tokenizer, max_prompt)
-    ptx = load_ptx(args, tokenizer, max_seq_len) if args.ptx_data else None
+    records, prompt_ids, eval_records, eval_prompt_ids = common.prompts.load_prompts(args, tokenizer, max_prompt)
+    ptx = common.prompts.load_ptx(args, tokenizer, max_seq_len) if args.ptx_data else None
     per_iter = args.rollout_batch_size * world * k  # episodes (answers) per iteration
     total_episodes = args.total_episodes or args.num_epochs * len(prompt_ids) * k
     n_iters = total_episodes // per_iter
@@ -781,8 +726,8 @@ def main(args: Args):
     common.runs.start_output_dir(args.output_dir, args, args.overwrite, args.resume, run)
     start_iter, kl_coef = 0, args.kl_coef
     if tag:
-        start_iter, kl_coef, ema = resume(args, tag, actor=actor, critic=critic, actor_lr=actor_lr,
-                                          critic_lr=critic_lr)
+        start_iter, kl_coef, ema = common.engines.resume(args, tag, actor=actor, critic=critic, actor_lr=actor_lr,
+                                                         critic_lr=critic_lr)
 
     # --- loop ---
     logger = common.Logger(args.output_dir, n_iters, "ppo", initial=start_iter, report_to=args.report_to,
@@ -874,8 +819,8 @@ def main(args: Args):
 
     # --- save ---
     logger.close()
-    save(args, actor=actor, critic=critic, ema=ema, tokenizer=tokenizer, dtype=dtype, actor_stage=actor_stage,
-         critic_stage=critic_stage)
+    common.engines.save(args, actor=actor, critic=critic, ema=ema, tokenizer=tokenizer, dtype=dtype,
+                        actor_stage=actor_stage, critic_stage=critic_stage)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """ppo.py's four models as DeepSpeed engines: the value model around a sequence classifier (critic and reward model),
-its loading, the trained and the frozen engines, and the actor's EMA (docs/ppo.md)."""
+its loading, the trained and the frozen engines, the actor's EMA, and their checkpoints: resume and the final save."""
 
 from contextlib import nullcontext
+from pathlib import Path
 
 import deepspeed
 import torch
 import torch.nn.functional as F
 
 import common
+import common.runs
 
 
 class Float32Linear(torch.nn.Linear):
@@ -110,3 +112,33 @@ def load_models(args, tokenizer, reward_tok, *, dtype, actor_stage: int, critic_
     ref = None if ref is None else frozen_engine(ref, actor_stage, args.offload_reference, dtype)
     reward = None if reward is None else frozen_engine(ValueModel(reward), critic_stage, args.offload_reference, dtype)
     return actor, critic, ref, reward, norm, ema
+
+
+def resume(args, tag: str, *, actor, critic, actor_lr: float, critic_lr: float) -> tuple[int, float, dict]:
+    """Load checkpoint `tag` of actor and critic: (the iteration to start at, the KL coefficient, the EMA)."""
+    ckpt, changed = Path(args.output_dir) / "checkpoints", set(args.resume_changes)
+    decay = args.weight_decay if "weight_decay" in changed else None
+    if critic is not None:
+        common.runs.load_checkpoint(critic, str(ckpt / "critic"), tag,
+                                    critic_lr if "critic_learning_rate" in changed else None, decay)
+    state = common.runs.load_checkpoint(actor, str(ckpt / "actor"), tag,
+                                        actor_lr if "learning_rate" in changed else None, decay)
+    kl_coef = state["kl_coef"] if args.adaptive_kl and "kl_coef" not in changed else args.kl_coef
+    ema = None
+    if args.ema and common.is_rank0():  # fp32 (a checkpoint from before the fp32 copy has the model's dtype)
+        ema = {k: v.float() if v.is_floating_point() else v for k, v in state["ema"].items()}
+    common.print0(f"resumed from {ckpt}/*/{tag} at iteration {state['iteration']}")
+    common.runs.truncate_log(args.output_dir, state["iteration"])  # drop rows logged after the checkpoint
+    return state["iteration"], kl_coef, ema
+
+
+def save(args, *, actor, critic, ema: dict | None, tokenizer, dtype, actor_stage: int, critic_stage: int):
+    """The actor (--save_critic: the critic, --ema: the average) as HF folders; then args.json is the run's."""
+    common.save_hf(actor.module, tokenizer, args.output_dir, actor_stage)
+    if args.save_critic:
+        common.save_hf(critic.module.model, tokenizer, str(Path(args.output_dir) / "critic"), critic_stage)
+    if args.ema:  # rank 0's copy (no gather), staged and moved into place as the model is
+        common.save_hf(actor.module, tokenizer, str(Path(args.output_dir) / "ema"), 0,
+                       state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in ema.items()})
+    common.runs.commit_args(args.output_dir)
+    common.print0(f"saved {args.output_dir}")
