@@ -6,10 +6,9 @@ scores them, turns scores and the KL to the reference into per-token rewards, es
 runs a few epochs of clipped PPO updates on actor and critic. --advantage_estimator grpo|dr_grpo|rloo|reinforce_pp
 leaves the critic out and takes the baseline from several answers per prompt (--samples_per_prompt) or the batch.
 
-References: Ziegler et al. 2019 and OpenAI's lm-human-preferences (KL-penalised reward, adaptive KL); Stiennon et al.
-2020; InstructGPT (Ouyang et al. 2022; PPO-ptx); Huang et al., "The N+ Implementation Details of RLHF with PPO" (2024,
-"N+" below); DeepSpeed-Chat step 3 ("DSC"); GRPO (Shao et al. 2024), Dr. GRPO (Liu et al. 2025), RLOO (Ahmadian et
-al. 2024), REINFORCE++ (Hu 2025). docs/ppo.md gives the source of every detail.
+References (docs/ppo.md gives the source of every detail): Ziegler et al. 2019 and lm-human-preferences; Stiennon
+et al. 2020; InstructGPT (PPO-ptx); "N+" (Huang et al. 2024); DeepSpeed-Chat step 3 ("DSC"); GRPO, Dr. GRPO, RLOO,
+REINFORCE++.
 
     python ppo.py                                           # the demo: ./sft_ckpt + ./reward_ckpt, on a CPU
     deepspeed ppo.py --actor ./sft_ckpt --reward ./reward_ckpt --data prompts.jsonl
@@ -34,10 +33,10 @@ import tyro
 import common
 import common.data
 import common.engines
-import common.prompts
 import common.flags
 import common.generation
 import common.logprobs
+import common.prompts
 import common.reward_fn
 import common.runs
 import common.toy
@@ -216,10 +215,7 @@ class Args:
     """set by the deepspeed launcher; do not pass by hand"""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# rollout math (each function is tested against a slow reference in tests/test_ppo.py)
-
-
+# ---- rollout math (each function is tested against a slow reference in tests/test_ppo.py) ----
 def truncate_after_eos(responses: torch.Tensor, eos_id: int | list[int], pad_id: int):
     """Answers cut after their first EOS (any of `eos_id`), padded: (answers, mask, lengths, has_eos)."""
     is_eos = torch.isin(responses, torch.tensor(eos_id, device=responses.device).reshape(-1))
@@ -354,10 +350,7 @@ def ref_logprobs(ref, actor, seq: torch.Tensor, attn: torch.Tensor, n_prompt: in
         return seq_logprobs(actor, seq, attn, n_prompt, temperature, chunk_size=chunk_size)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# batches
-
-
+# ---- batches, generation, scoring, evaluation ----
 def micro_slices(n: int, size: int):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -459,10 +452,8 @@ def score_answers(rollout: dict, n_prompt: int, messages: list, retok, *, args: 
                   tokenizer, micro: int, device):
     """(raw score logged as reward, score PPO uses: normalised RM + weight x --reward_fn, --reward_fn's or None)"""
     raw = reward_scores(reward, rollout, n_prompt, micro, retok) if reward is not None else None
-    fn = None
-    if reward_fn is not None:
-        texts = common.decode_answers(tokenizer, rollout["seq"][:, n_prompt:])
-        fn = common.reward_fn.call(reward_fn, args.reward_fn, messages, texts, device)
+    fn = None if reward_fn is None else common.reward_fn.call(
+        reward_fn, args.reward_fn, messages, common.decode_answers(tokenizer, rollout["seq"][:, n_prompt:]), device)
     score = (raw - norm[0]) / norm[1] if raw is not None else torch.zeros_like(fn)
     if fn is not None:
         score = score + args.reward_fn_weight * fn
@@ -474,7 +465,7 @@ def evaluate(args: Args, iteration: int, *, actor, ref, scorer, tokenizer, rewar
              prompt_ids: list[list[int]], gen_config, actor_stage: int, call_size: int, micro: int, device) -> dict:
     """eval/reward, eval/kl (demo: eval/gold) on held-out prompts, the same samples on any number of ranks."""
     world, rank, toy, chunk = common.world_size(), common.rank(), args.data == "toy", args.logprob_chunk_size
-    n, size = len(prompt_ids), min(call_size, len(prompt_ids))
+    n, size, temp = len(prompt_ids), min(call_size, len(prompt_ids)), args.temperature
     calls_per_rank = math.ceil(math.ceil(n / size) / world)
     sums = Counter(reward=0.0, kl=0.0, gold=0.0)
     for call in range(rank * calls_per_rank, (rank + 1) * calls_per_rank):
@@ -487,17 +478,14 @@ def evaluate(args: Args, iteration: int, *, actor, ref, scorer, tokenizer, rewar
         retok = None if reward_tok is None else common.data.retokenizer(tokenizer, reward_tok, messages, device)
         score, _, fn_score = scorer(rollout, n_prompt, messages, retok)  # the RM's raw score (or --reward_fn's)
         seq, attn, slices = rollout["seq"], rollout["attn"], micro_slices(size, micro)
-        logp = torch.cat([seq_logprobs(actor, seq[s], attn[s], n_prompt, args.temperature, chunk_size=chunk)
-                          for s in slices])
-        ref_logp = torch.cat([ref_logprobs(ref, actor, seq[s], attn[s], n_prompt, args.temperature, chunk)
-                              for s in slices])
+        logp = torch.cat([seq_logprobs(actor, seq[s], attn[s], n_prompt, temp, chunk_size=chunk) for s in slices])
+        ref_logp = torch.cat([ref_logprobs(ref, actor, seq[s], attn[s], n_prompt, temp, chunk) for s in slices])
         texts = common.decode_answers(tokenizer, seq[:, n_prompt:])
         gold = torch.tensor([common.toy.gold_score(m[-1]["content"], t) if toy else 0.0
                              for m, t in zip(messages, texts)], device=device)
         sums.update(reward=(score * weight).sum(), gold=(gold * weight).sum(),
                     kl=(kl_per_response(logp, ref_logp, rollout["mask"]) * weight).sum())
-        if fn_score is not None:
-            sums.update(reward_fn=(fn_score * weight).sum())
+        sums.update({} if fn_score is None else {"reward_fn": (fn_score * weight).sum()})
         for j in range(min(args.print_samples, size) if call == 0 else 0):  # on rank 0
             print(f"  [{iteration}] {messages[j][-1]['content']!r} -> {texts[j]!r} (score {float(score[j]):.2f})",
                   flush=True)
@@ -506,13 +494,9 @@ def evaluate(args: Args, iteration: int, *, actor, ref, scorer, tokenizer, rewar
             | ({"eval/reward_fn": total["reward_fn"]} if "reward_fn" in total else {}))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the steps of main
-
-
+# ---- the steps of main ----
 def check_args(args: Args) -> str | None:
-    """The flags that must agree with each other and the output folder, checked before anything is loaded; returns
-    the checkpoint tag to resume from."""
+    """Flags that must agree, and the output folder, checked before anything loads; returns the tag to resume from."""
     common.flags.check(args)
     least = 2 if args.advantage_estimator in ("grpo", "dr_grpo", "rloo") else 1  # a group needs two answers
     if args.samples_per_prompt < least:
@@ -642,14 +626,7 @@ def iteration_metrics(total: dict, t: dict, *, kl_coef: float, critic_free: bool
         "time/rollout_s": t["rollout"] - t["start"], "time/train_s": t["train"] - t["rollout"],
         "throughput/episodes_per_s": n / elapsed, "throughput/tokens_per_s": tokens / elapsed,
     }
-    if torch.cuda.is_available():  # as DSC prints them: peak memory, and TFLOP/s per GPU from 2 x params FLOPs per
-        # token for a forward, 6 x params for forward + backward; generation about one forward of the actor
-        scored = n_params["ref"] + n_params["reward"] + (n_params["actor"] + n_params["critic"]) * (not forward_once)
-        flops = 2 * float(seq_tokens) * (n_params["actor"] + scored)
-        flops += 6 * float(seq_tokens) * ppo_epochs * (n_params["actor"] + n_params["critic"])
-        metrics["throughput/tflops"] = flops / elapsed / 1e12
-        metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return metrics
+    return metrics | common.engines.gpu_metrics(n_params, seq_tokens, ppo_epochs, forward_once, elapsed)
 
 
 def main(args: Args):
@@ -694,9 +671,8 @@ def main(args: Args):
         raise common.UserError(f"--total_episodes {total_episodes} is less than one iteration ({per_iter} = "
                                "rollout_batch_size x ranks x samples_per_prompt)")
     steps_per_iter = args.ppo_epochs * (args.rollout_batch_size * k // mini)
-    # Where the old log-probs come from, one rule: step 3's forward of the actor, under the weights that sampled. With
-    # one optimizer step an iteration on one micro-batch a rank (forward_once), that forward runs with autograd and is
-    # also the update's: step 6 trains through it (the ratio is exactly 1, as in TRL's GRPO), and no forward runs twice
+    # Where the old log-probs come from, one rule: step 3's forward of the actor, under the weights that sampled; with
+    # one optimizer step an iteration on one micro-batch a rank (forward_once), also the update's (ratio exactly 1)
     forward_once = steps_per_iter == 1 and gas == 1
     run = {"script": "ppo.py", "world_size": world, "rollout_batch": per_iter, "mini_batch": mini * world,
            "prompts": len(prompt_ids), "actor_stage": actor_stage, "critic_stage": critic_stage, "iterations": n_iters,
@@ -708,12 +684,9 @@ def main(args: Args):
     common.print0(f"{n_iters} iterations of {per_iter} episodes, {steps_per_iter} optimizer steps each")
 
     # --- models ---
-    actor, critic, ref, reward, norm, ema = common.engines.load_models(
+    actor, critic, ref, reward, norm, ema, n_params = common.engines.load_models(
         args, tokenizer, reward_tok, dtype=dtype, actor_stage=actor_stage, critic_stage=critic_stage, micro=micro,
         gas=gas, total_steps=n_iters * steps_per_iter, actor_lr=actor_lr, critic_lr=critic_lr)
-    n_params = {name: sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) if m is not None else 0
-                for name, m in (("actor", actor), ("critic", critic), ("reward", reward), ("ref", ref or actor))}
-    common.print0(f"parameters (ZeRO-3 partitions counted whole): {n_params}" + (" (critic-free)" * critic_free))
     gen_config = common.generation.generation_config(args, tokenizer)
     scorer = partial(score_answers, args=args, reward=reward, reward_fn=reward_fn, norm=norm, tokenizer=tokenizer,
                      micro=micro, device=device)
@@ -810,12 +783,7 @@ def main(args: Args):
             metrics |= run_eval(iteration + 1)
         logger.log(iteration + 1, metrics, advance=1)
         if args.save_every and (iteration + 1) % args.save_every == 0 and not last:
-            ckpt, tag = Path(args.output_dir) / "checkpoints", f"iter{iteration + 1}"
-            if critic is not None:  # the actor's `latest` is written last
-                common.runs.save_checkpoint(critic, str(ckpt / "critic"), tag, {})
-            common.runs.save_checkpoint(actor, str(ckpt / "actor"), tag,
-                                        {"iteration": iteration + 1, "kl_coef": kl_coef, "ema": ema})
-            common.runs.commit_args(args.output_dir)  # args.json describes the run from its first save on
+            common.engines.save_checkpoint(args, iteration + 1, actor=actor, critic=critic, kl_coef=kl_coef, ema=ema)
 
     # --- save ---
     logger.close()

@@ -111,7 +111,22 @@ def load_models(args, tokenizer, reward_tok, *, dtype, actor_stage: int, critic_
         critic = trained_engine(ValueModel(critic), critic_lr, args, critic_stage, micro, gas, total_steps, dtype)
     ref = None if ref is None else frozen_engine(ref, actor_stage, args.offload_reference, dtype)
     reward = None if reward is None else frozen_engine(ValueModel(reward), critic_stage, args.offload_reference, dtype)
-    return actor, critic, ref, reward, norm, ema
+    n_params = {name: sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) if m is not None else 0
+                for name, m in (("actor", actor), ("critic", critic), ("reward", reward), ("ref", ref or actor))}
+    free = " (critic-free)" * (args.advantage_estimator != "gae")
+    common.print0(f"parameters (ZeRO-3 partitions counted whole): {n_params}{free}")
+    return actor, critic, ref, reward, norm, ema, n_params
+
+
+def gpu_metrics(n_params: dict, seq_tokens, ppo_epochs: int, forward_once: bool, elapsed: float) -> dict:
+    """On a GPU, as DSC prints them: peak memory, and TFLOP/s per GPU from 2 x params FLOPs per token for a forward,
+    6 x params for forward + backward; generation about one forward of the actor."""
+    if not torch.cuda.is_available():
+        return {}
+    scored = n_params["ref"] + n_params["reward"] + (n_params["actor"] + n_params["critic"]) * (not forward_once)
+    flops = 2 * float(seq_tokens) * (n_params["actor"] + scored)
+    flops += 6 * float(seq_tokens) * ppo_epochs * (n_params["actor"] + n_params["critic"])
+    return {"throughput/tflops": flops / elapsed / 1e12, "memory/peak_gb": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def resume(args, tag: str, *, actor, critic, actor_lr: float, critic_lr: float) -> tuple[int, float, dict]:
@@ -130,6 +145,16 @@ def resume(args, tag: str, *, actor, critic, actor_lr: float, critic_lr: float) 
     common.print0(f"resumed from {ckpt}/*/{tag} at iteration {state['iteration']}")
     common.runs.truncate_log(args.output_dir, state["iteration"])  # drop rows logged after the checkpoint
     return state["iteration"], kl_coef, ema
+
+
+def save_checkpoint(args, iteration: int, *, actor, critic, kl_coef: float, ema: dict | None):
+    """Resumable checkpoints of critic and actor after `iteration` (the actor's `latest` is written last)."""
+    ckpt, tag = Path(args.output_dir) / "checkpoints", f"iter{iteration}"
+    if critic is not None:
+        common.runs.save_checkpoint(critic, str(ckpt / "critic"), tag, {})
+    common.runs.save_checkpoint(actor, str(ckpt / "actor"), tag,
+                                {"iteration": iteration, "kl_coef": kl_coef, "ema": ema})
+    common.runs.commit_args(args.output_dir)  # args.json describes the run from its first save on
 
 
 def save(args, *, actor, critic, ema: dict | None, tokenizer, dtype, actor_stage: int, critic_stage: int):
