@@ -376,6 +376,18 @@ def test_ema_update_against_a_loop():
     assert error < 0.01, error  # in bf16 the same loop is off by 47% of the movement
 
 
+def test_gpu_metrics_count_flops_as_dsc_does(monkeypatch):
+    """2 x params FLOPs per token for each forward (generation: one of the actor), 6 x for forward + backward."""
+    n = {"actor": 10, "critic": 7, "ref": 10, "reward": 7}
+    assert common.engines.gpu_metrics(n, 100, 4, False, 2.0) == {} or torch.cuda.is_available()  # none on a CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
+    for forward_once, forwards in ((False, 10 + 10 + 7 + 10 + 7), (True, 10 + 10 + 7)):
+        flops = 2 * 100 * forwards + 6 * 100 * 4 * (10 + 7)
+        assert common.engines.gpu_metrics(n, torch.tensor(100), 4, forward_once, 2.0) == {
+            "throughput/tflops": pytest.approx(flops / 2.0 / 1e12), "memory/peak_gb": 3.0}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # end to end on the demo
 
