@@ -83,7 +83,8 @@ def update_ema(ema: dict | None, model, decay: float, zero_stage: int):
 
 def load_models(args, tokenizer, reward_tok, *, dtype, actor_stage: int, critic_stage: int, micro: int, gas: int,
                 total_steps: int, actor_lr: float, critic_lr: float):
-    """The engines (actor, critic, ref, reward; None where absent), the reward normalisation, the EMA's start."""
+    """The engines (actor, critic, ref, reward; None where absent), the reward normalisation, the EMA's start, the
+    parameter counts (printed)."""
     no_rm, same_tok = args.reward == "none", reward_tok.get_vocab() == tokenizer.get_vocab()
     actor = common.load_causal_lm(args.actor, dtype, tokenizer, args.trust_remote_code, "--actor")
     common.disable_dropout(actor)
