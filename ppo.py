@@ -6,10 +6,9 @@ scores them, turns scores and the KL to the reference into per-token rewards, es
 runs a few epochs of clipped PPO updates on actor and critic. --advantage_estimator grpo|dr_grpo|rloo|reinforce_pp
 leaves the critic out and takes the baseline from several answers per prompt (--samples_per_prompt) or the batch.
 
-References: Ziegler et al. 2019 and OpenAI's lm-human-preferences (KL-penalised reward, adaptive KL); Stiennon et al.
-2020; InstructGPT (Ouyang et al. 2022; PPO-ptx); Huang et al., "The N+ Implementation Details of RLHF with PPO" (2024,
-"N+" below); DeepSpeed-Chat step 3 ("DSC"); GRPO (Shao et al. 2024), Dr. GRPO (Liu et al. 2025), RLOO (Ahmadian et
-al. 2024), REINFORCE++ (Hu 2025). docs/ppo.md gives the source of every detail.
+References (docs/ppo.md gives the source of every detail): Ziegler et al. 2019 and lm-human-preferences; Stiennon
+et al. 2020; InstructGPT (PPO-ptx); "N+" (Huang et al. 2024); DeepSpeed-Chat step 3 ("DSC"); GRPO, Dr. GRPO, RLOO,
+REINFORCE++.
 
     python ppo.py                                           # the demo: ./sft_ckpt + ./reward_ckpt, on a CPU
     deepspeed ppo.py --actor ./sft_ckpt --reward ./reward_ckpt --data prompts.jsonl
@@ -22,22 +21,22 @@ import math
 import random
 import time
 from collections import Counter
-from contextlib import nullcontext
 from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import deepspeed
 import torch
 import torch.nn.functional as F
 import tyro
 
 import common
 import common.data
+import common.engines
 import common.flags
 import common.generation
 import common.logprobs
+import common.prompts
 import common.reward_fn
 import common.runs
 import common.toy
@@ -216,82 +215,7 @@ class Args:
     """set by the deepspeed launcher; do not pass by hand"""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# models
-
-
-class Float32Linear(torch.nn.Linear):
-    """A linear layer that computes in fp32 whatever the dtype of its weights and input."""
-
-    def forward(self, x):
-        return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
-
-
-class ValueModel(torch.nn.Module):
-    """A sequence classifier's head at every position: the critic's values; the reward model's score at the end."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model  # kept whole (peft wrapper included) so that it saves as it loaded
-        for name, m in model.named_modules():  # the head computes in fp32 on a bf16/fp16 body (weights stay as
-            if type(m) is torch.nn.Linear and "score" in name.split("."):  # they are: ZeRO-3 wants one dtype)
-                m.__class__ = Float32Linear
-
-    def forward(self, input_ids, attention_mask):
-        return common.scores(self.model, input_ids, attention_mask)
-
-
-def load_value_model(name: str, dtype, tokenizer, trust_remote_code: bool, flag: str, new_head: bool = False):
-    """A one-logit sequence classifier; a causal LM (whose score head would be random) only with `new_head`."""
-    from transformers import AutoModelForSequenceClassification
-
-    common.check_model_path(name, flag)
-    model = common.from_pretrained(AutoModelForSequenceClassification, name, flag, num_labels=1, dtype=dtype,
-                                   trust_remote_code=trust_remote_code)
-    if not new_head and not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
-        raise common.UserError(f"{flag} {name}: not a sequence classifier (its score head would be random); train "
-                               "one with reward.py, or pass --new_value_head to start from a new head")
-    common.check_vocab(model, tokenizer, flag)
-    common.disable_dropout(model)
-    return model.to(dtype)
-
-
-def frozen_engine(model, zero_stage: int, offload: bool, dtype):
-    """A forward-only DeepSpeed engine (sharded under ZeRO-3, as DSC's reference and reward models are)."""
-    model.eval().requires_grad_(False)
-    config = common.ds_config(3 if zero_stage == 3 else 0, 1, 1, dtype, offload_params=offload)
-    return deepspeed.initialize(model=model, config=config)[0]
-
-
-def trained_engine(model, lr: float, args: Args, zero_stage: int, micro: int, gas: int, total_steps: int, dtype):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=args.weight_decay,
-                                  fused=True)  # one kernel for all tensors (CPU and GPU), not a loop over them
-    schedule = common.lr_lambda(args.lr_scheduler, int(args.warmup_ratio * total_steps), total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    config = common.ds_config(zero_stage, micro, gas, dtype, args.offload, args.grad_clip)
-    return deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)[0]
-
-
-def ema_copy(model) -> dict:
-    """The EMA's start: the actor's weights on CPU in fp32 (in bf16 most EMA steps would round away)."""
-    return {k: v.float() if v.is_floating_point() else v for k, v in common.merged_state_dict(model).items()}
-
-
-@torch.no_grad()
-def update_ema(ema: dict | None, model, decay: float, zero_stage: int):
-    """ema <- decay * ema + (1 - decay) * weights, on rank 0's CPU copy, gathered under ZeRO-3 (DSC's --enable_ema)."""
-    ctx = deepspeed.zero.GatheredParameters(list(model.parameters())) if zero_stage == 3 else nullcontext()
-    with ctx:
-        if ema is not None:
-            for k, v in common.merged_state_dict(model).items():
-                ema[k].mul_(decay).add_(v.to(ema[k].dtype), alpha=1.0 - decay)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# rollout math (each function is tested against a slow reference in tests/test_ppo.py)
-
-
+# ---- rollout math (each function is tested against a slow reference in tests/test_ppo.py) ----
 def truncate_after_eos(responses: torch.Tensor, eos_id: int | list[int], pad_id: int):
     """Answers cut after their first EOS (any of `eos_id`), padded: (answers, mask, lengths, has_eos)."""
     is_eos = torch.isin(responses, torch.tensor(eos_id, device=responses.device).reshape(-1))
@@ -426,10 +350,7 @@ def ref_logprobs(ref, actor, seq: torch.Tensor, attn: torch.Tensor, n_prompt: in
         return seq_logprobs(actor, seq, attn, n_prompt, temperature, chunk_size=chunk_size)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# batches
-
-
+# ---- batches, generation, scoring, evaluation ----
 def micro_slices(n: int, size: int):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -486,32 +407,6 @@ def reduce_sums(sums: dict, device) -> dict:
     return dict(zip(names, common.all_reduce_sum(values, device)))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# rollout
-
-
-def load_prompts(args: Args, tokenizer, max_prompt: int):
-    """Training and held-out prompts, (records, token ids) each; the example prompt is printed."""
-    records, eval_records = common.data.load_splits(args.data, args.eval_data, args.data_split, args.eval_split,
-                                                    "prompts", args.skip_invalid)
-    if eval_records is None:
-        records, eval_records = common.data.split_eval(records, args.eval_fraction, args.seed)
-    ids, n_cut, records = common.data.encode_prompts(records, tokenizer, max_prompt, args.truncation, args.data,
-                                                     args.skip_invalid)
-    eval_ids, _, eval_records = common.data.encode_prompts(eval_records[: args.num_eval_prompts], tokenizer,
-                                                           max_prompt, args.truncation, "eval data", args.skip_invalid)
-    common.print0(f"{len(ids)} prompts ({n_cut} cut from the left); example:\n" + tokenizer.decode(ids[0]))
-    return records, ids, eval_records, eval_ids
-
-
-def load_ptx(args: Args, tokenizer, max_seq_len: int) -> list:
-    """PPO-ptx's SFT rows (ids, trained mask), cut from the left to max_seq_len."""
-    records = common.data.load_data(args.ptx_data, "sft", None, args.skip_invalid)
-    common.print0("example ptx (trained tokens in [[ ]]):\n" + common.show_example(
-        tokenizer, *common.encode_record(tokenizer, records[0])))
-    return [common.fit_record(tokenizer, r, max_seq_len)[0] for r in records]
-
-
 @torch.no_grad()
 def generate(actor, prompt_ids: list[list[int]], tokenizer, gen_config, zero_stage: int, sharded: bool, device,
              chunk: int = 0, seeds: list[int] | None = None):
@@ -557,10 +452,8 @@ def score_answers(rollout: dict, n_prompt: int, messages: list, retok, *, args: 
                   tokenizer, micro: int, device):
     """(raw score logged as reward, score PPO uses: normalised RM + weight x --reward_fn, --reward_fn's or None)"""
     raw = reward_scores(reward, rollout, n_prompt, micro, retok) if reward is not None else None
-    fn = None
-    if reward_fn is not None:
-        texts = common.decode_answers(tokenizer, rollout["seq"][:, n_prompt:])
-        fn = common.reward_fn.call(reward_fn, args.reward_fn, messages, texts, device)
+    fn = None if reward_fn is None else common.reward_fn.call(
+        reward_fn, args.reward_fn, messages, common.decode_answers(tokenizer, rollout["seq"][:, n_prompt:]), device)
     score = (raw - norm[0]) / norm[1] if raw is not None else torch.zeros_like(fn)
     if fn is not None:
         score = score + args.reward_fn_weight * fn
@@ -572,7 +465,7 @@ def evaluate(args: Args, iteration: int, *, actor, ref, scorer, tokenizer, rewar
              prompt_ids: list[list[int]], gen_config, actor_stage: int, call_size: int, micro: int, device) -> dict:
     """eval/reward, eval/kl (demo: eval/gold) on held-out prompts, the same samples on any number of ranks."""
     world, rank, toy, chunk = common.world_size(), common.rank(), args.data == "toy", args.logprob_chunk_size
-    n, size = len(prompt_ids), min(call_size, len(prompt_ids))
+    n, size, temp = len(prompt_ids), min(call_size, len(prompt_ids)), args.temperature
     calls_per_rank = math.ceil(math.ceil(n / size) / world)
     sums = Counter(reward=0.0, kl=0.0, gold=0.0)
     for call in range(rank * calls_per_rank, (rank + 1) * calls_per_rank):
@@ -585,17 +478,14 @@ def evaluate(args: Args, iteration: int, *, actor, ref, scorer, tokenizer, rewar
         retok = None if reward_tok is None else common.data.retokenizer(tokenizer, reward_tok, messages, device)
         score, _, fn_score = scorer(rollout, n_prompt, messages, retok)  # the RM's raw score (or --reward_fn's)
         seq, attn, slices = rollout["seq"], rollout["attn"], micro_slices(size, micro)
-        logp = torch.cat([seq_logprobs(actor, seq[s], attn[s], n_prompt, args.temperature, chunk_size=chunk)
-                          for s in slices])
-        ref_logp = torch.cat([ref_logprobs(ref, actor, seq[s], attn[s], n_prompt, args.temperature, chunk)
-                              for s in slices])
+        logp = torch.cat([seq_logprobs(actor, seq[s], attn[s], n_prompt, temp, chunk_size=chunk) for s in slices])
+        ref_logp = torch.cat([ref_logprobs(ref, actor, seq[s], attn[s], n_prompt, temp, chunk) for s in slices])
         texts = common.decode_answers(tokenizer, seq[:, n_prompt:])
         gold = torch.tensor([common.toy.gold_score(m[-1]["content"], t) if toy else 0.0
                              for m, t in zip(messages, texts)], device=device)
         sums.update(reward=(score * weight).sum(), gold=(gold * weight).sum(),
                     kl=(kl_per_response(logp, ref_logp, rollout["mask"]) * weight).sum())
-        if fn_score is not None:
-            sums.update(reward_fn=(fn_score * weight).sum())
+        sums.update({} if fn_score is None else {"reward_fn": (fn_score * weight).sum()})
         for j in range(min(args.print_samples, size) if call == 0 else 0):  # on rank 0
             print(f"  [{iteration}] {messages[j][-1]['content']!r} -> {texts[j]!r} (score {float(score[j]):.2f})",
                   flush=True)
@@ -604,13 +494,9 @@ def evaluate(args: Args, iteration: int, *, actor, ref, scorer, tokenizer, rewar
             | ({"eval/reward_fn": total["reward_fn"]} if "reward_fn" in total else {}))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the steps of main
-
-
+# ---- the steps of main ----
 def check_args(args: Args) -> str | None:
-    """The flags that must agree with each other and the output folder, checked before anything is loaded; returns
-    the checkpoint tag to resume from."""
+    """Flags that must agree, and the output folder, checked before anything loads; returns the tag to resume from."""
     common.flags.check(args)
     least = 2 if args.advantage_estimator in ("grpo", "dr_grpo", "rloo") else 1  # a group needs two answers
     if args.samples_per_prompt < least:
@@ -637,57 +523,6 @@ def check_args(args: Args) -> str | None:
     if tag:  # the critic's checkpoint is written first, so it is there whenever the actor's `latest` names it
         common.runs.latest_checkpoint(Path(args.output_dir) / "checkpoints" / "critic")
     return tag
-
-
-def load_models(args: Args, tokenizer, reward_tok, *, dtype, actor_stage: int, critic_stage: int, micro: int, gas: int,
-                total_steps: int, actor_lr: float, critic_lr: float):
-    """The engines (actor, critic, ref, reward; None where absent), the reward normalisation, the EMA's start."""
-    no_rm, same_tok = args.reward == "none", reward_tok.get_vocab() == tokenizer.get_vocab()
-    actor = common.load_causal_lm(args.actor, dtype, tokenizer, args.trust_remote_code, "--actor")
-    common.disable_dropout(actor)
-    actor = common.with_lora(actor, args.lora_rank, args.lora_alpha, "CAUSAL_LM")
-    ref = None
-    if args.lora_rank == 0 or args.ref not in (None, args.actor):
-        ref = common.load_causal_lm(args.ref or args.actor, dtype, tokenizer, args.trust_remote_code, "--ref")
-        common.disable_dropout(ref)
-    reward = None if no_rm else load_value_model(args.reward, dtype, reward_tok, args.trust_remote_code, "--reward",
-                                                 args.new_value_head)
-    config = reward.config if reward is not None and args.normalize_reward else None
-    norm = (getattr(config, "reward_mean", 0.0), getattr(config, "reward_std", 1.0))
-    critic_path = args.critic or (args.reward if same_tok and not no_rm else args.actor)
-    critic = None if args.advantage_estimator != "gae" else common.with_lora(load_value_model(
-        critic_path, dtype, tokenizer, args.trust_remote_code, "--critic", args.new_value_head or
-        critic_path == args.actor), args.critic_lora_rank, args.lora_alpha, "SEQ_CLS")
-    for m in (actor, critic) if args.gradient_checkpointing else ():
-        if m is not None:
-            m.gradient_checkpointing_enable()
-            if hasattr(m, "enable_input_require_grads"):
-                m.enable_input_require_grads()
-    ema = ema_copy(actor) if args.ema and common.is_rank0() else None
-    actor = trained_engine(actor, actor_lr, args, actor_stage, micro, gas, total_steps, dtype)
-    if critic is not None:
-        critic = trained_engine(ValueModel(critic), critic_lr, args, critic_stage, micro, gas, total_steps, dtype)
-    ref = None if ref is None else frozen_engine(ref, actor_stage, args.offload_reference, dtype)
-    reward = None if reward is None else frozen_engine(ValueModel(reward), critic_stage, args.offload_reference, dtype)
-    return actor, critic, ref, reward, norm, ema
-
-
-def resume(args: Args, tag: str, *, actor, critic, actor_lr: float, critic_lr: float) -> tuple[int, float, dict]:
-    """Load checkpoint `tag` of actor and critic: (the iteration to start at, the KL coefficient, the EMA)."""
-    ckpt, changed = Path(args.output_dir) / "checkpoints", set(args.resume_changes)
-    decay = args.weight_decay if "weight_decay" in changed else None
-    if critic is not None:
-        common.runs.load_checkpoint(critic, str(ckpt / "critic"), tag,
-                                    critic_lr if "critic_learning_rate" in changed else None, decay)
-    state = common.runs.load_checkpoint(actor, str(ckpt / "actor"), tag,
-                                        actor_lr if "learning_rate" in changed else None, decay)
-    kl_coef = state["kl_coef"] if args.adaptive_kl and "kl_coef" not in changed else args.kl_coef
-    ema = None
-    if args.ema and common.is_rank0():  # fp32 (a checkpoint from before the fp32 copy has the model's dtype)
-        ema = {k: v.float() if v.is_floating_point() else v for k, v in state["ema"].items()}
-    common.print0(f"resumed from {ckpt}/*/{tag} at iteration {state['iteration']}")
-    common.runs.truncate_log(args.output_dir, state["iteration"])  # drop rows logged after the checkpoint
-    return state["iteration"], kl_coef, ema
 
 
 @torch.no_grad()
@@ -771,7 +606,7 @@ def update(args: Args, rollout: dict, fwd: dict, sums: Counter, *, actor, critic
                 sums.update({"per_token/value_loss": masked_sum(vl.detach(), mask),
                              "per_token/value_clipfrac": masked_sum(value_clipped, mask)})
         if ema is not None or (args.ema and actor_stage == 3):
-            update_ema(ema, actor.module, args.ema_decay, actor_stage)
+            common.engines.update_ema(ema, actor.module, args.ema_decay, actor_stage)
 
 
 def iteration_metrics(total: dict, t: dict, *, kl_coef: float, critic_free: bool, n_params: dict, seq_tokens,
@@ -791,26 +626,7 @@ def iteration_metrics(total: dict, t: dict, *, kl_coef: float, critic_free: bool
         "time/rollout_s": t["rollout"] - t["start"], "time/train_s": t["train"] - t["rollout"],
         "throughput/episodes_per_s": n / elapsed, "throughput/tokens_per_s": tokens / elapsed,
     }
-    if torch.cuda.is_available():  # as DSC prints them: peak memory, and TFLOP/s per GPU from 2 x params FLOPs per
-        # token for a forward, 6 x params for forward + backward; generation about one forward of the actor
-        scored = n_params["ref"] + n_params["reward"] + (n_params["actor"] + n_params["critic"]) * (not forward_once)
-        flops = 2 * float(seq_tokens) * (n_params["actor"] + scored)
-        flops += 6 * float(seq_tokens) * ppo_epochs * (n_params["actor"] + n_params["critic"])
-        metrics["throughput/tflops"] = flops / elapsed / 1e12
-        metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return metrics
-
-
-def save(args: Args, *, actor, critic, ema: dict | None, tokenizer, dtype, actor_stage: int, critic_stage: int):
-    """The actor (--save_critic: the critic, --ema: the average) as HF folders; then args.json is the run's."""
-    common.save_hf(actor.module, tokenizer, args.output_dir, actor_stage)
-    if args.save_critic:
-        common.save_hf(critic.module.model, tokenizer, str(Path(args.output_dir) / "critic"), critic_stage)
-    if args.ema:  # rank 0's copy (no gather), staged and moved into place as the model is
-        common.save_hf(actor.module, tokenizer, str(Path(args.output_dir) / "ema"), 0,
-                       state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in ema.items()})
-    common.runs.commit_args(args.output_dir, finished=True)
-    common.print0(f"saved {args.output_dir}")
+    return metrics | common.engines.gpu_metrics(n_params, seq_tokens, ppo_epochs, forward_once, elapsed)
 
 
 def main(args: Args):
@@ -846,8 +662,8 @@ def main(args: Args):
         raise common.UserError(f"--reward {args.reward}: its tokenizer differs from the actor's ({args.actor}); pass "
                                "--reward_tokenizer to re-tokenise responses for it")
     max_prompt = max_seq_len - args.max_new_tokens
-    records, prompt_ids, eval_records, eval_prompt_ids = load_prompts(args, tokenizer, max_prompt)
-    ptx = load_ptx(args, tokenizer, max_seq_len) if args.ptx_data else None
+    records, prompt_ids, eval_records, eval_prompt_ids = common.prompts.load_prompts(args, tokenizer, max_prompt)
+    ptx = common.prompts.load_ptx(args, tokenizer, max_seq_len) if args.ptx_data else None
     per_iter = args.rollout_batch_size * world * k  # episodes (answers) per iteration
     total_episodes = args.total_episodes or args.num_epochs * len(prompt_ids) * k
     n_iters = total_episodes // per_iter
@@ -855,9 +671,8 @@ def main(args: Args):
         raise common.UserError(f"--total_episodes {total_episodes} is less than one iteration ({per_iter} = "
                                "rollout_batch_size x ranks x samples_per_prompt)")
     steps_per_iter = args.ppo_epochs * (args.rollout_batch_size * k // mini)
-    # Where the old log-probs come from, one rule: step 3's forward of the actor, under the weights that sampled. With
-    # one optimizer step an iteration on one micro-batch a rank (forward_once), that forward runs with autograd and is
-    # also the update's: step 6 trains through it (the ratio is exactly 1, as in TRL's GRPO), and no forward runs twice
+    # Where the old log-probs come from, one rule: step 3's forward of the actor, under the weights that sampled; with
+    # one optimizer step an iteration on one micro-batch a rank (forward_once), also the update's (ratio exactly 1)
     forward_once = steps_per_iter == 1 and gas == 1
     run = {"script": "ppo.py", "world_size": world, "rollout_batch": per_iter, "mini_batch": mini * world,
            "prompts": len(prompt_ids), "actor_stage": actor_stage, "critic_stage": critic_stage, "iterations": n_iters,
@@ -869,12 +684,9 @@ def main(args: Args):
     common.print0(f"{n_iters} iterations of {per_iter} episodes, {steps_per_iter} optimizer steps each")
 
     # --- models ---
-    actor, critic, ref, reward, norm, ema = load_models(
+    actor, critic, ref, reward, norm, ema, n_params = common.engines.load_models(
         args, tokenizer, reward_tok, dtype=dtype, actor_stage=actor_stage, critic_stage=critic_stage, micro=micro,
         gas=gas, total_steps=n_iters * steps_per_iter, actor_lr=actor_lr, critic_lr=critic_lr)
-    n_params = {name: sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) if m is not None else 0
-                for name, m in (("actor", actor), ("critic", critic), ("reward", reward), ("ref", ref or actor))}
-    common.print0(f"parameters (ZeRO-3 partitions counted whole): {n_params}" + (" (critic-free)" * critic_free))
     gen_config = common.generation.generation_config(args, tokenizer)
     scorer = partial(score_answers, args=args, reward=reward, reward_fn=reward_fn, norm=norm, tokenizer=tokenizer,
                      micro=micro, device=device)
@@ -887,8 +699,8 @@ def main(args: Args):
     common.runs.start_output_dir(args.output_dir, args, args.overwrite, args.resume, run)
     start_iter, kl_coef = 0, args.kl_coef
     if tag:
-        start_iter, kl_coef, ema = resume(args, tag, actor=actor, critic=critic, actor_lr=actor_lr,
-                                          critic_lr=critic_lr)
+        start_iter, kl_coef, ema = common.engines.resume(args, tag, actor=actor, critic=critic, actor_lr=actor_lr,
+                                                         critic_lr=critic_lr)
 
     # --- loop ---
     logger = common.Logger(args.output_dir, n_iters, "ppo", initial=start_iter, report_to=args.report_to,
@@ -971,17 +783,12 @@ def main(args: Args):
             metrics |= run_eval(iteration + 1)
         logger.log(iteration + 1, metrics, advance=1)
         if args.save_every and (iteration + 1) % args.save_every == 0 and not last:
-            ckpt, tag = Path(args.output_dir) / "checkpoints", f"iter{iteration + 1}"
-            if critic is not None:  # the actor's `latest` is written last
-                common.runs.save_checkpoint(critic, str(ckpt / "critic"), tag, {})
-            common.runs.save_checkpoint(actor, str(ckpt / "actor"), tag,
-                                        {"iteration": iteration + 1, "kl_coef": kl_coef, "ema": ema})
-            common.runs.commit_args(args.output_dir)  # args.json describes the run from its first save on
+            common.engines.save_checkpoint(args, iteration + 1, actor=actor, critic=critic, kl_coef=kl_coef, ema=ema)
 
     # --- save ---
     logger.close()
-    save(args, actor=actor, critic=critic, ema=ema, tokenizer=tokenizer, dtype=dtype, actor_stage=actor_stage,
-         critic_stage=critic_stage)
+    common.engines.save(args, actor=actor, critic=critic, ema=ema, tokenizer=tokenizer, dtype=dtype,
+                        actor_stage=actor_stage, critic_stage=critic_stage)
 
 
 if __name__ == "__main__":

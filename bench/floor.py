@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import common.engines  # noqa: E402
 import common.generation  # noqa: E402
 import common.launcher  # noqa: E402
 import ppo  # noqa: E402
@@ -37,12 +38,13 @@ def main():
     tok = AutoTokenizer.from_pretrained(a.policy)
     actor = AutoModelForCausalLM.from_pretrained(a.policy).train()
     ref = AutoModelForCausalLM.from_pretrained(a.policy).eval().requires_grad_(False)
-    rm = ppo.ValueModel(AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1))
+    rm = common.engines.ValueModel(AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1))
     rm.eval().requires_grad_(False)
     trained = [actor]
     critic = None
     if a.estimator == "gae":
-        critic = ppo.ValueModel(AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1)).train()
+        critic = common.engines.ValueModel(AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1))
+        critic.train()
         trained.append(critic)
     steps = a.episodes // a.batch
     optimizers = [torch.optim.AdamW(m.parameters(), lr=a.lr, betas=(0.9, 0.95), eps=1e-5, fused=True) for m in trained]

@@ -25,6 +25,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 import common.data  # noqa: E402
+import common.engines  # noqa: E402
 import common.generation  # noqa: E402
 import common.data  # noqa: E402
 import common.toy  # noqa: E402
@@ -152,12 +153,13 @@ def main(b: Bench):
     prompts, *_ = common.data.encode_prompts(records, tok, 256, "left", "toy")
     steps = b.ppo_epochs * (b.batch // b.mini_batch_size)
     mb = b.mini_batch_size
-    actor = ppo.trained_engine(no_dropout(common.load_causal_lm(args.actor, dtype, tok)), 1e-6, args, b.zero_stage,
+    eng = common.engines
+    actor = eng.trained_engine(no_dropout(common.load_causal_lm(args.actor, dtype, tok)), 1e-6, args, b.zero_stage,
                                mb, 1, 100, dtype)
-    critic = ppo.trained_engine(ppo.ValueModel(ppo.load_value_model(args.reward, dtype, tok, False, "--reward")),
+    critic = eng.trained_engine(eng.ValueModel(eng.load_value_model(args.reward, dtype, tok, False, "--reward")),
                                 1e-6, args, b.zero_stage, mb, 1, 100, dtype)
-    ref = ppo.frozen_engine(no_dropout(common.load_causal_lm(args.actor, dtype, tok)), b.zero_stage, False, dtype)
-    reward = ppo.frozen_engine(ppo.ValueModel(ppo.load_value_model(args.reward, dtype, tok, False, "--reward")),
+    ref = eng.frozen_engine(no_dropout(common.load_causal_lm(args.actor, dtype, tok)), b.zero_stage, False, dtype)
+    reward = eng.frozen_engine(eng.ValueModel(eng.load_value_model(args.reward, dtype, tok, False, "--reward")),
                                b.zero_stage, False, dtype)
     gen_config = common.generation.generation_config(args, tok)
     rollout = {}

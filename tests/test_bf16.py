@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import read_metrics, run_script
 
+import common.engines
 import ppo
 
 
@@ -17,7 +18,7 @@ def test_value_head_computes_in_fp32_on_a_bf16_body():
                       num_key_value_heads=1, num_labels=1, pad_token_id=0)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(cfg).bfloat16()
-    values = ppo.ValueModel(model)
+    values = common.engines.ValueModel(model)
     ids = torch.randint(1, 64, (3, 9))
     attn = torch.ones_like(ids)
     out = values(ids, attn)

@@ -15,6 +15,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import common
 import common.data
+import common.engines
 import common.generation
 import common.logprobs
 import common.reward_fn
@@ -353,7 +354,7 @@ def test_ema_update_against_a_loop():
     for _ in range(3):
         with torch.no_grad():
             model.weight.add_(1.0)
-        ppo.update_ema(ema, model, 0.75, 0)
+        common.engines.update_ema(ema, model, 0.75, 0)
         for k, v in model.state_dict().items():
             expect[k] = 0.75 * expect[k] + 0.25 * v
     assert all(torch.allclose(ema[k], expect[k]) for k in ema)
@@ -362,17 +363,29 @@ def test_ema_update_against_a_loop():
     model, master = torch.nn.Linear(64, 64).to(torch.bfloat16), torch.randn(64, 64) * 0.02
     with torch.no_grad():
         model.weight.copy_(master)
-    ema, exact = ppo.ema_copy(model), model.weight.detach().double().clone()
+    ema, exact = common.engines.ema_copy(model), model.weight.detach().double().clone()
     start = exact.clone()
     assert ema["weight"].dtype == torch.float32
     for _ in range(1000):
         master += 1e-5
         with torch.no_grad():
             model.weight.copy_(master)
-        ppo.update_ema(ema, model, 0.992, 0)
+        common.engines.update_ema(ema, model, 0.992, 0)
         exact = 0.992 * exact + 0.008 * model.weight.detach().double()
     error = (ema["weight"].double() - exact).abs().mean() / (exact - start).abs().mean()
     assert error < 0.01, error  # in bf16 the same loop is off by 47% of the movement
+
+
+def test_gpu_metrics_count_flops_as_dsc_does(monkeypatch):
+    """2 x params FLOPs per token for each forward (generation: one of the actor), 6 x for forward + backward."""
+    n = {"actor": 10, "critic": 7, "ref": 10, "reward": 7}
+    assert common.engines.gpu_metrics(n, 100, 4, False, 2.0) == {} or torch.cuda.is_available()  # none on a CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
+    for forward_once, forwards in ((False, 10 + 10 + 7 + 10 + 7), (True, 10 + 10 + 7)):
+        flops = 2 * 100 * forwards + 6 * 100 * 4 * (10 + 7)
+        assert common.engines.gpu_metrics(n, torch.tensor(100), 4, forward_once, 2.0) == {
+            "throughput/tflops": pytest.approx(flops / 2.0 / 1e12), "memory/peak_gb": 3.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------

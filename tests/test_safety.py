@@ -26,6 +26,7 @@ from conftest import ROOT, free_port, read_metrics, run_script, script_env
 import chat
 import common
 import common.flags
+import common.engines
 import common.launcher
 import common.runs
 import common.toy
@@ -637,9 +638,9 @@ def test_10_a_causal_lm_as_reward_model_is_refused(tiny_models, tmp_path, monkey
     """ppo.py --reward given a causal LM trained against a random score head, with no warning."""
     tok = common.load_tokenizer(tiny_models["llama"])
     with pytest.raises(common.UserError) as e:
-        ppo.load_value_model(tiny_models["llama"], torch.float32, tok, False, "--reward")
+        common.engines.load_value_model(tiny_models["llama"], torch.float32, tok, False, "--reward")
     one_line_error(e, "--reward", "not a sequence classifier", "--new_value_head")
-    model = ppo.load_value_model(tiny_models["llama"], torch.float32, tok, False, "--critic", new_head=True)
+    model = common.engines.load_value_model(tiny_models["llama"], torch.float32, tok, False, "--critic", new_head=True)
     assert model.config.num_labels == 1
     monkeypatch.setattr(common, "init_distributed", lambda: torch.device("cpu"))
     monkeypatch.setenv("WORLD_SIZE", "1")
@@ -692,7 +693,7 @@ def test_a_model_with_damaged_files_is_one_line(tiny_models, tmp_path):
         common.load_causal_lm(str(model), torch.float32, tok, flag="--actor")
     one_line_error(e, f"--actor {model}: cannot load the model", "are its files complete?")
     with pytest.raises(common.UserError) as e:
-        ppo.load_value_model(str(model), torch.float32, tok, False, "--reward", new_head=True)
+        common.engines.load_value_model(str(model), torch.float32, tok, False, "--reward", new_head=True)
     one_line_error(e, f"--reward {model}: cannot load the model")
 
 
