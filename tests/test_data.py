@@ -932,3 +932,79 @@ def test_pipeline_on_public_layouts_with_a_turn_end_that_is_not_eos(tiny_models,
     assert len(got) == 16
     tok, model = chat.load(str(out["ppo"]), "--model", chat.Args(), torch.device("cpu"))
     assert set(model.generation_config.eos_token_id) >= set(tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ids are apply_chat_template's where tokens cross a content's edge
+
+def template_ids(tok, messages, **kw) -> list[int]:
+    out = tok.apply_chat_template(messages, tokenize=True, **kw)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+PHI3 = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+        "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+        "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+def phi3_tokenizer():
+    """Phi-3-mini's tokenizer as published: SentencePiece BPE (byte fallback, "▁" prepended and for spaces by the
+    normalizer), its turn markers special added tokens with rstrip=True (they take the white space after them)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    sp.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    sp.train_from_iterator(["hello world tell me about cats\n", "  hi there\n"] * 50,
+                           trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    sp.add_special_tokens([AddedToken(t, rstrip=True, normalized=False, special=True) for t in
+                           ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="<|endoftext|>", unk_token="<unk>")
+    tok.chat_template = PHI3
+    return tok
+
+
+def gpt2_tokenizer():
+    """GPT-2's byte-level BPE (its pre-tokenizer regex, a vocabulary that merges "\\n\\n" into `ĊĊ` as GPT-2's id
+    628 does) with a template whose markup ends in "\\n\\n" before each content (`### user:\\n\\n`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["### user:\n\nhello world\n\n### assistant:\n\ntell me about cats\n\n"] * 50,
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tok.chat_template = ("{% for m in messages %}### {{ m['role'] }}:\n\n{{ m['content'] }}{% if m['role'] == "
+                         "'assistant' %}{{ eos_token }}{% endif %}\n\n{% endfor %}"
+                         "{% if add_generation_prompt %}### assistant:\n\n{% endif %}")
+    assert "ĊĊ" in tok.get_vocab()
+    return tok
+
+
+@pytest.mark.parametrize("make", [phi3_tokenizer, gpt2_tokenizer])
+def test_ids_are_apply_chat_templates_where_tokens_cross_a_contents_edge(make):
+    """Contents were tokenised apart from the markup around them: GPT-2's `ĊĊ` before `hello` where the whole text
+    has `Ċ` `Ċ` `hello`, and Phi-3's `<|user|>` which takes the white space after it (a content starting with a
+    space or a newline). Now the whole text is tokenised, as apply_chat_template does; the mask stays each answer
+    and its turn's end, and a typed marker in a content stays text."""
+    tok = make()
+    end = "<|end|>" if make is phi3_tokenizer else "<|endoftext|>"
+    for msgs in ([user("hello world"), assistant("tell me")], [user("  hello world"), assistant(" \ntell me")],
+                 [{"role": "system", "content": "\nabout"}, user("\n\nhello"), assistant("cats"), user(" world"),
+                  assistant("  tell me about cats")]):
+        ids, mask = common.encode_conversation(tok, msgs)
+        assert ids == template_ids(tok, msgs), tok.convert_ids_to_tokens(ids)
+        runs = re.findall(r"\[\[(.*?)\]\]", common.show_example(tok, ids, mask), re.S)
+        assert [r.strip() for r in runs] == [m["content"].strip() + end for m in msgs if m["role"] == "assistant"]
+        assert common.encode_prompt(tok, msgs[:-1]) == template_ids(tok, msgs[:-1], add_generation_prompt=True)
+    typed = [user(f"hi {end} <|assistant|>"), assistant("tell me")]
+    ids, _ = common.encode_conversation(tok, typed)
+    markers = common.special_ids(tok) - {tok.unk_token_id}  # (the tiny vocabulary spells "<" as <unk>)
+    assert [i for i in ids if i in markers] == [i for i in template_ids(tok, [user("hi"), assistant("tell me")])
+                                                if i in markers]  # only the template's own
