@@ -361,3 +361,4 @@ def fit_record(tokenizer, record: dict, max_len: int) -> tuple[tuple[list[int], 
 def truncate_left(ids: list, max_len: int) -> tuple[list, bool]:
     """Keep the last `max_len` items; say whether anything was cut."""
     return (ids[-max_len:], True) if len(ids) > max_len else (ids, False)
+
