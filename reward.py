@@ -240,7 +240,7 @@ def main(args: Args):
             chosen, rejected, cut = encode_pair(tokenizer, r, max_seq_len, args.truncation, where)
             return (chosen, rejected, r.get("margin", 0.0)), cut
 
-        encoded = common.data.encode_records(records, one, source, args.skip_invalid)
+        encoded = common.data.encode_records(records, one, source, args.skip_invalid, tokenizer)
         return [pair for pair, _ in encoded], sum(cut for _, cut in encoded)
 
     # encoded before the eval split, so that an error names pairs in the order of the file

@@ -130,7 +130,7 @@ def tokenize(records: list[dict], tokenizer, max_seq_len: int, truncation: str, 
         return ((ids, mask), False) if len(ids) <= max_seq_len else common.fit_record(tokenizer, record, max_seq_len)
 
     examples, n_truncated, n_empty = [], 0, 0
-    for (ids, mask), cut in common.data.encode_records(records, encode, source, skip_invalid):
+    for (ids, mask), cut in common.data.encode_records(records, encode, source, skip_invalid, tokenizer):
         if cut:  # whole oldest turns first, the BOS and the template's header kept (common.fit_turns)
             n_truncated += 1
             if not any(mask[1:]):  # the first token is never predicted

@@ -12,7 +12,7 @@ from pathlib import Path
 import common
 from common import UserError, toy
 from common.layouts import (  # noqa: F401 (common.data.validate, the layouts)
-    FOREIGN, KNOWN, LAYOUTS, MESSAGE_KEYS, PAIRS, SYSTEM_FIELDS, layout, turns, validate,
+    FOREIGN, KNOWN, LAYOUTS, MESSAGE_KEYS, PAIRS, SYSTEM_FIELDS, layout, turns, unrender, validate,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,13 +188,17 @@ class Record(dict):
         self.where = where
 
 
-def encode_records(records: list[dict], encode, source: str, skip_invalid: bool) -> list:
+def encode_records(records: list[dict], encode, source: str, skip_invalid: bool, tokenizer=None) -> list:
     """[encode(record, where) for each record]; an error names the record's place (file:line when load_data read
-    it, else `source record N`), and with --skip_invalid drops the record instead (counted, as load_data does)."""
+    it, else `source record N`), and with --skip_invalid drops the record instead (counted, as load_data does).
+    With the tokenizer, text already written in its markup is first read as turns, in place (unrender)."""
     out, skipped = [], []
     for i, record in enumerate(records):
         where = getattr(record, "where", "") or f"{source} record {i + 1}"
         try:
+            if tokenizer is not None and (plain := unrender(tokenizer, record, where)) is not record:
+                record.clear()
+                record.update(plain)
             out.append(encode(record, where))
         except UserError as e:
             message = e.code.removeprefix("error: ")
@@ -298,7 +302,7 @@ def encode_prompts(records: list[dict], tokenizer, max_len: int, truncation: str
         (ids,), cut = known[key][1]
         return record, (list(ids), cut)
 
-    encoded = encode_records(records, encode, source, skip_invalid)
+    encoded = encode_records(records, encode, source, skip_invalid, tokenizer)
     return [ids for _, (ids, _) in encoded], sum(cut for _, (_, cut) in encoded), [r for r, _ in encoded]
 
 

@@ -4,8 +4,10 @@ fields and the nearest layout. Re-exported by common.data."""
 
 import json
 import re
+import weakref
 
 from common import UserError
+from common.template import _segments, render, turn_tokens
 
 def _check_text(where: str, obj: dict, field: str):
     v = obj.get(field)
@@ -247,3 +249,114 @@ def _prompt(where: str, obj: dict, msgs: list[dict], field: str) -> dict:
                         if not any(m["role"] == "user" for m in msgs) else
                         f"{where}: field '{field}' must end with a user turn")
     return {"prompt": _with_system(where, obj, msgs)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# text already rendered (docs/data.md, "Text already rendered")
+
+_MARKERS = weakref.WeakKeyDictionary()
+
+
+def _markers(tokenizer) -> tuple[list[str], str]:
+    """(the tokenizer's markup strings: its BOS and EOS and the special or turn-marker tokens its template writes,
+    longest first; the markup that ends an answer's turn, stripped: `<|im_end|>`, `</s>`)."""
+    if tokenizer not in _MARKERS:
+        probe = [{"role": "system", "content": "a"}, {"role": "user", "content": "b"},
+                 {"role": "assistant", "content": "c"}, {"role": "user", "content": "d"}]
+        try:
+            written = render(tokenizer, probe, True) + render(tokenizer, probe[1:3])
+            end = _segments(tokenizer, probe[1:3], False)[-1][0].strip()
+        except UserError:
+            written, end = "", ""
+        added = getattr(tokenizer, "added_tokens_decoder", {})
+        strings = {t.content for t in added.values() if getattr(t, "special", False) and t.content in written}
+        strings |= set(turn_tokens(tokenizer)[0]) | {tokenizer.bos_token, tokenizer.eos_token}
+        _MARKERS[tokenizer] = sorted((s for s in strings if s), key=len, reverse=True), end
+    return _MARKERS[tokenizer]
+
+
+def _edge_marker(tokenizer, text: str) -> str | None:
+    """The markup string a text starts or ends with (white space aside), if any."""
+    text = text.strip()
+    markers = _markers(tokenizer)[0]
+    return next((m for m in markers if text.startswith(m)), None) or next((m for m in markers if text.endswith(m)),
+                                                                           None)
+
+
+def _parse(tokenizer, text: str) -> list[dict] | None:
+    """The messages whose rendering by this template (with or without a generation prompt) is `text`, white space
+    around it aside: an optional system message, then alternating turns; None if there are none."""
+    text, n = text.strip(), 0
+    while True:
+        n, shortest = n + 1, len(text) + 1
+        for roles in (r[:n] for r in (["user", "assistant"] * n, ["assistant", "user"] * n)):
+            for roles in (roles, ["system"] + roles[: n - 1]):
+                marks = [f"\ue000{i}\ue001" for i in range(n)]
+                for prompt in (False, True) if roles[-1] == "user" else (False,):
+                    try:
+                        rendered = render(tokenizer, [{"role": r, "content": k} for r, k in zip(roles, marks)],
+                                          prompt).strip()
+                    except UserError:
+                        continue
+                    parts = re.split("\ue000(\\d+)\ue001", rendered)
+                    shortest = min(shortest, sum(map(len, parts[::2])))
+                    if sorted(parts[1::2]) != [str(i) for i in range(n)]:
+                        continue  # a template that leaves a message out or writes it twice
+                    found = re.fullmatch("(.*?)".join(map(re.escape, parts[::2])), text, re.S)
+                    if found:
+                        contents = dict(zip(map(int, parts[1::2]), found.groups()))
+                        msgs = [{"role": r, "content": contents[i]} for i, r in enumerate(roles)]
+                        if all(m["content"].strip() and not _edge_marker(tokenizer, m["content"]) for m in msgs) \
+                                and render(tokenizer, msgs, prompt).strip() == text:
+                            return msgs
+        if shortest > len(text):
+            return None
+
+
+def unrender(tokenizer, record: dict, where: str) -> dict:
+    """A canonical record whose text is already written in this tokenizer's markup (a field that starts or ends
+    with one of its special-token strings or its template's turn markers) as plain turns: a field that is this
+    template's rendering of a conversation becomes its messages (they render back to it), an answer ending with the
+    template's end of turn loses it; anything else is refused in one line. Markup inside a text stays text."""
+    end = _markers(tokenizer)[1]
+
+    def refuse(field, found, what=""):
+        return UserError(f"{where}: field '{field}' {what}carries the tokenizer's markup {found!r} at its edge: text "
+                         "already rendered, but not as this chat template renders turns; expected plain text: pass "
+                         "the turns as a message list, or strip the markup")
+
+    def plain(field, msgs):
+        out = []
+        for j, m in enumerate(msgs):
+            found, text = _edge_marker(tokenizer, m["content"]), m["content"].strip()
+            if not found:
+                out.append(m)
+            elif m["role"] == "assistant" and end and text.endswith(end) and text[: -len(end)].strip() and not (
+                    _edge_marker(tokenizer, text[: -len(end)])):
+                out.append({**m, "content": text[: -len(end)].strip()})  # an answer written with its turn's end
+            elif (parsed := _parse(tokenizer, text)) is not None:
+                out += parsed
+            else:
+                raise refuse(field, found, f"({m['role']} message {j}) " if field == "messages" else "")
+        return out
+
+    if "text" in record:
+        if not (found := _edge_marker(tokenizer, record["text"])):
+            return record
+        msgs = _parse(tokenizer, record["text"])
+        if msgs is None or msgs[-1]["role"] != "assistant":
+            raise refuse("text", found)
+        return {"messages": msgs}
+    out = {k: plain(k, v) if k in ("messages", "prompt", "chosen", "rejected") else v for k, v in record.items()}
+    if out == record:
+        return record
+    for field, ok, expected in (("messages", lambda s: any(m["role"] == "assistant" for m in s), "an answer"),
+                                ("prompt", lambda s: s[-1]["role"] == "user", "to end with a user turn"),
+                                ("chosen", lambda s: {m["role"] for m in s[:1] + s[-1:]} == {"assistant"},
+                                 "the answer turn(s) only"),
+                                ("rejected", lambda s: {m["role"] for m in s[:1] + s[-1:]} == {"assistant"},
+                                 "the answer turn(s) only")):
+        if field in out and not ok(out[field]):
+            raise UserError(f"{where}: field '{field}', read from its markup, is the turns "
+                            f"{[m['role'] for m in out[field]]}; expected {expected}")
+    return out

@@ -140,61 +140,112 @@ def _traits(tokenizer) -> tuple[bool, bool]:
     return _TRAITS[tokenizer]
 
 
-def _encode(tokenizer, text: str, plain: bool) -> list[int]:
+def _encode(tokenizer, text: str, plain: bool, offsets: bool = False):
     """Ids of a text, no special tokens added (`plain`: special-token strings stay text), through the Rust tokenizer
-    where there is one: the Python wrapper costs ~0.1 ms a call, 4 s for the demo's 6,000 conversations."""
+    where there is one: the Python wrapper costs ~0.1 ms a call, 4 s for the demo's 6,000 conversations. With
+    `offsets`, (ids, [(start, end)] of each token in `text`; a tokenizer with no Rust part gives the whole text's)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        return tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+        return (ids, [(0, len(text))] * len(ids)) if offsets else ids
     turns, split = turn_tokens(tokenizer)
     if plain and split is not None and any(t in text for t in turns):  # plain turn markers stay text too
         backend = split
     before, backend.encode_special_tokens = backend.encode_special_tokens, plain
     try:
-        return backend.encode(text, add_special_tokens=False).ids
+        enc = backend.encode(text, add_special_tokens=False)
     finally:
         backend.encode_special_tokens = before
+    return (enc.ids, enc.offsets) if offsets else enc.ids
+
+
+def _piece_tokens(tokenizer, text: str, plain: bool, first: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """(ids, offsets) of one piece of a conversation (`plain`: special-token strings stay text). SentencePiece-style
+    tokenizers put a "▁" (a space) before every input: a piece inside the text is tokenised after a newline whose
+    ids are then cut, so it gets no space the template did not write."""
+    ids, offsets = _encode(tokenizer, text, plain, offsets=True)
+    if first or not ids or not _traits(tokenizer)[1]:
+        return ids, offsets
+    for sentinel in ("\n", "\ue000"):  # a vocabulary that merges "\n" with what follows: a private-use character
+        head = _encode(tokenizer, sentinel, False)
+        both, spans = _encode(tokenizer, sentinel + text, plain, offsets=True)
+        if both[: len(head)] == head:
+            n = len(sentinel)
+            return both[len(head):], [(max(a - n, 0), max(b - n, 0)) for a, b in spans[len(head):]]
+    return ids, offsets
 
 
 def _piece_ids(tokenizer, text: str, plain: bool, first: bool) -> list[int]:
-    """Token ids of one piece of a conversation (`plain`: special-token strings stay text). SentencePiece-style
-    tokenizers put a "▁" (a space) before every input: a piece inside the text is tokenised after a newline whose
-    ids are then cut, so it gets no space the template did not write."""
-    ids = _encode(tokenizer, text, plain)
-    if first or not ids or not _traits(tokenizer)[1]:
-        return ids
-    for sentinel in ("\n", "\ue000"):  # a vocabulary that merges "\n" with what follows: a private-use character
-        head = _encode(tokenizer, sentinel, False)
-        both = _encode(tokenizer, sentinel + text, plain)
-        if both[: len(head)] == head:
-            return both[len(head):]
-    return ids
+    """The ids of _piece_tokens."""
+    return _piece_tokens(tokenizer, text, plain, first)[0]
+
+
+def _tokens(tokenizer, text: str, contents: list[tuple[int, int]], specials: set[int]) -> list[tuple]:
+    """(id, start, end) of the tokens of a whole rendered text, as the tokenizer encodes it (added tokens' lstrip
+    and rstrip included: Phi-3's `<|user|>` takes the white space after it), but for a special token that starts
+    inside a content (`contents`: its spans): the text between the markup's special tokens around it is tokenised
+    again as plain text, so a typed `<|im_start|>` stays text."""
+    ids, offsets = _encode(tokenizer, text, plain=False, offsets=True)
+    out = [(t, a, b) for t, (a, b) in zip(ids, offsets)]
+
+    def typed(tok):  # a special token whose text (white space it swallowed aside) starts inside a content
+        t, a, b = tok
+        a += len(text[a:b]) - len(text[a:b].lstrip())
+        return t in specials and any(s <= a < e for s, e in contents)
+
+    k = 0
+    while k < len(out):
+        if not typed(out[k]):
+            k += 1
+            continue
+        i = k
+        while i > 0 and (out[i - 1][0] not in specials or typed(out[i - 1])):
+            i -= 1
+        j = k
+        while j < len(out) and (out[j][0] not in specials or typed(out[j])):
+            j += 1
+        start, end = out[i - 1][2] if i else 0, out[j][1] if j < len(out) else len(text)
+        new, spans = _piece_tokens(tokenizer, text[start:end], plain=True, first=start == 0)
+        fixed = [(t, start + a, start + b) for t, (a, b) in zip(new, spans)]
+        out, k = out[:i] + fixed + out[j:], i + len(fixed)
+    return out
 
 
 def encode_conversation(tokenizer, messages: list[dict], add_generation_prompt: bool = False
                         ) -> tuple[list[int], list[bool]]:
-    """Ids of a conversation as its template renders it, and a mask True on each answer (but one of `weight` 0) and
-    the token(s) ending its turn (the template's first special token after it, else an EOS put in). Contents are
-    plain text (a typed `<|im_start|>` never becomes the special id); the BOS comes first, once; docs/data.md."""
+    """Ids of a conversation as its template renders it (the whole text's tokens, apply_chat_template's ids), and a
+    mask True on each answer (but one of `weight` 0) and the token(s) ending its turn (up to the template's first
+    special token after it, else an EOS put in). Contents are plain text (a typed `<|im_start|>` never becomes the
+    special id); the BOS comes first, once; docs/data.md."""
     specials, messages = special_ids(tokenizer), _fold_reasoning(tokenizer, messages)
-    ids, mask, answer_ended = [], [], True
-    segments = _segments(tokenizer, messages, add_generation_prompt)
-    for i in range(0, len(segments) - 1, 2):  # (markup, content) pairs, then the last markup
-        (markup, _), (content, j) = segments[i], segments[i + 1]
-        head = markup.rstrip(" ")
-        if content:  # spaces the markup writes before a content are tokenised with it, as in the whole text:
-            segments[i], segments[i + 1] = (head, None), (markup[len(head):] + content, j)  # `:` `Ġcats`, not `Ġ`
-    for text, j in segments:
-        new = _piece_ids(tokenizer, text, plain=j is not None, first=not ids)
+    segments, spans, pos = _segments(tokenizer, messages, add_generation_prompt), [], 0
+    for piece, j in segments:
         if j is not None:
-            answer_ended = messages[j]["role"] != "assistant" or messages[j].get("weight") == 0  # (OpenAI's)
-            ids, mask = ids + new, mask + [not answer_ended] * len(new)
+            spans.append((pos, pos + len(piece), j))
+        pos += len(piece)
+    text = "".join(piece for piece, _ in segments)
+    if getattr(tokenizer, "backend_tokenizer", None) is not None:
+        tokens = _tokens(tokenizer, text, [(s, e) for s, e, _ in spans], specials)
+    else:  # no offsets: each piece alone, contents as plain text
+        tokens, pos = [], 0
+        for piece, j in segments:
+            ids = _piece_ids(tokenizer, piece, plain=j is not None, first=not pos)
+            tokens, pos = tokens + [(t, pos, pos + len(piece)) for t in ids], pos + len(piece)
+    ids, mask = [t for t, _, _ in tokens], [False] * len(tokens)
+    for n, (s, e, j) in enumerate(spans):
+        if messages[j]["role"] != "assistant" or messages[j].get("weight") == 0:  # (OpenAI's weight 0)
             continue
-        end = next((i + 1 for i, t in enumerate(new) if t in specials), 0) if not answer_ended else 0
-        if not answer_ended and not end:  # a template that writes nothing special after an answer
-            new, end = [tokenizer.eos_token_id] + new, 1
-        ids, mask = ids + new, mask + [i < end for i in range(len(new))]
-        answer_ended = True
+        s -= len(text[:s]) - len(text[:s].rstrip(" "))  # the spaces the template writes before it (`Ġcats`)
+        stop = spans[n + 1][0] if n + 1 < len(spans) else len(text)  # the markup up to the next content
+        inside = [i for i, (_, a, b) in enumerate(tokens) if s <= a < e and b <= e]
+        after = next((i for i, (_, a, b) in enumerate(tokens) if a >= e), len(tokens))
+        end = next((i for i in range(after, len(tokens)) if tokens[i][1] < stop and ids[i] in specials), None)
+        for i in inside + list(range(after, end + 1 if end is not None else after)):
+            mask[i] = True
+        if end is None:  # a template that writes nothing special after an answer: an EOS put in
+            tokens.insert(after, (tokenizer.eos_token_id, e, e))
+            ids.insert(after, tokenizer.eos_token_id)
+            mask.insert(after, True)
     if _traits(tokenizer)[0] and ids[:1] != [tokenizer.bos_token_id]:
         ids, mask = [tokenizer.bos_token_id] + ids, [False] + mask
     return ids, mask
@@ -310,3 +361,4 @@ def fit_record(tokenizer, record: dict, max_len: int) -> tuple[tuple[list[int], 
 def truncate_left(ids: list, max_len: int) -> tuple[list, bool]:
     """Keep the last `max_len` items; say whether anything was cut."""
     return (ids[-max_len:], True) if len(ids) > max_len else (ids, False)
+

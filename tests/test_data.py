@@ -932,3 +932,135 @@ def test_pipeline_on_public_layouts_with_a_turn_end_that_is_not_eos(tiny_models,
     assert len(got) == 16
     tok, model = chat.load(str(out["ppo"]), "--model", chat.Args(), torch.device("cpu"))
     assert set(model.generation_config.eos_token_id) >= set(tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ids are apply_chat_template's where tokens cross a content's edge
+
+def template_ids(tok, messages, **kw) -> list[int]:
+    out = tok.apply_chat_template(messages, tokenize=True, **kw)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+PHI3 = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+        "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+        "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+def phi3_tokenizer():
+    """Phi-3-mini's tokenizer as published: SentencePiece BPE (byte fallback, "▁" prepended and for spaces by the
+    normalizer), its turn markers special added tokens with rstrip=True (they take the white space after them)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    sp.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    sp.train_from_iterator(["hello world tell me about cats\n", "  hi there\n"] * 50,
+                           trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    sp.add_special_tokens([AddedToken(t, rstrip=True, normalized=False, special=True) for t in
+                           ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="<|endoftext|>", unk_token="<unk>")
+    tok.chat_template = PHI3
+    return tok
+
+
+def gpt2_tokenizer():
+    """GPT-2's byte-level BPE (its pre-tokenizer regex, a vocabulary that merges "\\n\\n" into `ĊĊ` as GPT-2's id
+    628 does) with a template whose markup ends in "\\n\\n" before each content (`### user:\\n\\n`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["### user:\n\nhello world\n\n### assistant:\n\ntell me about cats\n\n"] * 50,
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tok.chat_template = ("{% for m in messages %}### {{ m['role'] }}:\n\n{{ m['content'] }}{% if m['role'] == "
+                         "'assistant' %}{{ eos_token }}{% endif %}\n\n{% endfor %}"
+                         "{% if add_generation_prompt %}### assistant:\n\n{% endif %}")
+    assert "ĊĊ" in tok.get_vocab()
+    return tok
+
+
+@pytest.mark.parametrize("make", [phi3_tokenizer, gpt2_tokenizer])
+def test_ids_are_apply_chat_templates_where_tokens_cross_a_contents_edge(make):
+    """Contents were tokenised apart from the markup around them: GPT-2's `ĊĊ` before `hello` where the whole text
+    has `Ċ` `Ċ` `hello`, and Phi-3's `<|user|>` which takes the white space after it (a content starting with a
+    space or a newline). Now the whole text is tokenised, as apply_chat_template does; the mask stays each answer
+    and its turn's end, and a typed marker in a content stays text."""
+    tok = make()
+    end = "<|end|>" if make is phi3_tokenizer else "<|endoftext|>"
+    for msgs in ([user("hello world"), assistant("tell me")], [user("  hello world"), assistant(" \ntell me")],
+                 [{"role": "system", "content": "\nabout"}, user("\n\nhello"), assistant("cats"), user(" world"),
+                  assistant("  tell me about cats")]):
+        ids, mask = common.encode_conversation(tok, msgs)
+        assert ids == template_ids(tok, msgs), tok.convert_ids_to_tokens(ids)
+        runs = re.findall(r"\[\[(.*?)\]\]", common.show_example(tok, ids, mask), re.S)
+        assert [r.strip() for r in runs] == [m["content"].strip() + end for m in msgs if m["role"] == "assistant"]
+        assert common.encode_prompt(tok, msgs[:-1]) == template_ids(tok, msgs[:-1], add_generation_prompt=True)
+    typed = [user(f"hi {end} <|assistant|>"), assistant("tell me")]
+    ids, _ = common.encode_conversation(tok, typed)
+    markers = common.special_ids(tok) - {tok.unk_token_id}  # (the tiny vocabulary spells "<" as <unk>)
+    assert [i for i in ids if i in markers] == [i for i in template_ids(tok, [user("hi"), assistant("tell me")])
+                                                if i in markers]  # only the template's own
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text already rendered in the tokenizer's markup
+
+def chatml_dpo_row(system: str, question: str, chosen: str, rejected: str, tok) -> dict:
+    """A row of mlabonne/chatml_dpo_pairs as its card's code writes it: the prompt is apply_chat_template's ChatML
+    (system, then the user turn with the generation prompt), each answer + "<|im_end|>\\n"."""
+    sys_text = tok.apply_chat_template([{"role": "system", "content": system}], tokenize=False) if system else ""
+    prompt = tok.apply_chat_template([user(question)], tokenize=False, add_generation_prompt=True)
+    return {"prompt": sys_text + prompt, "chosen": chosen + "<|im_end|>\n", "rejected": rejected + "<|im_end|>\n"}
+
+
+def test_text_already_rendered_is_read_as_turns_or_refused(toks, tmp_path):
+    """chatml_dpo_pairs' prompt (a whole ChatML rendering) became one user message inside a second ChatML wrapper
+    and its answers trained a literal <|im_end|> before the real one; a Llama 2 `{"text": "<s>[INST] ...
+    </s>"}` trained the markup as characters. Now a field that starts or ends with the tokenizer's markup is read as
+    the turns it renders (they must render back to it), or refused in one line; markup inside a text stays text."""
+    tok = toks["chatml"]
+    rows = [chatml_dpo_row("You are an AI assistant.", "What is 2+2?", "4", "5", tok),
+            chatml_dpo_row("", "Name a colour.", "Blue.", "Loud.", tok),
+            {"prompt": "type <|im_end|> here", "chosen": "say <|im_start|> ok", "rejected": "no"}]
+    path = tmp_path / "chatml_dpo_pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    system = {"role": "system", "content": "You are an AI assistant."}
+    expect = [[system, user("What is 2+2?"), assistant("4")], [user("Name a colour."), assistant("Blue.")],
+              [user("type <|im_end|> here"), assistant("say <|im_start|> ok")]]
+    examples, _ = sft.tokenize(common.data.load_data(str(path), "sft"), tok, 512, "left", str(path))
+    assert [e for e in examples] == [common.encode_conversation(tok, m) for m in expect]
+    assert common.show_example(tok, *examples[0]).count("<|im_end|>") == 3  # system, user, answer: none doubled
+    pairs = common.data.load_data(str(path), "pairs")
+    common.data.encode_records(pairs, lambda r, where: r, str(path), False, tok)
+    assert pairs[0] == {"prompt": expect[0][:2], "chosen": [assistant("4")], "rejected": [assistant("5")]}
+    prompts = common.data.load_data(str(path), "prompts")
+    ids, _, kept = common.data.encode_prompts(prompts, tok, 512, "left", str(path))
+    assert [r["prompt"] for r in kept] == [m[:-1] for m in expect]
+    assert ids[1] == common.encode_prompt(tok, expect[1][:1]) == template_ids(tok, expect[1][:1],
+                                                                              add_generation_prompt=True)
+    # a Llama 2 conversation written out as text: its turns, on the tokenizer whose template it is
+    llama, published = make_tokenizer("llama"), LLAMA2_SYS.replace("'[INST] ' +", "bos_token + '[INST] ' +")
+    llama.chat_template = published  # (Meta's writes the BOS before each [INST])
+    text = {"text": "<s>[INST] hello world [/INST] tell me about cats </s>"}
+    records = [common.data.Record(text, "t.jsonl:1"), common.data.Record({"text": "plain </s> text"}, "t.jsonl:2")]
+    sft.tokenize(records, llama, 512, "left", "t.jsonl")
+    assert records == [{"messages": [user("hello world"), assistant("tell me about cats")]},
+                       {"text": "plain </s> text"}]
+    for bad, template in ((text, None), ({"text": "<s>[INST]hello world [/INST] tell me </s>"}, published),
+                          ({"prompt": "<|im_start|>user\nhi", "response": "yo"}, CHATML)):
+        llama.chat_template = template
+        target = tok if template == CHATML else llama
+        with pytest.raises(common.UserError) as e:
+            sft.tokenize([common.data.Record(common.data.validate("t.jsonl:3", bad, "sft"), "t.jsonl:3")], target,
+                         512, "left", "t.jsonl")
+        marker = "<|im_start|>" if template == CHATML else "<s>"
+        assert e.value.code.startswith("error: t.jsonl:3: field ") and f"markup {marker!r}" in e.value.code
+        assert "pass the turns as a message list, or strip the markup" in e.value.code and "\n" not in e.value.code
