@@ -305,6 +305,9 @@ def main(args: Args):
         records = common.data.load_data("toy", "prompts", split="eval")  # the demo's held-out prompts, each once
     else:
         records = common.data.load_data(args.prompts, "prompts", args.data_split, args.skip_invalid)
+        records = common.data.encode_records(  # text already in the model's markup read as turns, or refused
+            records, lambda r, where: r, args.prompts, args.skip_invalid, common.load_tokenizer(args.model,
+                                                                                                args.trust_remote_code))
     conversations = [system + r["prompt"] for r in records]
     refs = ([None] * len(records) if args.prompts in (None, "toy") else
             common.refmetrics.references(args.prompts, args.data_split, records, args.skip_invalid))

@@ -285,8 +285,9 @@ def _edge_marker(tokenizer, text: str) -> str | None:
 
 def _parse(tokenizer, text: str) -> list[dict] | None:
     """The messages whose rendering by this template (with or without a generation prompt) is `text`, white space
-    around it aside: an optional system message, then alternating turns; None if there are none."""
-    text, n = text.strip(), 0
+    around it aside: an optional system message, then alternating turns; the most turns that fit (one user message
+    holding `hi<|im_end|>...assistant\nyo` renders back too), None if there are none."""
+    text, n, best = text.strip(), 0, None
     while True:
         n, shortest = n + 1, len(text) + 1
         for roles in (r[:n] for r in (["user", "assistant"] * n, ["assistant", "user"] * n)):
@@ -308,9 +309,9 @@ def _parse(tokenizer, text: str) -> list[dict] | None:
                         msgs = [{"role": r, "content": contents[i]} for i, r in enumerate(roles)]
                         if all(m["content"].strip() and not _edge_marker(tokenizer, m["content"]) for m in msgs) \
                                 and render(tokenizer, msgs, prompt).strip() == text:
-                            return msgs
-        if shortest > len(text):
-            return None
+                            best = msgs
+        if shortest > len(text) or n > sum(text.count(m) for m in _markers(tokenizer)[0]):  # (each turn writes one)
+            return best
 
 
 def unrender(tokenizer, record: dict, where: str) -> dict:

@@ -21,6 +21,7 @@ def load_prompts(args, tokenizer, max_prompt: int):
 def load_ptx(args, tokenizer, max_seq_len: int) -> list:
     """PPO-ptx's SFT rows (ids, trained mask), cut from the left to max_seq_len."""
     records = common.data.load_data(args.ptx_data, "sft", None, args.skip_invalid)
-    common.print0("example ptx (trained tokens in [[ ]]):\n" + common.show_example(
-        tokenizer, *common.encode_record(tokenizer, records[0])))
-    return [common.fit_record(tokenizer, r, max_seq_len)[0] for r in records]
+    rows = common.data.encode_records(records, lambda r, where: common.fit_record(tokenizer, r, max_seq_len)[0],
+                                      args.ptx_data, args.skip_invalid, tokenizer)  # (rendered text read as turns)
+    common.print0("example ptx (trained tokens in [[ ]]):\n" + common.show_example(tokenizer, *rows[0]))
+    return rows

@@ -1064,3 +1064,22 @@ def test_text_already_rendered_is_read_as_turns_or_refused(toks, tmp_path):
         marker = "<|im_start|>" if template == CHATML else "<s>"
         assert e.value.code.startswith("error: t.jsonl:3: field ") and f"markup {marker!r}" in e.value.code
         assert "pass the turns as a message list, or strip the markup" in e.value.code and "\n" not in e.value.code
+
+
+def test_rendered_text_is_read_as_turns_in_ptx_data_and_chat_prompts(toks, tiny_models, tmp_path):
+    """ppo.py --ptx_data and chat.py --prompts read their records without the tokenizer's markup check: a ChatML
+    rendering there was wrapped again."""
+    import types
+
+    import common.prompts
+
+    tok, turns = toks["chatml"], [user("hi"), assistant("yo")]
+    (tmp_path / "ptx.jsonl").write_text(json.dumps({"text": tok.apply_chat_template(turns, tokenize=False)}) + "\n")
+    args = types.SimpleNamespace(ptx_data=str(tmp_path / "ptx.jsonl"), skip_invalid=False)
+    assert [tuple(r) for r in common.prompts.load_ptx(args, tok, 512)] == [common.encode_conversation(tok, turns)]
+    qwen = common.load_tokenizer(tiny_models["qwen2"])  # a ChatML template
+    prompt = qwen.apply_chat_template(turns[:1], tokenize=False, add_generation_prompt=True)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
+    chat.main(chat.Args(model=tiny_models["qwen2"], prompts=str(tmp_path / "p.jsonl"), output=str(tmp_path / "a.jsonl"),
+                        max_new_tokens=2, greedy=True))
+    assert json.loads((tmp_path / "a.jsonl").read_text())["prompt"] == "hi"
