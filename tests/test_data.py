@@ -1080,6 +1080,6 @@ def test_rendered_text_is_read_as_turns_in_ptx_data_and_chat_prompts(toks, tiny_
     qwen = common.load_tokenizer(tiny_models["qwen2"])  # a ChatML template
     prompt = qwen.apply_chat_template(turns[:1], tokenize=False, add_generation_prompt=True)
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
-    chat.main(chat.Args(model=tiny_models["qwen2"], prompts=str(tmp_path / "p.jsonl"), output=str(tmp_path / "a.jsonl"),
-                        max_new_tokens=2, greedy=True))
+    chat.main(chat.Args(model=tiny_models["qwen2"], prompts=str(tmp_path / "p.jsonl"),
+                        output=str(tmp_path / "a.jsonl"), max_new_tokens=2, greedy=True))
     assert json.loads((tmp_path / "a.jsonl").read_text())["prompt"] == "hi"
