@@ -81,7 +81,8 @@ def check_output(args: Args):
     """--output is checked before anything is generated: its folder exists and takes files, it is not --prompts
     and not in a model's folder (an answers file named config.json would replace the model's)."""
     out = Path(os.path.expanduser(args.output))
-    if out.exists() and not out.is_file() and not out.is_dir():  # /dev/stdout, a FIFO: written into (write_whole)
+    if str(out).startswith(("/dev/", "/proc/")) or out.exists() and not out.is_file() and not out.is_dir():
+        # /dev/stdout, a FIFO: written into (write_whole)
         return
     out = out.resolve()  # a link: its target is what gets written
     if out.is_dir():

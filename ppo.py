@@ -509,13 +509,13 @@ def check_args(args: Args) -> str | None:
     if args.advantage_estimator != "gae" and (args.critic is not None or args.save_critic):
         raise common.UserError(f"--advantage_estimator {args.advantage_estimator} has no critic: drop --critic and "
                                "--save_critic")
+    common.check_report_to(args.report_to)
     if args.reward == "none" and not args.reward_fn:
         raise common.UserError("--reward none needs --reward_fn (something must score the responses)")
     for path, name in ((args.actor, "--actor"), (None if args.reward == "none" else args.reward, "--reward"),
                        (args.critic, "--critic"), (args.ref, "--ref")):
         if path is not None:
             common.check_model_path(path, name)
-    common.check_report_to(args.report_to)
     inputs = {"--actor": args.actor, "--reward": args.reward, "--critic": args.critic, "--ref": args.ref,
               "--data": args.data, "--eval_data": args.eval_data, "--ptx_data": args.ptx_data}
     tag = common.runs.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "ppo.py", inputs,

@@ -219,8 +219,8 @@ def main(args: Args):
     # --- setup ---
     common.flags.check(args)
     common.check_zero_stage(args.zero_stage)
-    common.check_model_path(args.model, "--model")
     common.check_report_to(args.report_to)
+    common.check_model_path(args.model, "--model")
     tag = common.runs.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "reward.py",
                                     {"--model": args.model, "--data": args.data, "--eval_data": args.eval_data})
     device = common.init_distributed()

@@ -235,8 +235,8 @@ def main(args: Args):
     common.check_zero_stage(args.zero_stage)
     if args.eval_generate and (why := common.refmetrics.missing()):
         raise common.UserError(f"--eval_generate: {why}")
-    common.check_model_path(args.model, "--model")
     common.check_report_to(args.report_to)
+    common.check_model_path(args.model, "--model")
     tag = common.runs.prepare_output_dir(args.output_dir, args.overwrite, args.resume, "sft.py",
                                     {"--model": args.model, "--data": args.data, "--eval_data": args.eval_data})
     device = common.init_distributed()

@@ -329,8 +329,9 @@ def from_pretrained(cls, name: str, flag: str, **kwargs):
 
 def write_whole(path, text: str):
     """Write a file through a temporary one moved into place: a kill or a full disk never leaves it half written. A
-    link's target is written (the link stays); what is not a regular file (/dev/stdout, a FIFO) is written into."""
-    if os.path.exists(path) and not os.path.isfile(path):
+    link's target is written (the link stays); what is not a regular file (a FIFO), and /dev/, /proc/ paths
+    (/dev/stdout, even redirected to a file), are written into."""
+    if str(path).startswith(("/dev/", "/proc/")) or os.path.exists(path) and not os.path.isfile(path):
         with open(path, "w", encoding="utf-8") as f:
             return f.write(text)
     path = Path(path).resolve()

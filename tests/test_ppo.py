@@ -568,11 +568,13 @@ def test_bad_flags_give_one_line_errors(tiny_models, tiny_pair, tmp_path):
 
 
 def test_non_finite_reward_stops_before_any_update(tiny_models, tiny_pair, tmp_path):
+    data = tmp_path / "p.jsonl"  # no held-out prompts: no step-0 evaluation, whose NaN would stop the run first
+    data.write_text("".join(json.dumps({"prompt": f"tell me about {t}"}) + "\n" for t in common.toy.TOPICS))
     p = run_script("ppo.py", "--actor", tiny_models["llama"], "--reward", tiny_pair / "nan_rm", "--critic",
-                   tiny_pair / "rm", "--total_episodes", "64", "--num_eval_prompts", "4", "--eval_every", "0",
+                   tiny_pair / "rm", "--total_episodes", "64", "--data", data, "--eval_fraction", "0",
                    "--output_dir", tmp_path / "o", check=False)
     assert_clean_error(p, tmp_path / "o", "step 1", "reward", "nan")
-    assert all("train/reward" not in r for r in read_metrics(tmp_path / "o"))
+    assert not (tmp_path / "o" / "metrics.jsonl").exists() and not (tmp_path / "o" / "config.json").exists()
 
 
 def negative_share(folder, prompts) -> float:

@@ -131,7 +131,7 @@ def test_1_output_dir_that_is_or_holds_an_input_is_refused(tiny_models, tmp_path
         flag = next(iter(kwargs))
         with pytest.raises(common.UserError) as e:  # every input of ppo.py too
             ppo.main(ppo.Args(actor=tiny_models["llama"], output_dir=str(out), overwrite=True,
-                              **{k: str(v) for k, v in kwargs.items()}))
+                              **{"reward": tiny_models["llama"]} | {k: str(v) for k, v in kwargs.items()}))
         one_line_error(e, f"holds --{flag}", "an input of this run")
     assert snapshot(tmp_path) == before
 
@@ -815,9 +815,12 @@ def test_15_chat_output_writes_into_what_it_names(tiny_models, tmp_path):
     root, a system device), and a link to a file was replaced by a file. Now those are written into, and a link's
     target is written."""
     flags = ["--model", tiny_models["gpt2"], "--prompt", "hi", "--max_new_tokens", "2", "--greedy"]
-    p = subprocess.run([sys.executable, str(ROOT / "chat.py"), *flags, "--output", "/dev/stdout"], cwd=ROOT,
+    stdout = tmp_path / "stdout"  # a link to /dev/stdout: what broken code would replace is this link, not the device
+    stdout.symlink_to("/dev/stdout")
+    p = subprocess.run([sys.executable, str(ROOT / "chat.py"), *flags, "--output", str(stdout)], cwd=ROOT,
                        env=script_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and json.loads(p.stdout.strip().splitlines()[-1])["prompt"] == "hi", p.stderr[-2000:]
+    assert stdout.is_symlink()
     fifo, link, target = tmp_path / "fifo", tmp_path / "link.jsonl", tmp_path / "target.jsonl"
     os.mkfifo(fifo)
     link.symlink_to(target.name)
