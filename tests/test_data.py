@@ -247,6 +247,33 @@ def test_a_template_whose_answers_start_unlike_its_prompt_is_named():
     assert common.template_gap(tok) is None  # "Assistant:" ends the prompt, the answer's " hello" carries its space
 
 
+def test_sft_and_reward_say_the_template_gap_at_start_up(tiny_models, tmp_path, monkeypatch, capsys):
+    """reward.py trained pairs after the gap without a word (sft.py and ppo.py said it)."""
+    import shutil
+
+    from conftest import CHATML
+
+    folder = shutil.copytree(tiny_models["qwen2"], tmp_path / "m")
+    tok = common.load_tokenizer(str(folder))
+    tok.chat_template = CHATML.replace("{{ m['content'] }}", "{% if m['role'] == 'assistant' %}<think>\n\n</think>"
+                                       "\n\n{% endif %}{{ m['content'] }}")
+    tok.save_pretrained(folder)
+
+    class Loading(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Loading
+
+    monkeypatch.setattr(common, "init_distributed", lambda: torch.device("cpu"))
+    monkeypatch.setattr(common, "load_causal_lm", stop)
+    monkeypatch.setattr(common, "from_pretrained", stop)
+    for script in (sft, reward):
+        with pytest.raises(Loading):
+            script.main(script.Args(model=str(folder), output_dir=str(tmp_path / script.__name__), max_seq_len=64))
+        assert "note: the chat template starts an answer turn with '<think>" in capsys.readouterr().err, script
+
+
 ALTERNATING = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
                "{{ raise_exception('roles must alternate') }}{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}"
                "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
