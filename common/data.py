@@ -180,12 +180,13 @@ def _chars(value) -> int:
 
 
 class Record(dict):
-    """A canonical record (see validate) that remembers its place, `where` (file:line), for the errors found when it
-    is encoded: a chat template that refuses its turns, --truncation error."""
+    """A canonical record (see validate) that remembers its place, `where` (file:line), and the data's own name of
+    its `prompt` (`question` for Orca), for the errors found when it is encoded: a chat template that refuses its
+    turns, text already rendered, --truncation error."""
 
-    def __init__(self, fields: dict, where: str = ""):
+    def __init__(self, fields: dict, where: str = "", prompt_field: str = "prompt"):
         super().__init__(fields)
-        self.where = where
+        self.where, self.prompt_field = where, prompt_field
 
 
 def encode_records(records: list[dict], encode, source: str, skip_invalid: bool, tokenizer=None) -> list:
@@ -242,11 +243,12 @@ def load_data(spec: str, kind: str, split: str | None = None, skip_invalid: bool
             try:
                 if isinstance(obj, str):
                     raise UserError(f"{where}: {obj}")
-                record = validate(where, {k: v for k, v in obj.items() if v is not None}, kind)  # null: no field
+                obj = {k: v for k, v in obj.items() if v is not None}  # null: no field
+                record = validate(where, obj, kind)
                 if record is None:
                     unlearned += 1
                     continue
-                records.append(Record(record, where=where))
+                records.append(Record(record, where, LAYOUTS[layout(where, obj, kind)][1] or "prompt"))
             except UserError as e:
                 if not skip_invalid:
                     raise

@@ -322,6 +322,7 @@ def unrender(tokenizer, record: dict, where: str) -> dict:
     end = _markers(tokenizer)[1]
 
     def refuse(field, found, what=""):
+        field = getattr(record, "prompt_field", "prompt") if field == "prompt" else field  # (Orca's `question`)
         return UserError(f"{where}: field '{field}' {what}carries the tokenizer's markup {found!r} at its edge: text "
                          "already rendered, but not as this chat template renders turns; expected plain text: pass "
                          "the turns as a message list, or strip the markup")

@@ -1091,6 +1091,12 @@ def test_text_already_rendered_is_read_as_turns_or_refused(toks, tmp_path):
         marker = "<|im_start|>" if template == CHATML else "<s>"
         assert e.value.code.startswith("error: t.jsonl:3: field ") and f"markup {marker!r}" in e.value.code
         assert "pass the turns as a message list, or strip the markup" in e.value.code and "\n" not in e.value.code
+    orca = tmp_path / "orca.jsonl"  # the data's own field is named: Orca's question, not the canonical prompt
+    orca.write_text(json.dumps({"system": "", "question": "<|im_start|>user\nhi", "chosen": "a", "rejected": "b"})
+                    + "\n")
+    with pytest.raises(common.UserError) as e:
+        common.data.encode_prompts(common.data.load_data(str(orca), "prompts"), tok, 512, "left", str(orca))
+    assert e.value.code.startswith(f"error: {orca}:1: field 'question' carries the tokenizer's markup")
 
 
 def test_rendered_text_is_read_as_turns_in_ptx_data_and_chat_prompts(toks, tiny_models, tmp_path):
