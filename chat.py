@@ -310,8 +310,7 @@ def main(args: Args):
             records, lambda r, where: r, args.prompts, args.skip_invalid, common.load_tokenizer(args.model,
                                                                                                 args.trust_remote_code))
     conversations = [system + r["prompt"] for r in records]
-    refs = ([None] * len(records) if args.prompts in (None, "toy") else
-            common.refmetrics.references(args.prompts, args.data_split, records, args.skip_invalid))
+    refs = [getattr(r, "reference", None) for r in records]  # a record's answer (common.data.Record)
     if any(r is not None for r in refs) and (why := common.refmetrics.missing()):
         print(f"note: answers not scored against the references of --prompts: {why}", file=sys.stderr, flush=True)
         refs = [None] * len(records)

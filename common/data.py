@@ -184,9 +184,9 @@ class Record(dict):
     its `prompt` (`question` for Orca), for the errors found when it is encoded: a chat template that refuses its
     turns, text already rendered, --truncation error."""
 
-    def __init__(self, fields: dict, where: str = "", prompt_field: str = "prompt"):
+    def __init__(self, fields: dict, where: str = "", prompt_field: str = "prompt", reference: str | None = None):
         super().__init__(fields)
-        self.where, self.prompt_field = where, prompt_field
+        self.where, self.prompt_field, self.reference = where, prompt_field, reference
 
 
 def encode_records(records: list[dict], encode, source: str, skip_invalid: bool, tokenizer=None) -> list:
@@ -248,7 +248,11 @@ def load_data(spec: str, kind: str, split: str | None = None, skip_invalid: bool
                 if record is None:
                     unlearned += 1
                     continue
-                records.append(Record(record, where, LAYOUTS[layout(where, obj, kind)][1] or "prompt"))
+                fields, prompt_field, answer_field, pair = LAYOUTS[layout(where, obj, kind)]
+                answer = validate(where, obj, "sft") if kind == "prompts" and answer_field and not pair else None
+                reference = answer["messages"][-1]["content"] if answer and answer["messages"][-1][
+                    "role"] == "assistant" else None  # (chat.py's BLEU/ROUGE; a pair's chosen side is none)
+                records.append(Record(record, where, prompt_field or "prompt", reference))
             except UserError as e:
                 if not skip_invalid:
                     raise

@@ -3,9 +3,8 @@ Porter stemming). Both packages are optional (requirements-metrics.txt) and impo
 docs/stages.md, "Reference metrics", says when these numbers mean something."""
 
 import importlib
-import os
 
-from common import UserError, data
+from common import UserError
 
 NAMES = ("bleu", "rouge1", "rouge2", "rougeL")
 INSTALL = "pip install -r requirements-metrics.txt"
@@ -56,27 +55,3 @@ def corpus_scores(hypotheses: list[str], references: list[str]) -> dict:
     rouge = _rouge(rouge_scorer, hypotheses, references)
     means = {k: sum(r[k] for r in rouge) / len(rouge) for k in NAMES[1:]}
     return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score, **means}
-
-
-def references(spec: str, split: str | None, records: list, skip_invalid: bool = False) -> list[str | None]:
-    """The reference answer of each record that load_data(spec, "prompts") returned (they remember their file:line),
-    or None: a {prompt} record's `response` or `completion` (its last assistant turn), a {messages} record's last
-    assistant turn. A reference that is not a valid answer is its one-line error (None with --skip_invalid)."""
-    raw = {}
-    for path in data.input_paths(spec):  # read again: the canonical prompt records keep no answers
-        raw.update(data._read_rows(path) if os.path.isfile(path) else data._dataset_rows(path, split))
-    out = []
-    for record in records:
-        where = getattr(record, "where", "")
-        obj = raw.get(where)
-        has = isinstance(obj, dict) and (any(k in obj for k in ("response", "completion")) if "prompt" in obj else
-                                         isinstance(obj.get("messages"), list) and obj["messages"] != []
-                                         and isinstance(obj["messages"][-1], dict)
-                                         and obj["messages"][-1].get("role") == "assistant")
-        try:
-            out.append(data.validate(where, obj, "sft")["messages"][-1]["content"] if has else None)
-        except UserError:
-            if not skip_invalid:
-                raise
-            out.append(None)
-    return out
